@@ -1,0 +1,50 @@
+"""CUDA kernels from flash-linear-attention (fla) and causal-conv1d, wrapped to the reference op contracts."""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+except ImportError:  # the `gpu` extra is not installed
+    chunk_gated_delta_rule = fused_recurrent_gated_delta_rule = None
+
+try:
+    from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+except ImportError:
+    causal_conv1d_fn = causal_conv1d_update = None
+
+HAVE_FLA = chunk_gated_delta_rule is not None
+HAVE_CAUSAL_CONV1D = causal_conv1d_fn is not None
+
+
+def gated_delta_rule(q, k, v, g, beta, initial_state=None):
+    """fla kernels; same contract as reference.gated_delta_rule_recurrent (state fp32 [B,Hv,K,V])."""
+    if initial_state is not None:
+        initial_state = initial_state.float()
+    # Every argument after v by keyword: fla's positional order (g, gk, gv, beta) differs between entry points.
+    kernel = fused_recurrent_gated_delta_rule if q.shape[1] == 1 else chunk_gated_delta_rule
+    o, state = kernel(q, k, v, g=g.float(), beta=beta.to(q.dtype), initial_state=initial_state,
+                      output_final_state=True, use_qk_l2norm_in_kernel=True)
+    return o, state
+
+
+def causal_conv1d(x, weight, state=None):
+    """causal-conv1d kernels; same contract as reference.causal_conv1d."""
+    B, T, C = x.shape
+    width = weight.shape[-1]
+    weight = weight.to(x.dtype)
+    if state is None:
+        state = x.new_zeros(B, C, width - 1)
+    if T == 1:
+        new_state = state.to(x.dtype).clone()  # the kernel updates the state in place; the contract returns a new one
+        y = causal_conv1d_update(x[:, 0], new_state, weight, None, "silu")
+        return y[:, None], new_state
+    # The kernel takes [B,C,T] with channels contiguous (x.transpose gives exactly that), and states likewise.
+    initial = state.to(x.dtype).transpose(1, 2).contiguous().transpose(1, 2)
+    final = torch.empty(B, width - 1, C, dtype=x.dtype, device=x.device).transpose(1, 2)
+    y = causal_conv1d_fn(x.transpose(1, 2), weight, None, initial_states=initial,
+                         return_final_states=True, final_states_out=final, activation="silu")
+    if isinstance(y, tuple):
+        y = y[0]
+    return y.transpose(1, 2), final.contiguous()

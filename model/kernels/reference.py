@@ -1,0 +1,118 @@
+"""Plain PyTorch reference kernels. They run anywhere (CPU, CUDA, float64) and define the op contracts.
+
+Gated delta rule, per value head h (key head h // (Hv // Hk)), with S a [K, V] matrix:
+    S <- exp(g_t) * S
+    S <- S + k_t (beta_t * (v_t - S^T k_t))^T
+    o_t = S^T (q_t / sqrt(K))
+where q_t, k_t are l2-normalised inside the op. Recurrent state is kept in float32 (float64 inputs stay float64).
+
+Causal conv1d: depthwise, kernel width W, SiLU fused; the state holds the last W-1 inputs per channel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    # rsqrt(sum + eps), not x / max(norm, eps): the form fla and transformers use, so logits agree bit-closely.
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+def _prepare(q, k, v, g, beta, initial_state):
+    """Normalise q/k, expand key heads to value heads, move to [B, H, T, D] in the state's precision."""
+    B, T, Hk, K = k.shape
+    Hv, V = v.shape[2], v.shape[3]
+    if Hv % Hk:
+        raise ValueError(f"value heads ({Hv}) must be a multiple of key heads ({Hk})")
+    dtype = torch.promote_types(torch.float32, v.dtype)
+    q, k = (l2_normalize(x.to(dtype)).repeat_interleave(Hv // Hk, dim=2) for x in (q, k))
+    q = q * K**-0.5
+    q, k, v = (x.to(dtype).transpose(1, 2) for x in (q, k, v))
+    g, beta = (x.to(dtype).transpose(1, 2) for x in (g, beta))
+    if initial_state is None:
+        state = torch.zeros(B, Hv, K, V, dtype=dtype, device=v.device)
+    else:
+        state = initial_state.to(dtype)
+    return q, k, v, g, beta, state
+
+
+def gated_delta_rule_recurrent(q, k, v, g, beta, initial_state=None):
+    """Token-by-token recurrence. q, k: [B,T,Hk,K]; v: [B,T,Hv,V]; g, beta: [B,T,Hv]; state [B,Hv,K,V].
+
+    Returns (o [B,T,Hv,V] in v's dtype, final state [B,Hv,K,V] in float32 or float64).
+    """
+    out_dtype = v.dtype
+    q, k, v, g, beta, S = _prepare(q, k, v, g, beta, initial_state)
+    outputs = []
+    for t in range(q.shape[2]):
+        S = S * g[:, :, t, None, None].exp()
+        predicted = torch.einsum("bhkv,bhk->bhv", S, k[:, :, t])
+        delta = beta[:, :, t, None] * (v[:, :, t] - predicted)
+        S = S + k[:, :, t, :, None] * delta[:, :, None, :]
+        outputs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, :, t]))
+    o = torch.stack(outputs, dim=1) if outputs else v.new_zeros(v.shape).transpose(1, 2)
+    return o.to(out_dtype), S
+
+
+def gated_delta_rule_chunked(q, k, v, g, beta, initial_state=None, chunk_size: int = 64):
+    """Same contract as `gated_delta_rule_recurrent`, computed a chunk at a time with the UT transform.
+
+    Inside a chunk with cumulative log-decay c_i and chunk-start state S0, the writes u_j = beta_j (v_j - ...)
+    solve the unit-lower-triangular system
+        (I + A) U = diag(beta) V - diag(beta * exp(c)) K S0,   A_ij = beta_i exp(c_i - c_j) k_i.k_j  (j < i),
+    after which outputs and the next state are matrix products:
+        O = diag(exp(c)) Q S0 + (Q K^T * exp(c_i - c_j))_{j<=i} U,   S = exp(c_last) S0 + (K * exp(c_last - c))^T U.
+    """
+    out_dtype = v.dtype
+    T = v.shape[1]
+    q, k, v, g, beta, S = _prepare(q, k, v, g, beta, initial_state)
+    B, H, _, Kd = k.shape
+    Vd = v.shape[-1]
+    C = chunk_size
+    pad = (-T) % C
+    # Padded steps have beta = 0 (no write) and g = 0 (no decay), so they leave the state untouched.
+    q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+    g, beta = (F.pad(x, (0, pad)) for x in (g, beta))
+    n = (T + pad) // C
+    q, k, v = (x.reshape(B, H, n, C, -1) for x in (q, k, v))
+    g, beta = (x.reshape(B, H, n, C) for x in (g, beta))
+
+    c = g.cumsum(-1)                                           # [B,H,n,C]
+    causal = torch.ones(C, C, dtype=torch.bool, device=v.device).tril()
+    # Mask before exp: entries above the diagonal would overflow.
+    decay_ij = (c[..., :, None] - c[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    strict = decay_ij.masked_fill(torch.eye(C, dtype=torch.bool, device=v.device), 0.0)
+    A = beta[..., None] * (k @ k.transpose(-1, -2)) * strict
+    eye = torch.eye(C, dtype=A.dtype, device=A.device)
+    rhs = torch.cat([beta[..., None] * v, (beta * c.exp())[..., None] * k], dim=-1)
+    solved = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
+    W, Kc = solved[..., :Vd], solved[..., Vd:]                 # U = W - Kc @ S0
+    attn = (q @ k.transpose(-1, -2)) * decay_ij
+    q_decayed = q * c.exp()[..., None]
+    k_to_end = k * (c[..., -1:] - c).exp()[..., None]
+    chunk_decay = c[..., -1].exp()[..., None, None]
+
+    outputs = []
+    for i in range(n):
+        U = W[:, :, i] - Kc[:, :, i] @ S
+        outputs.append(q_decayed[:, :, i] @ S + attn[:, :, i] @ U)
+        S = chunk_decay[:, :, i] * S + k_to_end[:, :, i].transpose(-1, -2) @ U
+    o = torch.stack(outputs, dim=2).reshape(B, H, n * C, Vd)[:, :, :T]
+    return o.transpose(1, 2).to(out_dtype), S
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None = None):
+    """x: [B,T,C]; weight: [C,W]; state: [B,C,W-1] (the W-1 inputs before x) or None for zeros.
+
+    Returns (silu(conv(x)) [B,T,C] in x's dtype, new state [B,C,W-1] = the last W-1 inputs).
+    """
+    B, T, C = x.shape
+    width = weight.shape[-1]
+    xt = x.transpose(1, 2).to(weight.dtype)
+    if state is None:
+        state = xt.new_zeros(B, C, width - 1)
+    full = torch.cat([state.to(weight.dtype), xt], dim=-1)
+    y = F.silu(F.conv1d(full, weight[:, None, :], groups=C))
+    return y.transpose(1, 2).to(x.dtype), full[:, :, full.shape[-1] - (width - 1):]
