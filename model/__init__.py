@@ -1,11 +1,21 @@
-"""Qwen3-Next hybrid model (Gated DeltaNet + gated attention, optional MoE), matching transformers' layout."""
+"""Qwen3-Next hybrid model (Gated DeltaNet + gated attention, optional MoE), matching transformers' layout.
 
-from .config import PRESETS, Qwen3NextConfig, preset
-from .errors import CapacityError, CheckpointError, ConfigError, DataError, NextDeployError
-from .model import Qwen3NextForCausalLM
-from .state import InferenceState
+Attributes load lazily so that torch-free parts (model.tokenizer, model.sampling, model.errors) can be used by
+the ONNX Runtime backend without importing torch.
+"""
 
-__all__ = [
-    "PRESETS", "Qwen3NextConfig", "preset", "Qwen3NextForCausalLM", "InferenceState",
-    "NextDeployError", "ConfigError", "CheckpointError", "CapacityError", "DataError",
-]
+import importlib
+
+_EXPORTS = {
+    "PRESETS": "config", "Qwen3NextConfig": "config", "preset": "config",
+    "Qwen3NextForCausalLM": "model", "InferenceState": "state",
+    "NextDeployError": "errors", "ConfigError": "errors", "CheckpointError": "errors",
+    "CapacityError": "errors", "DataError": "errors",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

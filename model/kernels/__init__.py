@@ -43,8 +43,8 @@ def gated_delta_rule(q, k, v, g, beta, initial_state=None):
     if _choice == "auto" and q.is_cuda and fast.HAVE_FLA:
         _announce("gated delta rule: fla (CUDA)")
         return fast.gated_delta_rule(q, k, v, g, beta, initial_state)
+    _announce("gated delta rule: torch reference (recurrent for short inputs, chunked for long)")
     if q.shape[1] <= 16:
-        _announce("gated delta rule: torch reference (recurrent for short inputs, chunked for long)")
         return reference.gated_delta_rule_recurrent(q, k, v, g, beta, initial_state)
     return reference.gated_delta_rule_chunked(q, k, v, g, beta, initial_state)
 

@@ -1,0 +1,90 @@
+"""Sample text from a checkpoint with the eager model and its inference state.
+
+    python -m model.generate runs/tiny --prompt "def main(" --max-new-tokens 100 --temperature 0.8 --top-p 0.95
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from .errors import CapacityError, NextDeployError
+from .sampling import Sampler, SamplingConfig
+
+
+def generate_ids(step: Callable[[list[int]], np.ndarray], prompt_ids: list[int], max_new_tokens: int,
+                 sampler: Sampler, stop_ids: set[int] = frozenset()) -> Iterator[int]:
+    """Feed the prompt, then sample one token at a time. `step(ids)` consumes `ids` (continuing its state) and
+    returns the next-token logits [V]. Stops after `max_new_tokens` or at a stop token (which is not yielded)."""
+    if not prompt_ids:
+        raise ValueError("the prompt encodes to no tokens; give a non-empty prompt")
+    history = list(prompt_ids)
+    logits = step(history)
+    for _ in range(max_new_tokens):
+        token = int(sampler(logits[None], [history])[0])
+        if token in stop_ids:
+            return
+        history.append(token)
+        yield token
+        logits = step([token])
+
+
+def eager_step(model, state) -> Callable[[list[int]], np.ndarray]:
+    import torch
+
+    @torch.inference_mode()
+    def step(ids: list[int]) -> np.ndarray:
+        x = torch.tensor([ids], dtype=torch.long, device=model.device)
+        return model(x, state, logits_to_keep=1)[0, -1].float().cpu().numpy()
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m model.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="HF-format directory with config.json, model.safetensors, tokenizer.json")
+    p.add_argument("--prompt", default="def ", help="text to continue (default: %(default)r)")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype (default: as stored)")
+    args = p.parse_args(argv)
+    try:
+        import torch
+        from .model import Qwen3NextForCausalLM
+        from .tokenizer import Tokenizer
+
+        model = Qwen3NextForCausalLM.from_pretrained(args.checkpoint, device=args.device,
+                                                     dtype=getattr(torch, args.dtype) if args.dtype else None)
+        tok = Tokenizer.load(args.checkpoint)
+        tok.check_fits(model.config.vocab_size)
+        prompt_ids = tok.encode(args.prompt)
+        limit = model.config.max_position_embeddings
+        if len(prompt_ids) >= limit:
+            raise CapacityError(f"the prompt is {len(prompt_ids)} tokens but the model's context is {limit}; "
+                                "shorten the prompt")
+        state = model.new_state(1, min(limit, len(prompt_ids) + args.max_new_tokens))
+        sampler = Sampler(SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed))
+        stop = {tok.eos_id} if tok.eos_id is not None else set()
+        budget = min(args.max_new_tokens, limit - len(prompt_ids))
+        sys.stdout.write(args.prompt)
+        for piece in tok.stream(generate_ids(eager_step(model, state), prompt_ids, budget, sampler, stop)):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    except (NextDeployError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

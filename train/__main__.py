@@ -1,0 +1,128 @@
+"""Train a Qwen3-Next-style model and write HF-format checkpoints.
+
+Examples:
+  python -m train --out runs/tiny                          # tiny preset on the Python stdlib's source
+  python -m train --data notes/ --out runs/n --steps 2000 --batch-size 16 --seq-len 512
+  python -m train --out runs/tiny --resume --steps 600     # continue the latest checkpoint to step 600
+
+--out then holds config.json, model.safetensors and tokenizer.json (load them with
+Qwen3NextForCausalLM.from_pretrained or transformers), checkpoints/step-N/ with optimizer, RNG and
+data-position state for --resume, and log.jsonl with one record per step. Ctrl-C saves a checkpoint first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+
+from model.config import PRESETS
+
+
+def parse_args(argv):
+    d = {f.name: f.default for f in dataclasses.fields(_train_config())}
+    p = argparse.ArgumentParser(prog="python -m train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = p.add_argument_group("data and output")
+    io.add_argument("--data", help="a text file or a directory of text files (default: the Python stdlib's source)")
+    io.add_argument("--out", required=True, help="output directory for the model and its checkpoints")
+    io.add_argument("--tokenizer", help="an existing tokenizer.json (default: train a byte-level BPE on the corpus)")
+    io.add_argument("--cache-dir", default=d["cache_dir"], help="where tokenizers and token streams are cached "
+                    "(default: %(default)s)")
+    io.add_argument("--val-fraction", type=float, default=d["val_fraction"], help="held-out share of sequences")
+    m = p.add_argument_group("model")
+    m.add_argument("--preset", default=d["preset"], choices=sorted(PRESETS), help="model size (default: %(default)s)")
+    m.add_argument("--model-config", metavar="JSON", help='overrides of preset fields, e.g. \'{"num_hidden_layers": 4}\'')
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--steps", type=int, help=f"optimizer steps in total (default: {d['steps']})")
+    o.add_argument("--batch-size", type=int, default=d["batch_size"], help="sequences per micro-batch")
+    o.add_argument("--seq-len", type=int, default=d["seq_len"], help="tokens per sequence")
+    o.add_argument("--grad-accum", type=int, default=d["grad_accum"], help="micro-batches per optimizer step")
+    o.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate")
+    o.add_argument("--warmup-steps", type=int, default=d["warmup_steps"])
+    o.add_argument("--weight-decay", type=float, default=d["weight_decay"])
+    o.add_argument("--grad-clip", type=float, default=d["grad_clip"])
+    o.add_argument("--seed", type=int, default=d["seed"])
+    r = p.add_argument_group("running")
+    r.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out, with its "
+                   "settings (only --steps, intervals, --device and --kernels may change)")
+    r.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    r.add_argument("--kernels", choices=["auto", "torch"], help="auto: fla/causal-conv1d on CUDA when installed; "
+                   "torch: the PyTorch reference everywhere")
+    r.add_argument("--eval-every", type=int, help=f"steps between validation runs (default: {d['eval_every']})")
+    r.add_argument("--save-every", type=int, help=f"steps between checkpoints (default: {d['save_every']})")
+    r.add_argument("--log-every", type=int, help=f"steps between log lines (default: {d['log_every']})")
+    r.add_argument("--sample-tokens", type=int, default=d["sample_tokens"],
+                   help="tokens to sample from the trained model at the end (0: none)")
+    return p.parse_args(argv)
+
+
+def _train_config():
+    from .trainer import TrainConfig
+    return TrainConfig
+
+
+def build_config(args):
+    from pathlib import Path
+    import torch
+    from model.errors import CheckpointError, ConfigError
+    from .trainer import TRAINER_STATE, TrainConfig, latest_checkpoint
+
+    runtime = {k: getattr(args, k) for k in ("steps", "eval_every", "save_every", "log_every", "device", "kernels")
+               if getattr(args, k) is not None}
+    if args.resume:
+        ckpt = latest_checkpoint(Path(args.out))
+        if ckpt is None:
+            raise CheckpointError(f"--resume: no checkpoint under {Path(args.out) / 'checkpoints'}; "
+                                  "start without --resume or point --out at an earlier run")
+        saved = torch.load(ckpt / TRAINER_STATE, weights_only=False, map_location="cpu")["train_config"]
+        return TrainConfig(**{**saved, **runtime})
+    try:
+        overrides = json.loads(args.model_config) if args.model_config else {}
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--model-config is not valid JSON ({e})") from e
+    return TrainConfig(out=args.out, data=args.data, preset=args.preset, model_overrides=overrides,
+                       tokenizer=args.tokenizer, cache_dir=args.cache_dir, batch_size=args.batch_size,
+                       seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup_steps,
+                       weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
+                       val_fraction=args.val_fraction, sample_tokens=args.sample_tokens, **runtime)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from model.errors import NextDeployError
+    from model.generate import eager_step, generate_ids
+    from model.sampling import Sampler, SamplingConfig
+    from .trainer import Trainer
+
+    try:
+        trainer = Trainer(build_config(args))
+        if args.resume:
+            print(f"resumed from {trainer.resume()} at step {trainer.step}", flush=True)
+        n = sum(p.numel() for p in trainer.model.parameters())
+        print(f"model: {trainer.cfg.preset}, {n / 1e6:.1f}M parameters on {trainer.device}; "
+              f"{trainer.data.num_train} training / {trainer.data.num_val} validation sequences of "
+              f"{trainer.cfg.seq_len} tokens", flush=True)
+        result = trainer.train()
+    except NextDeployError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"saved {result['checkpoint']} (and the model at the top of {args.out})")
+    if result["interrupted"]:
+        print(f"interrupted at step {trainer.step}; continue with: python -m train --out {args.out} --resume")
+        return 130
+    if trainer.cfg.sample_tokens:
+        model, tok = trainer.model.eval(), trainer.tokenizer
+        state = model.new_state(1, trainer.cfg.sample_tokens + 8)
+        prompt = "def "
+        ids = generate_ids(eager_step(model, state), tok.encode(prompt), trainer.cfg.sample_tokens,
+                           Sampler(SamplingConfig(temperature=0.8, top_p=0.95, seed=0)), {tok.eos_id})
+        print("sample:\n" + prompt + "".join(tok.stream(ids)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
