@@ -113,7 +113,6 @@ def check_state_dict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], w
 def load_model(directory: str | os.PathLike, dtype: torch.dtype | None = None,
                device: str | torch.device | None = None):
     from .model import Qwen3NextForCausalLM
-    from .layers import RotaryEmbedding
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -121,19 +120,16 @@ def load_model(directory: str | os.PathLike, dtype: torch.dtype | None = None,
                               "`python -m train --out` wrote, or an HF-format Qwen3-Next directory")
     config = Qwen3NextConfig.load(directory)
     tensors = load_state_dict(directory, config)
-    if config.tie_word_embeddings:
-        tensors.setdefault("lm_head.weight", tensors.get("model.embed_tokens.weight"))
+    if config.tie_word_embeddings and "model.embed_tokens.weight" in tensors:
+        tensors.setdefault("lm_head.weight", tensors["model.embed_tokens.weight"])
     with torch.device("meta"):
         model = Qwen3NextForCausalLM(config)
     check_state_dict(model, tensors, directory)
     model.load_state_dict(tensors, strict=True, assign=True)
-    model.model.rotary_emb = RotaryEmbedding(config)  # non-persistent buffer: rebuild off the meta device
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     if dtype is not None or device is not None:
         model.to(device=device, dtype=dtype)
-    # The rotary table stays float32 whatever the weights' dtype.
-    model.model.rotary_emb.inv_freq = model.model.rotary_emb.inv_freq.float()
     return model.eval()
 
 

@@ -43,17 +43,20 @@ class GatedRMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for the first `rotary_dim` channels of each attention head."""
+    """cos/sin tables for the first `rotary_dim` channels of each attention head.
+
+    The inverse frequencies are computed per call in float32 rather than held in a buffer, so casting the
+    model to bf16/fp16 cannot round them (a constant under torch.export)."""
 
     def __init__(self, config: Qwen3NextConfig):
         super().__init__()
-        dim = config.rotary_dim
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.dim = config.rotary_dim
+        self.theta = config.rope_theta
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [B, T] integer -> cos, sin: [B, T, rotary_dim] in `dtype`."""
-        freqs = positions[..., None].float() * self.inv_freq.float()
+        exponents = torch.arange(0, self.dim, 2, dtype=torch.float32, device=positions.device) / self.dim
+        freqs = positions[..., None].float() * (1.0 / self.theta**exponents)
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 

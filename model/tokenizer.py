@@ -64,8 +64,8 @@ class Tokenizer:
     def check_fits(self, vocab_size: int) -> None:
         if self.vocab_size > vocab_size:
             raise ConfigError(f"the tokenizer has {self.vocab_size} tokens but the model's vocab_size is "
-                              f"{vocab_size}; train the tokenizer with --vocab-size {vocab_size} or use a "
-                              "model whose vocab_size is at least the tokenizer's")
+                              f"{vocab_size}; use the tokenizer the model was trained with (python -m train saves it "
+                              "beside the model) or a model whose vocab_size is at least the tokenizer's")
 
     def save(self, directory: str | os.PathLike) -> None:
         directory = Path(directory)

@@ -1,0 +1,27 @@
+import pytest
+import torch
+
+from model import Qwen3NextConfig, Qwen3NextForCausalLM
+
+SMALL = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+             linear_key_head_dim=8, linear_value_head_dim=8, max_position_embeddings=256)
+
+
+def small_config(**overrides) -> Qwen3NextConfig:
+    return Qwen3NextConfig(**{**SMALL, **overrides})
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
+    """Every parameter random (norm weights, A_log and dt_bias too) so no code path hides behind an identity."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+@pytest.fixture
+def small_model():
+    torch.manual_seed(0)
+    return randomize(Qwen3NextForCausalLM(small_config())).eval()

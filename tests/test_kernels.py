@@ -1,0 +1,96 @@
+"""Reference kernels: chunked vs token-by-token vs an independent float64 loop; conv1d with state."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import kernels
+from model.kernels import reference as ref
+
+
+def float64_loop(q, k, v, g, beta, state):
+    """The recurrence written out per batch row, head and step, in float64."""
+    q, k, v, g, beta = (x.double() for x in (q, k, v, g, beta))
+    B, T, Hk, K = q.shape
+    Hv, V = v.shape[2:]
+    S = torch.zeros(B, Hv, K, V, dtype=torch.float64) if state is None else state.double().clone()
+    out = torch.empty(B, T, Hv, V, dtype=torch.float64)
+    for b in range(B):
+        for h in range(Hv):
+            kh = h // (Hv // Hk)
+            for t in range(T):
+                qt = q[b, t, kh] / q[b, t, kh].norm() / K**0.5
+                kt = k[b, t, kh] / k[b, t, kh].norm()
+                S[b, h] *= torch.exp(g[b, t, h])
+                S[b, h] += beta[b, t, h] * torch.outer(kt, v[b, t, h] - S[b, h].T @ kt)
+                out[b, t, h] = S[b, h].T @ qt
+    return out, S
+
+
+def random_inputs(B, T, Hk, Hv, K, V, with_state, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(B, T, Hk, K, generator=g), torch.randn(B, T, Hk, K, generator=g)
+    v = torch.randn(B, T, Hv, V, generator=g)
+    decay = -torch.rand(B, T, Hv, generator=g) * 3           # log-space decay <= 0
+    beta = torch.rand(B, T, Hv, generator=g)
+    state = torch.randn(B, Hv, K, V, generator=g) if with_state else None
+    return q, k, v, decay, beta, state
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("T", [1, 7, 64, 131])
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("heads", [(2, 2), (2, 6)])
+def test_gated_delta_rule_forms_agree(T, with_state, heads):
+    Hk, Hv = heads
+    inputs = random_inputs(2, T, Hk, Hv, 16, 12, with_state, seed=T * 10 + Hv)
+    o64, s64 = float64_loop(*inputs)
+    o_rec, s_rec = ref.gated_delta_rule_recurrent(*inputs)
+    o_chk, s_chk = ref.gated_delta_rule_chunked(*inputs, chunk_size=32)
+    assert s_rec.dtype == s_chk.dtype == torch.float32
+    for o, s in ((o_rec, s_rec), (o_chk, s_chk)):
+        assert rel(o, o64) < 1e-5 and rel(s, s64) < 1e-5
+
+
+def test_chunked_continues_from_state_like_one_call():
+    q, k, v, g, b, s = random_inputs(1, 100, 2, 4, 8, 8, True, seed=3)
+    o_all, s_all = ref.gated_delta_rule_chunked(q, k, v, g, b, s, chunk_size=16)
+    o1, s1 = ref.gated_delta_rule_chunked(q[:, :45], k[:, :45], v[:, :45], g[:, :45], b[:, :45], s, chunk_size=16)
+    o2, s2 = ref.gated_delta_rule_chunked(q[:, 45:], k[:, 45:], v[:, 45:], g[:, 45:], b[:, 45:], s1, chunk_size=16)
+    assert rel(torch.cat([o1, o2], 1), o_all) < 1e-6 and rel(s2, s_all) < 1e-6
+
+
+def test_float64_inputs_stay_float64():
+    inputs = [x.double() if x is not None else None for x in random_inputs(1, 5, 1, 1, 4, 4, True, seed=1)]
+    o, s = ref.gated_delta_rule_chunked(*inputs, chunk_size=4)
+    assert o.dtype == s.dtype == torch.float64
+
+
+def test_causal_conv1d_matches_padded_conv_and_carries_state():
+    g = torch.Generator().manual_seed(0)
+    B, T, C, W = 2, 13, 10, 4
+    x, w = torch.randn(B, T, C, generator=g), torch.randn(C, W, generator=g)
+    expected = F.silu(F.conv1d(x.transpose(1, 2), w[:, None], padding=W - 1, groups=C)[..., :T]).transpose(1, 2)
+    y, state = ref.causal_conv1d(x, w)
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(state, x[:, -(W - 1):].transpose(1, 2))
+    # Split anywhere (including pieces shorter than the kernel) and carry the state across.
+    pieces, st = [], None
+    for a, b in ((0, 2), (2, 3), (3, 9), (9, 13)):
+        out, st = ref.causal_conv1d(x[:, a:b], w, st)
+        pieces.append(out)
+    torch.testing.assert_close(torch.cat(pieces, 1), expected)
+    torch.testing.assert_close(st, state)
+
+
+def test_dispatch_uses_reference_on_cpu():
+    inputs = random_inputs(1, 20, 2, 2, 8, 8, True, seed=5)
+    o, s = kernels.gated_delta_rule(*inputs)
+    o_ref, s_ref = ref.gated_delta_rule_chunked(*inputs)
+    torch.testing.assert_close(o, o_ref)
+    torch.testing.assert_close(s, s_ref)
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        kernels.use_kernels("triton")
