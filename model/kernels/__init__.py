@@ -41,8 +41,12 @@ def gated_delta_rule(q, k, v, g, beta, initial_state=None):
     Returns (o [B,T,Hv,V], final state [B,Hv,K,V] float32).
     """
     if _choice == "auto" and q.is_cuda and fast.HAVE_FLA:
-        _announce("gated delta rule: fla (CUDA)")
-        return fast.gated_delta_rule(q, k, v, g, beta, initial_state)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g, beta))
+        if not needs_grad or fast.FLA_BACKWARD_WORKS:
+            _announce("gated delta rule: fla (CUDA)")
+            return fast.gated_delta_rule(q, k, v, g, beta, initial_state)
+        _announce("gated delta rule: torch reference for training (fla's backward is disabled on Hopper with "
+                  "this Triton; install tilelang or Triton >= 3.7.1 to train with fla)")
     _announce("gated delta rule: torch reference (recurrent for short inputs, chunked for long)")
     if q.shape[1] <= 16:
         return reference.gated_delta_rule_recurrent(q, k, v, g, beta, initial_state)

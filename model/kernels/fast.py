@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 try:
@@ -16,6 +18,21 @@ except ImportError:
 
 HAVE_FLA = chunk_gated_delta_rule is not None
 HAVE_CAUSAL_CONV1D = causal_conv1d_fn is not None
+
+
+def _fla_backward_works() -> bool:
+    """fla 0.6 refuses the backward of its gated chunk kernel on Hopper with Triton >= 3.4, < 3.7.1 (a Triton
+    miscompile, fla issue #640) unless tilelang is installed. Ask fla's own flags rather than guess."""
+    try:
+        from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
+    except ImportError:
+        return True
+    if importlib.util.find_spec("tilelang") is not None:
+        return True
+    return not (IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1)
+
+
+FLA_BACKWARD_WORKS = HAVE_FLA and _fla_backward_works()
 
 
 def gated_delta_rule(q, k, v, g, beta, initial_state=None):
