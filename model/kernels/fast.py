@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 
 import torch
+import torch.nn.functional as F
 
 try:
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
@@ -52,7 +53,11 @@ def causal_conv1d(x, weight, state=None):
     width = weight.shape[-1]
     weight = weight.to(x.dtype)
     if state is None:
-        state = x.new_zeros(B, C, width - 1)
+        # Training and stateless prefill: the kernel's plain (autograd-supported) form; the new state is just
+        # the last width-1 inputs, zero-padded on the left when x is shorter.
+        y = causal_conv1d_fn(x.transpose(1, 2), weight, None, activation="silu")
+        new_state = F.pad(x.transpose(1, 2), (width - 1, 0))[:, :, T:]
+        return y.transpose(1, 2), new_state
     if T == 1:
         new_state = state.to(x.dtype).clone()  # the kernel updates the state in place; the contract returns a new one
         y = causal_conv1d_update(x[:, 0], new_state, weight, None, "silu")
