@@ -156,6 +156,8 @@ class Experts(nn.Module):
 
     def forward(self, x, weights, experts):
         """x: [N, hidden]; weights, experts: [N, k]. Each token's output is the weighted sum of its k experts."""
+        if torch.compiler.is_exporting():
+            return self.dense_forward(x, weights, experts)
         out = torch.zeros_like(x)
         for e in experts.unique().tolist():
             token, slot = torch.where(experts == e)
@@ -163,6 +165,15 @@ class Experts(nn.Module):
             y = F.linear(F.silu(gate) * up, self.down_proj[e]) * weights[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
         return out
+
+    def dense_forward(self, x, weights, experts):
+        """Every expert on every token, weighted by the (mostly zero) routing matrix: the same result as the
+        sparse loop, without the data-dependent shapes that exported graphs and CUDA graphs cannot hold."""
+        routing = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device)
+        routing = routing.scatter(1, experts, weights)
+        gate, up = torch.einsum("nh,efh->nef", x, self.gate_up_proj).chunk(2, dim=-1)
+        y = torch.einsum("nef,ehf->neh", F.silu(gate) * up, self.down_proj)
+        return (y * routing[..., None]).sum(dim=1)
 
 
 class SparseMoeBlock(nn.Module):

@@ -9,16 +9,30 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 
 import torch
 
-from . import fast, reference
+from . import fast, ops, reference
 
 log = logging.getLogger("next_deploy.kernels")
 
 _CHOICES = ("auto", "torch")
 _choice = os.environ.get("NEXT_DEPLOY_KERNELS", "auto")
 _logged: set[str] = set()
+_lowering = None  # while exporting to ONNX: an object whose methods emit the target's nodes for each kernel
+
+
+@contextmanager
+def lowered_to(lowering):
+    """Within this block, exported graphs call `lowering.gated_delta_rule` / `lowering.causal_conv1d` (same
+    contracts) instead of the custom ops: how an exporter puts its own backend's nodes in the graph."""
+    global _lowering
+    previous, _lowering = _lowering, lowering
+    try:
+        yield
+    finally:
+        _lowering = previous
 
 
 def use_kernels(choice: str) -> None:
@@ -36,6 +50,25 @@ def _announce(path: str) -> None:
 
 
 def gated_delta_rule(q, k, v, g, beta, initial_state=None):
+    """The gated delta rule; while exporting, the `nextdeploy::gated_delta_rule` custom op."""
+    if torch.compiler.is_exporting():
+        if initial_state is None:
+            B, _, Hv, V = v.shape
+            initial_state = torch.zeros(B, Hv, k.shape[-1], V, dtype=torch.float32, device=v.device)
+        return (_lowering or ops).gated_delta_rule(q, k, v, g, beta, initial_state)
+    return run_gated_delta_rule(q, k, v, g, beta, initial_state)
+
+
+def causal_conv1d(x, weight, state=None):
+    """Causal conv1d + SiLU; while exporting, the `nextdeploy::causal_conv1d` custom op."""
+    if torch.compiler.is_exporting():
+        if state is None:
+            state = x.new_zeros(x.shape[0], x.shape[2], weight.shape[-1] - 1)
+        return (_lowering or ops).causal_conv1d(x, weight, state)
+    return run_causal_conv1d(x, weight, state)
+
+
+def run_gated_delta_rule(q, k, v, g, beta, initial_state=None):
     """q, k: [B,T,Hk,K] (raw; l2-normalised inside); v: [B,T,Hv,V]; g: [B,T,Hv] log-decay; beta: [B,T,Hv].
 
     Returns (o [B,T,Hv,V], final state [B,Hv,K,V] float32).
@@ -53,7 +86,7 @@ def gated_delta_rule(q, k, v, g, beta, initial_state=None):
     return reference.gated_delta_rule_chunked(q, k, v, g, beta, initial_state)
 
 
-def causal_conv1d(x, weight, state=None):
+def run_causal_conv1d(x, weight, state=None):
     """x: [B,T,C]; weight: [C,W]; state: [B,C,W-1] or None. Returns (silu(conv) [B,T,C], new state)."""
     if _choice == "auto" and x.is_cuda and fast.HAVE_CAUSAL_CONV1D and x.dtype != torch.float64:
         _announce("causal conv1d: causal-conv1d (CUDA)")
