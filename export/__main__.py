@@ -1,0 +1,151 @@
+"""Build deployable artifacts from an HF-format Qwen3-Next checkpoint.
+
+    python -m export runs/tiny --out artifacts/tiny
+    python -m export runs/tiny --out artifacts/tiny-cuda --device cuda --dtype float16 --target onnxruntime
+
+ARTIFACT_DIR then holds manifest.json, the targets' files (torch: prefill.pt2 + decode.pt2 with the kernels as
+nextdeploy:: custom ops; onnxruntime: model.onnx with ONNX Runtime's contrib kernels) and tokenizer.json. Export
+checks itself against the eager model (prefill, then teacher-forced decode) and records the figures in the
+manifest; it fails, writing nothing, when they exceed the tolerance for the dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+TARGETS = ("torch", "onnxruntime")
+
+
+def parse_args(argv):
+    from .build import DEFAULT_OPSET
+    p = argparse.ArgumentParser(prog="python -m export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="HF-format directory (config.json, model.safetensors, tokenizer.json)")
+    p.add_argument("--out", required=True, help="artifact directory to create (replaced whole if it exists)")
+    p.add_argument("--target", nargs="+", choices=TARGETS, default=list(TARGETS), help="what to build (default: all)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device the artifact runs on")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="weights and activations (recurrent state is always float32)")
+    p.add_argument("--max-batch", type=int, default=8, help="largest batch the artifact accepts (default: %(default)s)")
+    p.add_argument("--max-seq-len", type=int, default=2048,
+                   help="tokens per row the state holds, prompt plus generation (default: %(default)s)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default: %(default)s; "
+                   "ONNX Runtime 1.31 accepts released opsets up to 26)")
+    p.add_argument("--verify-tokens", type=int, default=48, help="tokens in the parity check (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+class Stages:
+    """One line per stage, with its time: export is minutes of silence otherwise."""
+
+    def __init__(self, total: int):
+        self.total, self.n = total, 0
+
+    def __call__(self, what: str):
+        self.n += 1
+        print(f"[{self.n}/{self.total}] {what} ...", end="", flush=True)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        print(f" {'failed' if exc_type else 'done'} ({time.perf_counter() - self.t0:.1f}s)", flush=True)
+
+
+def validate(args, config):
+    from .errors import ExportError
+    if args.max_batch < 1:
+        raise ExportError(f"--max-batch must be at least 1, got {args.max_batch}")
+    if not 2 <= args.max_seq_len <= config.max_position_embeddings:
+        raise ExportError(f"--max-seq-len must be in 2..{config.max_position_embeddings} (the model's "
+                          f"max_position_embeddings), got {args.max_seq_len}")
+    if args.verify_tokens + 1 > args.max_seq_len:
+        raise ExportError(f"--verify-tokens ({args.verify_tokens}) must be below --max-seq-len ({args.max_seq_len})")
+    if "onnxruntime" in args.target:
+        if args.device == "cpu" and args.dtype != "float32":
+            raise ExportError("ONNX Runtime's CPU kernels for this model run float32 only; use --dtype float32 "
+                              "with --device cpu, or --device cuda for float16")
+        if args.dtype == "bfloat16":
+            raise ExportError("the onnxruntime target takes --dtype float32 or float16 (state is fed as NumPy, "
+                              "which has no bfloat16); use the torch target for bfloat16")
+        for module, package in (("onnx", "onnx"), ("onnxscript", "onnxscript"), ("onnxruntime", "onnxruntime")):
+            try:
+                __import__(module)
+            except ImportError as e:
+                raise ExportError(f"--target onnxruntime needs {package}: pip install 'next-deploy[onnx]'") from e
+    import torch
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ExportError("--device cuda needs a CUDA GPU and a CUDA build of torch")
+
+
+def export(args) -> Path:
+    import torch
+    import runtime
+    from model import Qwen3NextForCausalLM
+    from model.io import atomic_directory
+    from runtime.manifest import MANIFEST, Manifest, checkpoint_hash
+    from . import build, verify
+    from .graph import tensor_specs
+
+    stage = Stages(2 + 2 * len(args.target))
+    with stage("loading the checkpoint"):
+        model = Qwen3NextForCausalLM.from_pretrained(args.checkpoint, dtype=getattr(torch, args.dtype),
+                                                     device=args.device)
+    validate(args, model.config)
+    checkpoint = Path(args.checkpoint).resolve()
+    inputs, outputs, state = tensor_specs(model, args.max_seq_len, "sequence")
+    manifest = Manifest(model_config=model.config.to_dict(), dtype=args.dtype, device=args.device,
+                        max_batch=args.max_batch, max_seq_len=args.max_seq_len, targets={}, inputs=inputs,
+                        outputs=outputs, state=state, source={"path": str(checkpoint),
+                                                              "sha256": checkpoint_hash(checkpoint)},
+                        tokenizer="tokenizer.json" if (checkpoint / "tokenizer.json").is_file() else None)
+    out = Path(args.out)
+    with atomic_directory(out) as tmp:
+        if manifest.tokenizer:
+            shutil.copy(checkpoint / "tokenizer.json", tmp / "tokenizer.json")
+        for target in args.target:
+            with stage(f"building the {target} target"):
+                if target == "torch":
+                    manifest.targets[target] = build.export_torch(model, tmp, args.max_batch, args.max_seq_len)
+                else:
+                    manifest.targets[target] = build.export_onnx(model, tmp, args.device, args.max_batch,
+                                                                 args.max_seq_len, args.opset)
+        (tmp / MANIFEST).write_text(manifest.to_json())
+        tokens = verify.fixed_tokens(model.config.vocab_size, args.verify_tokens + 1)
+        with stage("computing eager reference logits"):
+            expected = verify.reference_logits(model, tokens)[:, args.verify_tokens // 2 - 1:-1]
+        for target in args.target:
+            with stage(f"verifying the {target} target against the eager model"):
+                engine = runtime.load(tmp, backend=target, device=args.device)
+                got = verify.run_engine_teacher_forced(engine, tokens, args.verify_tokens // 2)
+                figures = verify.compare(got, expected)
+                figures.update(prefill_tokens=args.verify_tokens // 2, decode_steps=got.shape[1] - 1, batch=2)
+                manifest.parity[target] = figures
+                verify.check(figures, args.dtype, target)
+        (tmp / MANIFEST).write_text(manifest.to_json())
+    for target, f in manifest.parity.items():
+        print(f"{target}: relative logit error {f['rel_error']:.2e}, max abs {f['max_abs_error']:.2e}, "
+              f"top-1 agreement {f['top1_agreement']:.3f}")
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from model.errors import NextDeployError
+    try:
+        out = export(args)
+    except NextDeployError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 2
+    print(f"artifact written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

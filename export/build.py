@@ -1,0 +1,62 @@
+"""Build each target's files from the eager model: torch.export programs and an ONNX Runtime graph."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+
+from model import Qwen3NextForCausalLM, kernels
+
+from .graph import StepModule, dynamic_shapes, example_inputs
+
+# ONNX Runtime 1.31 accepts released opsets only; 27 (which standardises the contrib ops) is not one yet.
+DEFAULT_OPSET = 21
+EXTERNAL_DATA_BYTES = 1 << 30   # protobuf's 2 GiB ceiling, with room to spare
+
+
+def export_torch(model: Qwen3NextForCausalLM, out: Path, max_batch: int, max_seq_len: int) -> dict:
+    """prefill.pt2 (dynamic batch and sequence) and decode.pt2 (dynamic batch, one token)."""
+    step = StepModule(model).eval()
+    files = {}
+    for name, seq, decode in (("prefill", 3, False), ("decode", 1, True)):
+        ids, state = example_inputs(model, 2, seq, max_seq_len)
+        tensors = state.tensors()
+        with torch.no_grad():
+            program = torch.export.export(step, (ids, *tensors),
+                                          dynamic_shapes=dynamic_shapes(len(tensors), max_batch, max_seq_len, decode))
+        torch.export.save(program, out / f"{name}.pt2")
+        files[name] = f"{name}.pt2"
+    return {"files": files, "custom_ops": ["nextdeploy::gated_delta_rule", "nextdeploy::causal_conv1d"]}
+
+
+def export_onnx(model: Qwen3NextForCausalLM, out: Path, device: str, max_batch: int, max_seq_len: int,
+                opset: int) -> dict:
+    """model.onnx: one graph for prefill and decode (dynamic batch and sequence), kernels as contrib ops."""
+    import onnx
+    from .onnx_lowering import LOWERINGS
+
+    lowering = LOWERINGS[device]
+    step = StepModule(model).eval()
+    ids, state = example_inputs(model, 2, 3, max_seq_len)
+    tensors, names = state.tensors(), state.names()
+    shapes = dynamic_shapes(len(tensors), max_batch, max_seq_len, decode=False)
+    with torch.no_grad(), kernels.lowered_to(lowering), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        program = torch.onnx.export(step, (ids, *tensors), dynamo=True, dynamic_shapes=shapes,
+                                    input_names=["input_ids", *names],
+                                    output_names=["logits", *[f"present.{n}" for n in names]],
+                                    opset_version=opset, optimize=True, verbose=False)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    external = weight_bytes > EXTERNAL_DATA_BYTES
+    program.save(str(out / "model.onnx"), external_data=external)
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=False)
+    files = {"model": "model.onnx"}
+    if external:
+        files["weights"] = "model.onnx.data"
+    op = {"cpu": "LinearAttention", "cuda": "GatedDeltaNet"}[device]
+    return {"files": files, "opset": opset, "gated_delta_op": f"com.microsoft::{op}",
+            "conv_op": "com.microsoft::CausalConvWithState"}

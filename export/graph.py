@@ -1,0 +1,52 @@
+"""The computation every target exports: one step over explicit state tensors.
+
+    (input_ids [B, T], *state) -> (logits of the last position [B, vocab] float32, *state after the step)
+
+State tensors are those of model.InferenceState in its fixed order (per layer conv + recurrent, or key + value
+caches of max_seq_len slots; per-row lengths last). Attention always spans the whole fixed cache, masked to
+each row's own position, so one graph serves every length and a CUDA graph can replay it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model import InferenceState, Qwen3NextForCausalLM
+from runtime.manifest import TensorSpec
+
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int64: "int64"}
+
+
+class StepModule(nn.Module):
+    def __init__(self, model: Qwen3NextForCausalLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, *state: torch.Tensor):
+        # Clones make the in-place state updates of the eager code functional in the exported graph.
+        st = InferenceState.from_tensors(self.model.config, [t.clone() for t in state])
+        hidden = self.model.model(input_ids, st, attend_len=st.max_seq_len)
+        return (self.model.lm_head(hidden[:, -1]).float(), *st.tensors())
+
+
+def example_inputs(model: Qwen3NextForCausalLM, batch: int, seq: int, max_seq_len: int):
+    state = model.new_state(batch, max_seq_len)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=model.device)
+    return ids, state
+
+
+def dynamic_shapes(num_state: int, max_batch: int, max_seq_len: int, decode: bool):
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    ids = {0: batch} if decode else {0: batch, 1: torch.export.Dim("sequence", min=2, max=max_seq_len)}
+    return ids, tuple({0: batch} for _ in range(num_state))
+
+
+def tensor_specs(model: Qwen3NextForCausalLM, max_seq_len: int, sequence: str | int):
+    """Manifest descriptions of inputs, outputs and state; 'batch' and 'sequence' name the dynamic dims."""
+    state = model.new_state(1, max_seq_len)
+    specs = [TensorSpec(n, ["batch", *t.shape[1:]], DTYPE_NAMES[t.dtype]) for n, t in zip(state.names(), state.tensors())]
+    inputs = [TensorSpec("input_ids", ["batch", sequence], "int64"), *specs]
+    outputs = [TensorSpec("logits", ["batch", model.config.vocab_size], "float32"),
+               *[TensorSpec(f"present.{s.name}", s.shape, s.dtype) for s in specs]]
+    return inputs, outputs, specs

@@ -1,0 +1,45 @@
+"""Run exported artifacts: stateful prefill / decode / generate behind one small API.
+
+    import runtime
+    eng = runtime.load("artifacts/tiny", backend="onnxruntime", device="cpu")
+    state = eng.new_state(batch_size=1)
+    logits = eng.prefill([[1, 2, 3]], state)
+    logits = eng.decode([4], state)
+
+The onnxruntime backend imports neither torch nor the model code's torch parts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .engine import Engine, InputError, State
+from .manifest import ArtifactError, Manifest
+
+BACKENDS = ("onnxruntime", "torch", "eager")
+__all__ = ["load", "Engine", "State", "Manifest", "ArtifactError", "InputError", "BACKENDS"]
+
+
+def load(directory, backend: str = "onnxruntime", device: str = "cpu", checkpoint: str | None = None) -> Engine:
+    """Open an artifact directory written by `python -m export`. `checkpoint` overrides where the eager
+    backend finds the source checkpoint (its hash must match the manifest's)."""
+    directory = Path(directory)
+    if backend not in BACKENDS:
+        raise ArtifactError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if device not in ("cpu", "cuda"):
+        raise ArtifactError(f"unknown device {device!r}; use 'cpu' or 'cuda'")
+    manifest = Manifest.load(directory)
+    if backend == "onnxruntime":
+        from .onnx_backend import OnnxRuntimeBackend
+        impl = OnnxRuntimeBackend(directory, manifest, device)
+    elif backend == "torch":
+        from .torch_backend import TorchExportBackend
+        impl = TorchExportBackend(directory, manifest, device)
+    else:
+        from .eager_backend import EagerBackend
+        impl = EagerBackend(manifest, device, checkpoint)
+    tokenizer = None
+    if manifest.tokenizer and (directory / manifest.tokenizer).is_file():
+        from model.tokenizer import Tokenizer
+        tokenizer = Tokenizer.load(directory / manifest.tokenizer)
+    return Engine(directory, manifest, impl, tokenizer)
