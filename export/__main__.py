@@ -31,10 +31,13 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="weights and activations (recurrent state is always float32)")
     p.add_argument("--max-batch", type=int, default=8, help="largest batch the artifact accepts (default: %(default)s)")
-    p.add_argument("--max-seq-len", type=int, default=2048,
-                   help="tokens per row the state holds, prompt plus generation (default: %(default)s)")
+    p.add_argument("--max-seq-len", type=int, help="tokens per row the state holds, prompt plus generation "
+                   "(default: 2048, or the model's max_position_embeddings if smaller)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default: %(default)s; "
                    "ONNX Runtime 1.31 accepts released opsets up to 26)")
+    p.add_argument("--onnx-gated-delta-op", choices=["LinearAttention", "GatedDeltaNet"],
+                   help="ONNX Runtime node for the gated delta rule (default: GatedDeltaNet for cuda, which fuses "
+                   "the q/k norm and runs on CUDA only; LinearAttention for cpu)")
     p.add_argument("--verify-tokens", type=int, default=48, help="tokens in the parity check (default: %(default)s)")
     return p.parse_args(argv)
 
@@ -71,6 +74,9 @@ def validate(args, config):
         if args.device == "cpu" and args.dtype != "float32":
             raise ExportError("ONNX Runtime's CPU kernels for this model run float32 only; use --dtype float32 "
                               "with --device cpu, or --device cuda for float16")
+        if args.onnx_gated_delta_op == "GatedDeltaNet" and args.device == "cpu":
+            raise ExportError("GatedDeltaNet has only a CUDA kernel in ONNX Runtime; use --device cuda or "
+                              "--onnx-gated-delta-op LinearAttention")
         if args.dtype == "bfloat16":
             raise ExportError("the onnxruntime target takes --dtype float32 or float16 (state is fed as NumPy, "
                               "which has no bfloat16); use the torch target for bfloat16")
@@ -91,12 +97,15 @@ def export(args) -> Path:
     from model.io import atomic_directory
     from runtime.manifest import MANIFEST, Manifest, checkpoint_hash
     from . import build, verify
+    from .onnx_lowering import DEFAULT_OP
     from .graph import tensor_specs
 
     stage = Stages(2 + 2 * len(args.target))
     with stage("loading the checkpoint"):
         model = Qwen3NextForCausalLM.from_pretrained(args.checkpoint, dtype=getattr(torch, args.dtype),
                                                      device=args.device)
+    if args.max_seq_len is None:
+        args.max_seq_len = min(2048, model.config.max_position_embeddings)
     validate(args, model.config)
     checkpoint = Path(args.checkpoint).resolve()
     inputs, outputs, state = tensor_specs(model, args.max_seq_len, "sequence")
@@ -114,7 +123,8 @@ def export(args) -> Path:
                 if target == "torch":
                     manifest.targets[target] = build.export_torch(model, tmp, args.max_batch, args.max_seq_len)
                 else:
-                    manifest.targets[target] = build.export_onnx(model, tmp, args.device, args.max_batch,
+                    op = args.onnx_gated_delta_op or DEFAULT_OP[args.device]
+                    manifest.targets[target] = build.export_onnx(model, tmp, op, args.max_batch,
                                                                  args.max_seq_len, args.opset)
         (tmp / MANIFEST).write_text(manifest.to_json())
         tokens = verify.fixed_tokens(model.config.vocab_size, args.verify_tokens + 1)

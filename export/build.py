@@ -32,13 +32,13 @@ def export_torch(model: Qwen3NextForCausalLM, out: Path, max_batch: int, max_seq
     return {"files": files, "custom_ops": ["nextdeploy::gated_delta_rule", "nextdeploy::causal_conv1d"]}
 
 
-def export_onnx(model: Qwen3NextForCausalLM, out: Path, device: str, max_batch: int, max_seq_len: int,
+def export_onnx(model: Qwen3NextForCausalLM, out: Path, gated_delta_op: str, max_batch: int, max_seq_len: int,
                 opset: int) -> dict:
     """model.onnx: one graph for prefill and decode (dynamic batch and sequence), kernels as contrib ops."""
     import onnx
     from .onnx_lowering import LOWERINGS
 
-    lowering = LOWERINGS[device]
+    lowering = LOWERINGS[gated_delta_op]
     step = StepModule(model).eval()
     ids, state = example_inputs(model, 2, 3, max_seq_len)
     tensors, names = state.tensors(), state.names()
@@ -57,6 +57,5 @@ def export_onnx(model: Qwen3NextForCausalLM, out: Path, device: str, max_batch: 
     files = {"model": "model.onnx"}
     if external:
         files["weights"] = "model.onnx.data"
-    op = {"cpu": "LinearAttention", "cuda": "GatedDeltaNet"}[device]
-    return {"files": files, "opset": opset, "gated_delta_op": f"com.microsoft::{op}",
+    return {"files": files, "opset": opset, "gated_delta_op": f"com.microsoft::{gated_delta_op}",
             "conv_op": "com.microsoft::CausalConvWithState"}

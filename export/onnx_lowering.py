@@ -60,4 +60,5 @@ class GatedDeltaNetLowering:
         return o, state.transpose(2, 3)
 
 
-LOWERINGS = {"cpu": LinearAttentionLowering, "cuda": GatedDeltaNetLowering}
+LOWERINGS = {"LinearAttention": LinearAttentionLowering, "GatedDeltaNet": GatedDeltaNetLowering}
+DEFAULT_OP = {"cpu": "LinearAttention", "cuda": "GatedDeltaNet"}

@@ -31,7 +31,7 @@ class OnnxRuntimeBackend:
         if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
             raise ArtifactError("device='cuda' needs ONNX Runtime's CUDA execution provider: "
                                 "pip install onnxruntime-gpu (and a CUDA GPU)")
-        if manifest.device != device and target["gated_delta_op"].endswith("GatedDeltaNet") and device == "cpu":
+        if target["gated_delta_op"].endswith("GatedDeltaNet") and device == "cpu":
             raise ArtifactError(f"{directory} was exported for CUDA (GatedDeltaNet has no CPU kernel); "
                                 "run it with device='cuda' or re-export with --device cpu")
         dtype = manifest.dtype

@@ -1,0 +1,231 @@
+"""`python -m export` artifacts run by `runtime` must give the eager model's answers; bad input is named."""
+
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import runtime
+from export.__main__ import main as export_main
+from model import CapacityError, Qwen3NextForCausalLM
+from model.tokenizer import Tokenizer
+from runtime import ArtifactError, InputError
+from tests.conftest import randomize, small_config
+from tests.test_train import MICRO
+from train.trainer import Trainer, TrainConfig
+
+pytest.importorskip("onnxruntime", reason="the onnxruntime target needs onnxruntime (dev extra)")
+pytestmark = pytest.mark.slow
+
+
+def rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory):
+    """MoE with a shared expert and 2x value heads: every layer kind and both kernel ops."""
+    ckpt = tmp_path_factory.mktemp("random-ckpt")
+    config = small_config(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                          shared_expert_intermediate_size=24, max_position_embeddings=512)
+    randomize(Qwen3NextForCausalLM(config), seed=3).save_pretrained(ckpt)
+    out = tmp_path_factory.mktemp("art") / "random"
+    assert export_main([str(ckpt), "--out", str(out), "--max-batch", "4", "--max-seq-len", "96",
+                        "--verify-tokens", "24"]) == 0
+    return ckpt, out
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    corpus = root / "corpus.txt"
+    corpus.write_text("".join(f"def f{j}(x):\n    return x * {j}\n" for j in range(400)))
+    cfg = TrainConfig(out=str(root / "run"), data=str(corpus), model_overrides=MICRO, cache_dir=str(root / "cache"),
+                      steps=30, batch_size=8, seq_len=32, lr=3e-3, warmup_steps=3, eval_every=100, save_every=100,
+                      device="cpu", sample_tokens=0)
+    Trainer(cfg).train()
+    out = root / "artifact"
+    assert export_main([cfg.out, "--out", str(out), "--max-batch", "2", "--max-seq-len", "128"]) == 0
+    return cfg.out, out
+
+
+def eager_logits(ckpt, ids):
+    model = Qwen3NextForCausalLM.from_pretrained(ckpt)
+    with torch.no_grad():
+        return model(torch.as_tensor(ids)).numpy()
+
+
+def test_manifest_describes_the_artifact(random_model):
+    ckpt, out = random_model
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["format_version"] == 1 and m["dtype"] == "float32" and m["device"] == "cpu"
+    assert set(m["targets"]) == {"torch", "onnxruntime"}
+    assert m["targets"]["onnxruntime"]["gated_delta_op"] == "com.microsoft::LinearAttention"
+    assert [s["name"] for s in m["state"]][:2] == ["conv_state.0", "recurrent_state.0"]
+    assert m["state"][1]["dtype"] == "float32" and m["max_seq_len"] == 96 and m["max_batch"] == 4
+    for target in ("torch", "onnxruntime"):
+        assert m["parity"][target]["rel_error"] < 1e-4 and m["parity"][target]["top1_agreement"] == 1.0
+    assert len(m["source"]["sha256"]) == 64
+    import onnx
+    graph = onnx.load(str(out / "model.onnx"))
+    ops = {(n.domain, n.op_type) for n in graph.graph.node}
+    assert ("com.microsoft", "LinearAttention") in ops and ("com.microsoft", "CausalConvWithState") in ops
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch", "eager"])
+def test_prefill_decode_and_chunked_prefill_match_eager(random_model, backend):
+    ckpt, out = random_model
+    engine = runtime.load(out, backend=backend)
+    ids = np.random.default_rng(0).integers(0, 101, size=(2, 40))
+    expected = eager_logits(ckpt, ids)
+    state = engine.new_state(2)
+    got = [engine.prefill(ids[:, :13], state), engine.prefill(ids[:, 13:30], state)]   # chunked prefill
+    got += [engine.decode(ids[:, t], state) for t in range(30, 40)]
+    got = np.stack(got[:1] + got[1:2] + got[2:], 1)
+    positions = [12, 29] + list(range(30, 40))
+    assert rel(got, expected[:, positions]) < 1e-4
+    assert state.lengths.tolist() == [40, 40]
+
+
+def test_batch_rows_independent_and_ragged_prefill(random_model):
+    ckpt, out = random_model
+    engine = runtime.load(out)
+    rows = [np.arange(5, 25) % 101, np.arange(40, 47) % 101, np.arange(3, 16) % 101]
+    state = engine.new_state(3)
+    ragged = engine.prefill(rows, state)                  # different lengths in one call
+    assert state.lengths.tolist() == [20, 7, 13]
+    nxt = engine.decode([1, 2, 3], state)
+    for b, r in enumerate(rows):
+        single = engine.new_state(1)
+        assert rel(engine.prefill([r], single), ragged[b:b + 1]) < 1e-5
+        assert rel(engine.decode([b + 1], single), nxt[b:b + 1]) < 1e-5
+
+
+def test_clone_and_restore_give_identical_continuations(random_model):
+    engine = runtime.load(random_model[1])
+    state = engine.new_state(1)
+    engine.prefill([[4, 8, 15, 16, 23, 42]], state)
+    snapshot = state.clone()
+    first = [engine.decode([t], state) for t in (1, 2, 3)]
+    state.restore(snapshot)
+    again = [engine.decode([t], state) for t in (1, 2, 3)]
+    fork = snapshot.clone()
+    forked = [engine.decode([t], fork) for t in (1, 2, 3)]
+    for a, b, c in zip(first, again, forked):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+    assert snapshot.lengths.tolist() == [6]
+
+
+def test_trained_tiny_greedy_tokens_identical_for_64_steps(trained_tiny):
+    ckpt, out = trained_tiny
+    tok = Tokenizer.load(out)
+    model = Qwen3NextForCausalLM.from_pretrained(ckpt)
+    prompt = tok.encode("def f1")
+    seq = list(prompt)
+    with torch.no_grad():
+        state = model.new_state(1, 128)
+        logits = model(torch.tensor([seq]), state)[0, -1]
+        for _ in range(64):
+            seq.append(int(logits.argmax()))
+            logits = model(torch.tensor([[seq[-1]]]), state)[0, -1]
+    eager_text = tok.decode(seq[len(prompt):])
+    for backend in ("onnxruntime", "torch"):
+        engine = runtime.load(out, backend=backend)
+        text = "".join(engine.generate("def f1", max_new_tokens=64, temperature=0.0, stop=[]))
+        assert text == eager_text, backend
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["parity"]["onnxruntime"]["rel_error"] < 1e-4
+
+
+def test_sampling_options_and_cli(trained_tiny, capsys):
+    from runtime.__main__ import main as runtime_main
+    engine = runtime.load(trained_tiny[1])
+    a = "".join(engine.generate("def ", 20, temperature=0.9, top_k=20, top_p=0.9, repetition_penalty=1.2, seed=5))
+    b = "".join(engine.generate("def ", 20, temperature=0.9, top_k=20, top_p=0.9, repetition_penalty=1.2, seed=5))
+    assert a == b
+    assert runtime_main([str(trained_tiny[1]), "--prompt", "def f2", "--max-new-tokens", "8", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("def f2")
+
+
+def test_onnxruntime_backend_does_not_import_torch(random_model):
+    import subprocess
+    code = ("import sys, runtime; e = runtime.load(sys.argv[1]); s = e.new_state(1); e.prefill([[1, 2, 3]], s); "
+            "e.decode([4], s); assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code, str(random_model[1])], check=True)
+
+
+def test_bad_artifacts(random_model, tmp_path):
+    ckpt, out = random_model
+    with pytest.raises(ArtifactError, match="does not exist"):
+        runtime.load(tmp_path / "none")
+    with pytest.raises(ArtifactError, match="manifest.json not found"):
+        runtime.load(tmp_path)
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / "model.onnx").unlink()
+    with pytest.raises(ArtifactError, match="model.onnx .* is missing"):
+        runtime.load(broken)
+    newer = tmp_path / "newer"
+    shutil.copytree(out, newer)
+    m = json.loads((newer / "manifest.json").read_text())
+    m["format_version"] = 99
+    (newer / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="newer than this runtime"):
+        runtime.load(newer)
+    with pytest.raises(ArtifactError, match="unknown backend"):
+        runtime.load(out, backend="tensorflow")
+
+
+def test_eager_backend_checks_the_checkpoint_hash(random_model, tmp_path):
+    ckpt, out = random_model
+    other = tmp_path / "other"
+    randomize(Qwen3NextForCausalLM(small_config(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                                shared_expert_intermediate_size=24, max_position_embeddings=512)),
+              seed=9).save_pretrained(other)
+    with pytest.raises(ArtifactError, match="hash differs"):
+        runtime.load(out, backend="eager", checkpoint=str(other))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without CUDA gives")
+def test_cuda_unavailable_names_the_package(random_model):
+    with pytest.raises(ArtifactError, match="onnxruntime-gpu"):
+        runtime.load(random_model[1], device="cuda")
+
+
+def test_bad_inputs(random_model):
+    engine = runtime.load(random_model[1])
+    state = engine.new_state(2)
+    with pytest.raises(InputError, match="outside the vocabulary"):
+        engine.prefill([[1, 500], [1, 2]], state)
+    with pytest.raises(InputError, match="must be integers"):
+        engine.prefill(np.ones((2, 3), dtype=np.float32), state)
+    with pytest.raises(InputError, match="3 rows of tokens for a state of 2"):
+        engine.prefill([[1], [2], [3]], state)
+    with pytest.raises(InputError, match="one token per row"):
+        engine.decode([[1, 2], [3, 4]], state)
+    with pytest.raises(CapacityError, match="--max-batch"):
+        engine.new_state(5)
+    with pytest.raises(CapacityError, match="--max-seq-len"):
+        engine.prefill(np.ones((2, 97), dtype=np.int64), state)
+    assert state.lengths.tolist() == [0, 0]   # nothing ran
+
+
+def test_failed_export_leaves_nothing(random_model, tmp_path, monkeypatch, capsys):
+    ckpt, out = random_model
+    from export import verify
+    monkeypatch.setattr(verify, "TOLERANCE", {"float32": 0.0})
+    target = tmp_path / "art"
+    assert export_main([str(ckpt), "--out", str(target), "--target", "onnxruntime", "--max-seq-len", "64",
+                        "--verify-tokens", "8"]) == 2
+    assert "disagrees with the eager model" in capsys.readouterr().err
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    assert export_main([str(ckpt), "--out", str(target), "--dtype", "bfloat16"]) == 2
+    assert "float32" in capsys.readouterr().err
+    assert export_main([str(ckpt), "--out", str(target), "--max-seq-len", "100000"]) == 2
+    assert "max_position_embeddings" in capsys.readouterr().err
+    assert export_main([str(tmp_path / "missing"), "--out", str(target)]) == 2
+    assert "does not exist" in capsys.readouterr().err
