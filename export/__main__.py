@@ -124,7 +124,11 @@ def export(args) -> Path:
                     manifest.targets[target] = build.export_torch(model, tmp, args.max_batch, args.max_seq_len)
                 else:
                     op = args.onnx_gated_delta_op or DEFAULT_OP[args.device]
-                    manifest.targets[target] = build.export_onnx(model, tmp, op, args.max_batch,
+                    # ONNX graphs are device-independent, and torch.onnx.ops.symbolic traces its outputs on
+                    # the CPU, so the graph is always traced from a CPU copy of the model.
+                    cpu_model = model if args.device == "cpu" else Qwen3NextForCausalLM.from_pretrained(
+                        args.checkpoint, dtype=getattr(torch, args.dtype))
+                    manifest.targets[target] = build.export_onnx(cpu_model, tmp, op, args.max_batch,
                                                                  args.max_seq_len, args.opset)
         (tmp / MANIFEST).write_text(manifest.to_json())
         tokens = verify.fixed_tokens(model.config.vocab_size, args.verify_tokens + 1)
