@@ -36,8 +36,8 @@ def parse_args(argv):
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default: %(default)s; "
                    "ONNX Runtime 1.31 accepts released opsets up to 26)")
     p.add_argument("--onnx-gated-delta-op", choices=["LinearAttention", "GatedDeltaNet"],
-                   help="ONNX Runtime node for the gated delta rule (default: GatedDeltaNet for cuda, which fuses "
-                   "the q/k norm and runs on CUDA only; LinearAttention for cpu)")
+                   help="ONNX Runtime node for the gated delta rule (default: LinearAttention, which runs on CPU "
+                   "and CUDA; GatedDeltaNet fuses the q/k norm but runs on CUDA only)")
     p.add_argument("--verify-tokens", type=int, default=48, help="tokens in the parity check (default: %(default)s)")
     return p.parse_args(argv)
 
@@ -100,13 +100,20 @@ def export(args) -> Path:
     from .onnx_lowering import DEFAULT_OP
     from .graph import tensor_specs
 
+    from model import Qwen3NextConfig
+    from model.errors import CheckpointError
+
+    if not Path(args.checkpoint).is_dir():
+        raise CheckpointError(f"checkpoint directory {args.checkpoint} does not exist; pass the directory that "
+                              "`python -m train --out` wrote, or an HF-format Qwen3-Next directory")
+    config = Qwen3NextConfig.load(args.checkpoint)
+    if args.max_seq_len is None:
+        args.max_seq_len = min(2048, config.max_position_embeddings)
+    validate(args, config)
     stage = Stages(2 + 2 * len(args.target))
     with stage("loading the checkpoint"):
         model = Qwen3NextForCausalLM.from_pretrained(args.checkpoint, dtype=getattr(torch, args.dtype),
                                                      device=args.device)
-    if args.max_seq_len is None:
-        args.max_seq_len = min(2048, model.config.max_position_embeddings)
-    validate(args, model.config)
     checkpoint = Path(args.checkpoint).resolve()
     inputs, outputs, state = tensor_specs(model, args.max_seq_len, "sequence")
     manifest = Manifest(model_config=model.config.to_dict(), dtype=args.dtype, device=args.device,

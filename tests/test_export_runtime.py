@@ -229,3 +229,16 @@ def test_failed_export_leaves_nothing(random_model, tmp_path, monkeypatch, capsy
     assert "max_position_embeddings" in capsys.readouterr().err
     assert export_main([str(tmp_path / "missing"), "--out", str(target)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_export_option_errors(random_model, tmp_path, capsys):
+    ckpt, _ = random_model
+    out = str(tmp_path / "x")
+    assert export_main([str(ckpt), "--out", out, "--onnx-gated-delta-op", "GatedDeltaNet"]) == 2
+    assert "CUDA kernel" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert export_main([str(ckpt), "--out", out, "--device", "cuda"]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert export_main([str(ckpt), "--out", out, "--max-batch", "0"]) == 2
+    assert "--max-batch" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -80,3 +80,34 @@ def test_prefill_decode_handoff_on_gpu(dtype):
     agree = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
     print(f"\nGPU {dtype} prefill(70)+prefill(60)+30 decode vs CPU float64: logits rel {err:.2e}, top-1 agree {agree:.3f}")
     assert err < TOL[dtype] and agree > (0.99 if dtype == torch.float32 else 0.9)
+
+
+def _ort_cuda():
+    try:
+        import onnxruntime
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+@pytest.mark.skipif(not (CUDA and _ort_cuda()), reason="needs a CUDA device and onnxruntime-gpu")
+@pytest.mark.parametrize("dtype,op", [("float32", "LinearAttention"), ("float32", "GatedDeltaNet"),
+                                      ("float16", "GatedDeltaNet")])
+def test_onnxruntime_cuda_artifact_matches_eager(tmp_path, dtype, op):
+    """Export for CUDA (state bound on the GPU with IOBinding) and decode 64 teacher-forced steps."""
+    import numpy as np
+    import runtime
+    from export import verify
+    from export.__main__ import main as export_main
+    config = small_config(linear_key_head_dim=64, linear_value_head_dim=64, max_position_embeddings=256)
+    randomize(Qwen3NextForCausalLM(config), seed=5, scale=0.05).save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "art"
+    assert export_main([str(tmp_path / "ckpt"), "--out", str(out), "--device", "cuda", "--dtype", dtype,
+                        "--target", "onnxruntime", "--onnx-gated-delta-op", op, "--max-seq-len", "128"]) == 0
+    engine = runtime.load(out, device="cuda")
+    tokens = verify.fixed_tokens(config.vocab_size, 97)
+    expected = verify.reference_logits(Qwen3NextForCausalLM.from_pretrained(tmp_path / "ckpt"), tokens)[:, 31:-1]
+    figures = verify.compare(verify.run_engine_teacher_forced(engine, tokens, 32), expected)
+    print(f"\nonnxruntime cuda {dtype} {op}: {figures}")
+    assert figures["rel_error"] < verify.TOLERANCE[dtype] and figures["top1_agreement"] > 0.95
+    assert np.isfinite(expected).all()
