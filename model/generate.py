@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -30,6 +30,30 @@ def generate_ids(step: Callable[[list[int]], np.ndarray], prompt_ids: list[int],
         history.append(token)
         yield token
         logits = step([token])
+
+
+def generate_text(tokenizer, new_step: Callable[[int], Callable[[list[int]], np.ndarray]], prompt: str,
+                  max_new_tokens: int, max_seq_len: int, sampling: SamplingConfig,
+                  stop: Iterable[int] | None = None) -> Iterator[str]:
+    """Stream a completion of `prompt` as text. `new_step(n)` returns a fresh step function (see generate_ids)
+    whose state holds n tokens; `max_seq_len` is the most any state may hold. Stops at EOS unless `stop` is given."""
+    prompt_ids = tokenizer.encode(prompt)
+    if len(prompt_ids) >= max_seq_len:
+        raise CapacityError(f"the prompt is {len(prompt_ids)} tokens but at most {max_seq_len - 1} fit with room "
+                            "to generate (the model's context, or the artifact's --max-seq-len); shorten the prompt")
+    budget = min(max_new_tokens, max_seq_len - len(prompt_ids))
+    stop_ids = set(stop) if stop is not None else {tokenizer.eos_id} - {None}
+    step = new_step(len(prompt_ids) + budget)
+    # Returned, not yielded from: the checks above run at the call, before any output is written.
+    return tokenizer.stream(generate_ids(step, prompt_ids, budget, Sampler(sampling), stop_ids))
+
+
+def print_stream(prompt: str, pieces: Iterable[str]) -> None:
+    sys.stdout.write(prompt)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
 
 
 def eager_step(model, state) -> Callable[[list[int]], np.ndarray]:
@@ -66,20 +90,10 @@ def main(argv: list[str] | None = None) -> int:
                                                      dtype=getattr(torch, args.dtype) if args.dtype else None)
         tok = Tokenizer.load(args.checkpoint)
         tok.check_fits(model.config.vocab_size)
-        prompt_ids = tok.encode(args.prompt)
-        limit = model.config.max_position_embeddings
-        if len(prompt_ids) >= limit:
-            raise CapacityError(f"the prompt is {len(prompt_ids)} tokens but the model's context is {limit}; "
-                                "shorten the prompt")
-        state = model.new_state(1, min(limit, len(prompt_ids) + args.max_new_tokens))
-        sampler = Sampler(SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed))
-        stop = {tok.eos_id} if tok.eos_id is not None else set()
-        budget = min(args.max_new_tokens, limit - len(prompt_ids))
-        sys.stdout.write(args.prompt)
-        for piece in tok.stream(generate_ids(eager_step(model, state), prompt_ids, budget, sampler, stop)):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+        sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
+        new_step = lambda n: eager_step(model, model.new_state(1, n))  # noqa: E731
+        print_stream(args.prompt, generate_text(tok, new_step, args.prompt, args.max_new_tokens,
+                                                model.config.max_position_embeddings, sampling))
     except (NextDeployError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -31,16 +31,13 @@ def main(argv=None) -> int:
     if not args.prompt and not args.interactive:
         p.error("give --prompt TEXT or --interactive")
     from model.errors import NextDeployError
+    from model.generate import print_stream
     try:
         engine = load(args.artifact, backend=args.backend, device=args.device, checkpoint=args.checkpoint)
         prompts = iter(lambda: input("> "), "") if args.interactive else [args.prompt]
         for prompt in prompts:
-            sys.stdout.write(prompt)
-            for piece in engine.generate(prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                                         args.repetition_penalty, seed=args.seed):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
+            print_stream(prompt, engine.generate(prompt, args.max_new_tokens, args.temperature, args.top_k,
+                                                 args.top_p, args.repetition_penalty, seed=args.seed))
     except (EOFError, KeyboardInterrupt):
         sys.stdout.write("\n")
     except (NextDeployError, ValueError) as e:

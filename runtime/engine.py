@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from model.errors import CapacityError, NextDeployError
-from model.generate import generate_ids
-from model.sampling import Sampler, SamplingConfig
+from model.generate import generate_text
+from model.sampling import SamplingConfig
 
 from .manifest import Manifest
 
@@ -118,15 +118,9 @@ class Engine:
         """Stream a completion of `prompt` as text pieces. Stops at EOS (or any id in `stop`)."""
         if self.tokenizer is None:
             raise InputError(f"{self.directory} has no tokenizer; export from a checkpoint with tokenizer.json")
-        prompt_ids = self.tokenizer.encode(prompt)
-        if len(prompt_ids) >= self.max_seq_len:
-            raise CapacityError(f"the prompt is {len(prompt_ids)} tokens; this artifact holds {self.max_seq_len}. "
-                                "Shorten the prompt or re-export with a larger --max-seq-len")
-        budget = min(max_new_tokens, self.max_seq_len - len(prompt_ids))
-        state = self.new_state(1)
-        stop_ids = set(stop) if stop is not None else {self.tokenizer.eos_id} - {None}
-        sampler = Sampler(SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed))
 
-        def step(ids: list[int]) -> np.ndarray:
-            return (self.prefill([ids], state) if len(ids) > 1 else self.decode(ids, state))[0]
-        yield from self.tokenizer.stream(generate_ids(step, prompt_ids, budget, sampler, stop_ids))
+        def new_step(num_tokens: int):
+            state = self.new_state(1)
+            return lambda ids: (self.prefill([ids], state) if len(ids) > 1 else self.decode(ids, state))[0]
+        sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed)
+        return generate_text(self.tokenizer, new_step, prompt, max_new_tokens, self.max_seq_len, sampling, stop)

@@ -110,3 +110,17 @@ def test_help_reads_well(capsys):
         train_main(["--help"])
     text = capsys.readouterr().out
     assert "--resume" in text and "stdlib" in text
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path, corpus):
+    """Two micro-batches of 2 accumulate to the same update as one batch of the same 4 sequences."""
+    import torch
+    whole = Trainer(config(tmp_path / "a", corpus, batch_size=4, grad_accum=1))
+    split = Trainer(config(tmp_path / "b", corpus, batch_size=2, grad_accum=2))
+    batch = whole.data.train_batch(0, 4, whole.cfg.seed)
+    split.data.train_batch = lambda position, size, seed: batch[position:position + size]
+    whole.data.train_batch = lambda position, size, seed: batch
+    assert whole.train_step() == pytest.approx(split.train_step(), rel=1e-5)
+    assert split.position == whole.position == 4
+    for a, b in zip(whole.model.parameters(), split.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -21,9 +21,8 @@ from model.config import Qwen3NextConfig, preset
 from model.errors import CheckpointError, ConfigError
 from model.io import atomic_directory
 from model.model import Qwen3NextForCausalLM
-from model.tokenizer import Tokenizer
 
-from .data import PackedDataset, prepare
+from .data import prepare
 
 TRAINER_STATE = "trainer_state.pt"
 
