@@ -242,3 +242,19 @@ def test_export_option_errors(random_model, tmp_path, capsys):
     assert export_main([str(ckpt), "--out", out, "--max-batch", "0"]) == 2
     assert "--max-batch" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_large_models_keep_weights_as_external_data(random_model, tmp_path, monkeypatch):
+    ckpt, reference = random_model
+    from export import build
+    monkeypatch.setattr(build, "EXTERNAL_DATA_BYTES", 0)
+    out = tmp_path / "external"
+    assert export_main([str(ckpt), "--out", str(out), "--target", "onnxruntime", "--max-batch", "4",
+                        "--max-seq-len", "96", "--verify-tokens", "24"]) == 0
+    files = json.loads((out / "manifest.json").read_text())["targets"]["onnxruntime"]["files"]
+    inline, graph, data = ((reference / "model.onnx").stat().st_size, (out / "model.onnx").stat().st_size,
+                           (out / files["weights"]).stat().st_size)
+    assert data > 0 and graph + data >= inline > graph
+    ids = np.random.default_rng(1).integers(0, 101, size=(1, 9))
+    a, b = runtime.load(out), runtime.load(reference)
+    np.testing.assert_allclose(a.prefill(ids, a.new_state(1)), b.prefill(ids, b.new_state(1)), rtol=1e-5, atol=1e-6)
