@@ -151,6 +151,15 @@ def test_sampling_options_and_cli(trained_tiny, capsys):
     assert capsys.readouterr().out.startswith("def f2")
 
 
+def test_interactive_mode_reads_prompts_until_an_empty_line(trained_tiny, monkeypatch, capsys):
+    import io
+    from runtime.__main__ import main as runtime_main
+    monkeypatch.setattr(sys, "stdin", io.StringIO("def f3\ndef f4\n\nignored\n"))
+    assert runtime_main([str(trained_tiny[1]), "--interactive", "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "def f3" in out and "def f4" in out and "ignored" not in out
+
+
 def test_onnxruntime_backend_does_not_import_torch(random_model):
     import subprocess
     code = ("import sys, runtime; e = runtime.load(sys.argv[1]); s = e.new_state(1); e.prefill([[1, 2, 3]], s); "
