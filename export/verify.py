@@ -11,6 +11,8 @@ import torch
 
 from model import Qwen3NextForCausalLM
 
+from .errors import ExportError
+
 # Relative logit error (norm of difference over norm of reference) that fails an export.
 TOLERANCE = {"float32": 1e-4, "float16": 5e-2, "bfloat16": 5e-2}
 
@@ -43,7 +45,6 @@ def run_engine_teacher_forced(engine, tokens: np.ndarray, prefill_len: int) -> n
 
 
 def check(figures: dict, dtype: str, target: str) -> None:
-    from .errors import ExportError
     if not figures["rel_error"] <= TOLERANCE[dtype]:
         raise ExportError(f"{target} artifact disagrees with the eager model: relative logit error "
                           f"{figures['rel_error']:.2e} exceeds {TOLERANCE[dtype]:.0e} for {dtype} "

@@ -22,7 +22,8 @@ from model.config import PRESETS
 
 
 def parse_args(argv):
-    d = {f.name: f.default for f in dataclasses.fields(_train_config())}
+    from .trainer import TrainConfig
+    d = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     p = argparse.ArgumentParser(prog="python -m train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("data and output")
@@ -57,11 +58,6 @@ def parse_args(argv):
     r.add_argument("--sample-tokens", type=int, default=d["sample_tokens"],
                    help="tokens to sample from the trained model at the end (0: none)")
     return p.parse_args(argv)
-
-
-def _train_config():
-    from .trainer import TrainConfig
-    return TrainConfig
 
 
 def build_config(args):
