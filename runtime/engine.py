@@ -74,10 +74,12 @@ class Engine:
                              "encode text with this artifact's tokenizer")
         return ids.astype(np.int64)
 
-    def _check_room(self, state: State, rows: np.ndarray, num_tokens: int) -> None:
-        longest = int(state.lengths[rows].max())
-        if longest + num_tokens > self.max_seq_len:
-            raise CapacityError(f"{num_tokens} more tokens would take a row to {longest + num_tokens} tokens, past "
+    def _check_room(self, state: State, added: list[int]) -> None:
+        """Before anything runs: `added[b]` more tokens for row b must fit, so a refused call changes nothing."""
+        after = state.lengths + np.asarray(added)
+        if after.max() > self.max_seq_len:
+            b = int(after.argmax())
+            raise CapacityError(f"{added[b]} more tokens would take a row to {int(after[b])} tokens, past "
                                 f"the {self.max_seq_len} this artifact was built for; shorten the prompt or "
                                 "re-export with a larger --max-seq-len")
 
@@ -90,6 +92,7 @@ class Engine:
         if any(r.ndim != 1 or r.size == 0 for r in rows):
             raise InputError("each row of token_ids must be a non-empty 1-D sequence of ids")
         rows = [self._check_ids(r) for r in rows]
+        self._check_room(state, [len(r) for r in rows])
         if len({len(r) for r in rows}) == 1:
             return self._run(np.stack(rows), state, np.arange(state.batch_size))
         return np.concatenate([self._run(r[None], state, np.array([b])) for b, r in enumerate(rows)])
@@ -102,10 +105,11 @@ class Engine:
         if ids.ndim != 1 or len(ids) != state.batch_size:
             raise InputError(f"decode takes one token per row, shape [{state.batch_size}] or "
                              f"[{state.batch_size}, 1]; got shape {list(np.shape(next_ids))}")
-        return self._run(self._check_ids(ids)[:, None], state, np.arange(state.batch_size))
+        ids = self._check_ids(ids)
+        self._check_room(state, [1] * state.batch_size)
+        return self._run(ids[:, None], state, np.arange(state.batch_size))
 
     def _run(self, ids: np.ndarray, state: State, rows: np.ndarray) -> np.ndarray:
-        self._check_room(state, rows, ids.shape[1])
         logits = self.backend.step(ids, state.tensors, rows, state.batch_size)
         state.lengths[rows] += ids.shape[1]
         return logits

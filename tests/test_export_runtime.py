@@ -220,7 +220,9 @@ def test_bad_inputs(random_model):
         engine.new_state(5)
     with pytest.raises(CapacityError, match="--max-seq-len"):
         engine.prefill(np.ones((2, 97), dtype=np.int64), state)
-    assert state.lengths.tolist() == [0, 0]   # nothing ran
+    with pytest.raises(CapacityError, match="to 97 tokens"):   # ragged: the second row does not fit
+        engine.prefill([[1, 2], [3] * 97], state)
+    assert state.lengths.tolist() == [0, 0]   # nothing ran, not even the row that fit
 
 
 def test_failed_export_leaves_nothing(random_model, tmp_path, monkeypatch, capsys):
