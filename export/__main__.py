@@ -99,14 +99,10 @@ def export(args) -> Path:
     from . import build, verify
     from .onnx_lowering import DEFAULT_OP
     from .graph import tensor_specs
-
     from model import Qwen3NextConfig
-    from model.errors import CheckpointError
+    from model.checkpoint import checkpoint_directory
 
-    if not Path(args.checkpoint).is_dir():
-        raise CheckpointError(f"checkpoint directory {args.checkpoint} does not exist; pass the directory that "
-                              "`python -m train --out` wrote, or an HF-format Qwen3-Next directory")
-    config = Qwen3NextConfig.load(args.checkpoint)
+    config = Qwen3NextConfig.load(checkpoint_directory(args.checkpoint))
     if args.max_seq_len is None:
         args.max_seq_len = min(2048, config.max_position_embeddings)
     validate(args, config)

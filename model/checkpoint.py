@@ -110,14 +110,19 @@ def check_state_dict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], w
                               "that was saved with these weights")
 
 
-def load_model(directory: str | os.PathLike, dtype: torch.dtype | None = None,
-               device: str | torch.device | None = None):
-    from .model import Qwen3NextForCausalLM
-
+def checkpoint_directory(directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist; pass the directory that "
                               "`python -m train --out` wrote, or an HF-format Qwen3-Next directory")
+    return directory
+
+
+def load_model(directory: str | os.PathLike, dtype: torch.dtype | None = None,
+               device: str | torch.device | None = None):
+    from .model import Qwen3NextForCausalLM
+
+    directory = checkpoint_directory(directory)
     config = Qwen3NextConfig.load(directory)
     tensors = load_state_dict(directory, config)
     if config.tie_word_embeddings and "model.embed_tokens.weight" in tensors:
