@@ -76,14 +76,16 @@ def test_interrupt_saves_and_resume_matches_uninterrupted_run(tmp_path, corpus, 
 
 
 def test_cli_end_to_end_and_resume_errors(tmp_path, corpus, capsys):
+    overrides = {**MICRO, "max_position_embeddings": 64}   # an override of a field the trainer also sets
     args = ["--data", str(corpus), "--out", str(tmp_path / "cli"), "--steps", "3", "--batch-size", "2",
-            "--seq-len", "16", "--cache-dir", str(tmp_path / "cache"), "--model-config", json.dumps(MICRO),
+            "--seq-len", "16", "--cache-dir", str(tmp_path / "cache"), "--model-config", json.dumps(overrides),
             "--sample-tokens", "5", "--device", "cpu"]
     assert train_main(args) == 0
     out = capsys.readouterr().out
     assert "sample:" in out and "saved" in out
     assert train_main(args[:4] + ["--resume", "--steps", "4"]) == 0    # resume takes the run's own settings
     assert len(losses(tmp_path / "cli")) == 4
+    assert Qwen3NextForCausalLM.from_pretrained(tmp_path / "cli").config.max_position_embeddings == 64
     assert train_main(["--out", str(tmp_path / "fresh"), "--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
 

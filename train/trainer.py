@@ -74,9 +74,10 @@ class Trainer:
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
                                    else cfg.device)
         kernels.use_kernels(cfg.kernels)
-        self.tokenizer, self.data = prepare(cfg.data, cfg.seq_len, preset(cfg.preset, **cfg.model_overrides).vocab_size,
-                                            cfg.tokenizer, Path(cfg.cache_dir), cfg.val_fraction)
-        self.model_config = self._model_config()
+        base = preset(cfg.preset, **cfg.model_overrides)
+        self.tokenizer, self.data = prepare(cfg.data, cfg.seq_len, base.vocab_size, cfg.tokenizer,
+                                            Path(cfg.cache_dir), cfg.val_fraction)
+        self.model_config = self._model_config(base)
         torch.manual_seed(cfg.seed)
         self.model = Qwen3NextForCausalLM(self.model_config).to(self.device)
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "embed" not in n]
@@ -88,12 +89,11 @@ class Trainer:
         self.position = 0  # sequences consumed from the training stream
         self.stop_requested = False
 
-    def _model_config(self) -> Qwen3NextConfig:
+    def _model_config(self, base: Qwen3NextConfig) -> Qwen3NextConfig:
+        """The preset with its overrides, plus the tokenizer's special ids and room for --seq-len."""
         tok = self.tokenizer
-        config = preset(self.cfg.preset, **self.cfg.model_overrides,
-                        eos_token_id=tok.eos_id, bos_token_id=tok.bos_id, pad_token_id=tok.pad_id,
-                        max_position_embeddings=max(self.cfg.seq_len,
-                                                    preset(self.cfg.preset).max_position_embeddings))
+        config = dataclasses.replace(base, eos_token_id=tok.eos_id, bos_token_id=tok.bos_id, pad_token_id=tok.pad_id,
+                                     max_position_embeddings=max(self.cfg.seq_len, base.max_position_embeddings))
         tok.check_fits(config.vocab_size)
         return config
 
