@@ -25,7 +25,9 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="HF-format directory (config.json, model.safetensors, tokenizer.json)")
-    p.add_argument("--out", required=True, help="artifact directory to create (replaced whole if it exists)")
+    p.add_argument("--out", required=True, help="artifact directory to create; an earlier artifact there is replaced "
+                   "whole, any other non-empty directory only with --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not an earlier artifact")
     p.add_argument("--target", nargs="+", choices=TARGETS, default=list(TARGETS), help="what to build (default: all)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device the artifact runs on")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
@@ -102,7 +104,12 @@ def export(args) -> Path:
     from model import Qwen3NextConfig
     from model.checkpoint import checkpoint_directory
 
+    from model.io import check_output_dir
+    from runtime.manifest import is_artifact
+
     config = Qwen3NextConfig.load(checkpoint_directory(args.checkpoint))
+    out = check_output_dir(args.out, what="artifact", ours=is_artifact, overwrite=args.overwrite,
+                           sources=[args.checkpoint])
     if args.max_seq_len is None:
         args.max_seq_len = min(2048, config.max_position_embeddings)
     validate(args, config)
@@ -117,7 +124,6 @@ def export(args) -> Path:
                         outputs=outputs, state=state, source={"path": str(checkpoint),
                                                               "sha256": checkpoint_hash(checkpoint)},
                         tokenizer="tokenizer.json" if (checkpoint / "tokenizer.json").is_file() else None)
-    out = Path(args.out)
     with atomic_directory(out) as tmp:
         if manifest.tokenizer:
             shutil.copy(checkpoint / "tokenizer.json", tmp / "tokenizer.json")
@@ -165,4 +171,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from model import cli
+    cli.run(main)

@@ -33,6 +33,15 @@ def checkpoint_hash(directory: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def is_artifact(directory: Path) -> bool:
+    """Whether `directory` holds an artifact written by `python -m export` (which may replace it)."""
+    try:
+        d = json.loads((Path(directory) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and isinstance(d.get("format_version"), int) and "targets" in d
+
+
 @dataclass
 class TensorSpec:
     name: str
