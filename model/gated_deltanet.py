@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
 from .config import Qwen3NextConfig
+from .kernels.reference import decay_and_beta, split_projections
 from .layers import GatedRMSNorm
 
 
@@ -31,34 +31,25 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(self.head_v_dim, eps=config.rms_norm_eps)
         self.out_proj = nn.Linear(self.value_dim, config.hidden_size, bias=False)
 
-    def split_projections(self, x):
-        """The projections are grouped by key head: per key head [q | k | v-group | z-group] and [b-group | a-group]."""
-        B, T, _ = x.shape
-        r = self.num_v_heads // self.num_k_heads
-        qkvz = self.in_proj_qkvz(x).view(B, T, self.num_k_heads, -1)
-        q, k, v, z = qkvz.split([self.head_k_dim, self.head_k_dim, r * self.head_v_dim, r * self.head_v_dim], dim=-1)
-        b, a = self.in_proj_ba(x).view(B, T, self.num_k_heads, 2 * r).split([r, r], dim=-1)
-        v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)
-        z = z.reshape(B, T, self.num_v_heads, self.head_v_dim)
-        return q, k, v, z, b.reshape(B, T, self.num_v_heads), a.reshape(B, T, self.num_v_heads)
-
-    def decay_and_beta(self, a, b):
-        """g = -exp(A_log) * softplus(a + dt_bias) in float32 (fp16 would overflow exp), beta = sigmoid(b)."""
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
-        return g, b.sigmoid()
-
-    def forward(self, x, conv_state=None, recurrent_state=None):
+    def forward(self, x, conv_state=None, recurrent_state=None, slots=None):
         """x: [B,T,hidden]. conv_state [B,conv_dim,W-1] and recurrent_state [B,Hv,K,V] (float32), when given, are
-        the states before x and are overwritten in place with the states after it."""
+        the states before x and are overwritten in place with the states after it (rows `slots`, default 0..B-1)."""
         B, T, _ = x.shape
-        q, k, v, z, b, a = self.split_projections(x)
+        qkvz, ba = self.in_proj_qkvz(x), self.in_proj_ba(x)
+        if conv_state is not None and kernels.use_fused_decode(T):
+            if slots is None:
+                slots = torch.arange(B, dtype=torch.int32, device=x.device)
+            o = kernels.gated_deltanet_decode(qkvz, ba, self.conv1d.weight[:, 0], self.A_log, self.dt_bias,
+                                              self.norm.weight, conv_state, recurrent_state, slots, self.norm.eps)
+            return self.out_proj(o)
+        q, k, v, z, b, a = split_projections(qkvz, ba, self.num_k_heads, self.head_k_dim, self.head_v_dim)
         mixed = torch.cat([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], dim=-1)
         mixed, new_conv = kernels.causal_conv1d(mixed, self.conv1d.weight[:, 0], conv_state)
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = q.reshape(B, T, self.num_k_heads, self.head_k_dim)
         k = k.reshape(B, T, self.num_k_heads, self.head_k_dim)
         v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)
-        g, beta = self.decay_and_beta(a, b)
+        g, beta = decay_and_beta(a, b, self.A_log, self.dt_bias)
         o, new_recurrent = kernels.gated_delta_rule(q, k, v, g, beta, recurrent_state)
         if conv_state is not None:
             conv_state.copy_(new_conv)

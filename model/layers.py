@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Qwen3NextConfig
+from .kernels.reference import gated_rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -35,11 +36,7 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * xf.to(dtype)
-        return (out * F.silu(z.float())).to(dtype)
+        return gated_rms_norm(x, z, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):

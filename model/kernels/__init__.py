@@ -1,8 +1,11 @@
-"""The one dispatch point for the model's two recurrent kernels.
+"""The one dispatch point for the model's recurrent kernels.
 
-`gated_delta_rule` and `causal_conv1d` keep one contract (see reference.py) whichever implementation runs:
-the plain PyTorch reference on CPU (or when forced), fla / causal-conv1d on CUDA when they are importable.
-Select with `use_kernels("auto" | "torch")` or the environment variable NEXT_DEPLOY_KERNELS.
+`gated_delta_rule`, `causal_conv1d` and the fused decode step `gated_deltanet_decode` keep one contract (see
+reference.py) whichever implementation runs: the plain PyTorch reference on CPU (or when forced), the project's
+own Triton kernels on CUDA (ops.py: torch.library.triton_ops, visible to torch.export and Inductor), or, for
+comparison, fla / causal-conv1d. Select with `use_kernels("auto" | "torch" | "fla")` or the environment variable
+NEXT_DEPLOY_KERNELS. Training (autograd) runs the reference, or fla where its backward works; the Triton kernels
+are forward-only.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from . import fast, ops, reference
 
 log = logging.getLogger("next_deploy.kernels")
 
-_CHOICES = ("auto", "torch")
+CHOICES = ("auto", "torch", "fla")
+# Steps a fused decode call takes (decode, or a few speculative tokens); longer inputs are prefill.
+FUSED_DECODE_MAX_STEPS = 16
 _choice = os.environ.get("NEXT_DEPLOY_KERNELS", "auto")
 _logged: set[str] = set()
 _lowering = None  # while exporting to ONNX: an object whose methods emit the target's nodes for each kernel
@@ -36,17 +41,37 @@ def lowered_to(lowering):
 
 
 def use_kernels(choice: str) -> None:
-    """'auto': fast CUDA kernels where available, else the reference; 'torch': always the reference."""
+    """'auto': own Triton kernels on CUDA, else the reference; 'torch': always the reference; 'fla': fla and
+    causal-conv1d on CUDA where installed (no fused decode step)."""
     global _choice
-    if choice not in _CHOICES:
-        raise ValueError(f"kernels must be one of {_CHOICES}, got {choice!r}")
+    if choice not in CHOICES:
+        raise ValueError(f"kernels must be one of {CHOICES}, got {choice!r}")
     _choice = choice
+
+
+def selected() -> str:
+    return _choice
 
 
 def _announce(path: str) -> None:
     if path not in _logged:
         _logged.add(path)
         log.info("kernel path: %s", path)
+
+
+def use_fused_decode(num_steps: int) -> bool:
+    """Whether a layer with state runs `num_steps` tokens through the fused decode step: not while lowering to a
+    backend that maps the two kernels separately (ONNX), and not when fla is chosen for comparison. A symbolic
+    length (a graph exported for any prompt length) takes the general path."""
+    return isinstance(num_steps, int) and num_steps <= FUSED_DECODE_MAX_STEPS and _lowering is None and _choice != "fla"
+
+
+def gated_deltanet_decode(qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, conv_state, recurrent_state, slots,
+                          eps):
+    if not torch.compiler.is_exporting():
+        _announce("fused decode step: " + ("Triton (CUDA)" if ops.use_triton(qkvz, conv_state) else "torch reference"))
+    return ops.gated_deltanet_decode(qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, conv_state,
+                                     recurrent_state, slots, eps)
 
 
 def gated_delta_rule(q, k, v, g, beta, initial_state=None):
@@ -68,28 +93,42 @@ def causal_conv1d(x, weight, state=None):
     return run_causal_conv1d(x, weight, state)
 
 
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def run_gated_delta_rule(q, k, v, g, beta, initial_state=None):
     """q, k: [B,T,Hk,K] (raw; l2-normalised inside); v: [B,T,Hv,V]; g: [B,T,Hv] log-decay; beta: [B,T,Hv].
 
     Returns (o [B,T,Hv,V], final state [B,Hv,K,V] float32).
     """
-    if _choice == "auto" and q.is_cuda and fast.HAVE_FLA:
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g, beta))
-        if not needs_grad or fast.FLA_BACKWARD_WORKS:
+    training = _needs_grad(q, k, v, g, beta)
+    if q.is_cuda and fast.HAVE_FLA and (_choice == "fla" or (_choice == "auto" and training)):
+        if not training or fast.FLA_BACKWARD_WORKS:
             _announce("gated delta rule: fla (CUDA)")
             return fast.gated_delta_rule(q, k, v, g, beta, initial_state)
         _announce("gated delta rule: torch reference for training (fla's backward is disabled on Hopper with "
                   "this Triton; install tilelang or Triton >= 3.7.1 to train with fla)")
+    elif not training and ops.use_triton(v, q, k):
+        _announce("gated delta rule: Triton (CUDA)")
+        if initial_state is None:
+            initial_state = torch.zeros(q.shape[0], v.shape[2], k.shape[-1], v.shape[-1], dtype=torch.float32,
+                                        device=v.device)
+        return ops.gated_delta_rule(q, k, v, g, beta, initial_state)
     _announce("gated delta rule: torch reference (recurrent for short inputs, chunked for long)")
-    if q.shape[1] <= 16:
-        return reference.gated_delta_rule_recurrent(q, k, v, g, beta, initial_state)
-    return reference.gated_delta_rule_chunked(q, k, v, g, beta, initial_state)
+    return ops.reference_gated_delta_rule(q, k, v, g, beta, initial_state)
 
 
 def run_causal_conv1d(x, weight, state=None):
     """x: [B,T,C]; weight: [C,W]; state: [B,C,W-1] or None. Returns (silu(conv) [B,T,C], new state)."""
-    if _choice == "auto" and x.is_cuda and fast.HAVE_CAUSAL_CONV1D and x.dtype != torch.float64:
+    if x.is_cuda and fast.HAVE_CAUSAL_CONV1D and x.dtype != torch.float64 and \
+            (_choice == "fla" or (_choice == "auto" and _needs_grad(x, weight))):
         _announce("causal conv1d: causal-conv1d (CUDA)")
         return fast.causal_conv1d(x, weight, state)
+    if not _needs_grad(x, weight) and ops.use_triton(x, weight):
+        _announce("causal conv1d: Triton (CUDA)")
+        if state is None:
+            state = x.new_zeros(x.shape[0], x.shape[2], weight.shape[-1] - 1)
+        return ops.causal_conv1d(x, weight.to(x.dtype), state)
     _announce("causal conv1d: torch reference")
     return reference.causal_conv1d(x, weight, state)

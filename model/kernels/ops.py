@@ -1,26 +1,36 @@
 """The kernels as registered torch ops, so exported graphs hold one node per kernel call.
 
-`torch.export` sees `nextdeploy::gated_delta_rule` and `nextdeploy::causal_conv1d` (with fake implementations
-for shape propagation); every lowering (ONNX Runtime contrib ops, TensorRT plugins, compiled engines) maps these
-nodes to its own kernels. They are `torch.library.triton_op`s: eagerly they run their body, and Inductor traces
-through the body instead of calling it as an opaque Python function, so compiled graphs (and AOTInductor
-packages) hold the kernels themselves. The body is the plain reference (traceable for a fixed sequence length).
-The contracts are those of reference.py, with the state always given.
+`nextdeploy::gated_delta_rule`, `nextdeploy::causal_conv1d` and the fused decode step
+`nextdeploy::gated_deltanet_decode` (which updates its state pools in place) have fake implementations for
+shape propagation; every lowering (ONNX Runtime contrib ops, TensorRT plugins, compiled engines) maps these nodes
+to its own kernels. They are `torch.library.triton_op`s: eagerly they run their body, and Inductor traces through
+the body instead of calling opaque Python, so compiled graphs and AOTInductor packages hold the kernels
+themselves. The body launches the Triton kernels (triton_*.py) on CUDA and runs the plain reference elsewhere
+(traceable for a fixed sequence length). The contracts are those of reference.py, with the state always given.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 import torch
-from torch.library import triton_op
+from torch.library import triton_op, wrap_triton
 
 from . import reference
 
 NAMESPACE = "nextdeploy"
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
 # torch logs a warning whenever a triton_op is defined without Triton installed (CPU-only machines); the
 # reference bodies need no Triton.
 logging.getLogger("torch._library.triton").setLevel(logging.ERROR)
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Own Triton kernels: CUDA tensors of a dtype they support, Triton installed, not forced to the reference."""
+    from . import selected
+    return (HAVE_TRITON and selected() == "auto" and all(t.is_cuda for t in tensors)
+            and tensors[0].dtype in (torch.float32, torch.bfloat16, torch.float16))
 
 
 def reference_gated_delta_rule(q, k, v, g, beta, initial_state):
@@ -33,6 +43,9 @@ def reference_gated_delta_rule(q, k, v, g, beta, initial_state):
 @triton_op(f"{NAMESPACE}::gated_delta_rule", mutates_args=())
 def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                      initial_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(v, q, k):
+        from . import triton_chunk
+        return triton_chunk.gated_delta_rule(q, k, v, g, beta, initial_state, launch=wrap_triton)
     o, state = reference_gated_delta_rule(q, k, v, g, beta, initial_state)
     return o.contiguous(), state.float().contiguous()
 
@@ -45,6 +58,9 @@ def _(q, k, v, g, beta, initial_state):
 
 @triton_op(f"{NAMESPACE}::causal_conv1d", mutates_args=())
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(x, weight, state):
+        from . import triton_conv
+        return triton_conv.causal_conv1d(x, weight, state, launch=wrap_triton)
     y, new_state = reference.causal_conv1d(x, weight, state)
     return y.contiguous(), new_state.to(state.dtype).contiguous()
 
@@ -52,3 +68,21 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) ->
 @causal_conv1d.register_fake
 def _(x, weight, state):
     return torch.empty_like(x), torch.empty_like(state)
+
+
+@triton_op(f"{NAMESPACE}::gated_deltanet_decode", mutates_args={"conv_state", "recurrent_state"})
+def gated_deltanet_decode(qkvz: torch.Tensor, ba: torch.Tensor, conv_weight: torch.Tensor, A_log: torch.Tensor,
+                          dt_bias: torch.Tensor, norm_weight: torch.Tensor, conv_state: torch.Tensor,
+                          recurrent_state: torch.Tensor, slots: torch.Tensor, eps: float) -> torch.Tensor:
+    if use_triton(qkvz, ba, conv_state, recurrent_state):
+        from . import triton_decode
+        return triton_decode.gated_deltanet_decode(qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, conv_state,
+                                                   recurrent_state, slots, eps, launch=wrap_triton)
+    return reference.gated_deltanet_decode(qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, conv_state,
+                                           recurrent_state, slots, eps)
+
+
+@gated_deltanet_decode.register_fake
+def _(qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, conv_state, recurrent_state, slots, eps):
+    B, T, _ = qkvz.shape
+    return qkvz.new_empty(B, T, A_log.shape[0] * norm_weight.shape[0])

@@ -116,3 +116,75 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | N
     full = torch.cat([state.to(weight.dtype), xt], dim=-1)
     y = F.silu(F.conv1d(full, weight[:, None, :], groups=C))
     return y.transpose(1, 2).to(x.dtype), full[:, :, full.shape[-1] - (width - 1):]
+
+
+# ---- the Gated DeltaNet layer around the two kernels: layout, gates, output norm, and the fused decode step ----
+
+
+def split_projections(qkvz: torch.Tensor, ba: torch.Tensor, num_k_heads: int, head_k_dim: int, head_v_dim: int):
+    """The raw projections are grouped by key head: per key head [q | k | v-group | z-group] and [b-group | a-group].
+    Returns q, k [B,T,Hk,K]; v, z [B,T,Hv,V]; b, a [B,T,Hv]."""
+    B, T, _ = qkvz.shape
+    K, V = head_k_dim, head_v_dim
+    r = ba.shape[-1] // (2 * num_k_heads)
+    qkvz = qkvz.view(B, T, num_k_heads, -1)
+    q, k, v, z = qkvz.split([K, K, r * V, r * V], dim=-1)
+    b, a = ba.view(B, T, num_k_heads, 2 * r).split([r, r], dim=-1)
+    Hv = num_k_heads * r
+    return (q, k, v.reshape(B, T, Hv, V), z.reshape(B, T, Hv, V), b.reshape(B, T, Hv), a.reshape(B, T, Hv))
+
+
+def decay_and_beta(a, b, A_log, dt_bias):
+    """g = -exp(A_log) * softplus(a + dt_bias) in float32 (fp16 would overflow exp), beta = sigmoid(b)."""
+    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+    return g, b.sigmoid()
+
+
+def gated_rms_norm(x, z, weight, eps: float):
+    """DeltaNet output norm over the last dim: x̂ * w * silu(z). The weight multiplies in x's dtype, the gate in
+    float32 (transformers' rounding)."""
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * xf.to(dtype) * F.silu(z.float())).to(dtype)
+
+
+def _write_live_rows(pool: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """pool[slots[i]] = rows[i] for every slot >= 0, in place; negative slots write nothing. Each pool row takes
+    the value of the first live batch row that names it (an index_copy_ with clamped padding slots could let a
+    padding row's stale copy land last)."""
+    P, B = pool.shape[0], slots.shape[0]
+    live = slots >= 0
+    writer = torch.where(live, torch.arange(B, device=slots.device), B)
+    owner = torch.full((P,), B, dtype=writer.dtype, device=slots.device)
+    owner = owner.scatter_reduce(0, slots.clamp(min=0).long(), writer, reduce="amin")
+    candidates = torch.cat([rows.to(pool.dtype), pool[:1]])
+    keep = (owner == B).view(P, *[1] * (pool.dim() - 1))
+    pool.copy_(torch.where(keep, pool, candidates[owner]))
+
+
+def gated_deltanet_decode(qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, conv_state, recurrent_state, slots,
+                          eps: float):
+    """A whole Gated DeltaNet token mixer for a few steps, between in_proj_{qkvz,ba} and out_proj.
+
+    qkvz [B,T,Hk*(2K+2rV)], ba [B,T,2Hv] (raw projections, see split_projections); conv_weight [conv_dim,W];
+    A_log, dt_bias [Hv]; norm_weight [V]; conv_state [P,conv_dim,W-1] and recurrent_state [P,Hv,K,V] (float32):
+    pools whose row slots[i] is batch row i's state, updated in place; slots [B] integer, negative for padding
+    rows (output zero, no state touched). Returns o [B,T,Hv*V] in qkvz's dtype.
+    """
+    B, T, _ = qkvz.shape
+    Hv, V = A_log.shape[0], norm_weight.shape[0]
+    K = recurrent_state.shape[2]
+    Hk = (conv_weight.shape[0] - Hv * V) // (2 * K)
+    q, k, v, z, b, a = split_projections(qkvz, ba, Hk, K, V)
+    rows = slots.clamp(min=0).long()
+    mixed = torch.cat([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], dim=-1)
+    mixed, new_conv = causal_conv1d(mixed, conv_weight, conv_state.index_select(0, rows))
+    q, k, v = mixed.split([Hk * K, Hk * K, Hv * V], dim=-1)
+    g, beta = decay_and_beta(a, b, A_log, dt_bias)
+    o, new_state = gated_delta_rule_recurrent(q.reshape(B, T, Hk, K), k.reshape(B, T, Hk, K),
+                                              v.reshape(B, T, Hv, V), g, beta, recurrent_state.index_select(0, rows))
+    _write_live_rows(conv_state, slots, new_conv)
+    _write_live_rows(recurrent_state, slots, new_state)
+    o = gated_rms_norm(o, z, norm_weight, eps).reshape(B, T, Hv * V)
+    return torch.where((slots >= 0)[:, None, None], o, torch.zeros((), dtype=o.dtype, device=o.device))

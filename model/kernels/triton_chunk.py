@@ -1,0 +1,249 @@
+"""Chunked gated delta rule for prefill, in two Triton kernels (reference: reference.gated_delta_rule_chunked).
+
+Per value head the sequence is cut into chunks of 64 steps. With c the cumulative log-decay inside a chunk and
+S0 the state at its start, the chunk's writes U solve the unit-lower-triangular system
+
+    (I + A) U = diag(beta) V - diag(beta * exp(c)) K S0,    A_ij = beta_i exp(c_i - c_j) k_i.k_j   (j < i)
+
+1. `chunk_solve_kernel`, one program per (chunk, batch row, value head), all in parallel: builds A in 16x16
+   blocks and solves by block forward substitution (16-step substitution on the diagonal blocks, matrix products
+   off the diagonal), storing U_v = (I + A)^-1 diag(beta) V and U_k = (I + A)^-1 diag(beta exp(c)) K, so that
+   U = U_v - U_k S0 once S0 is known.
+2. `chunk_scan_kernel`, one program per (batch row, value head, block of value columns), walks the chunks in
+   order with the state in registers: U, the chunk's outputs exp(c) Q S0 + (Q K^T * decay) U, and the next state
+   exp(c_last) S0 + (K * exp(c_last - c))^T U, all as matrix products. Nothing per chunk but the output is
+   written, so memory traffic is the inputs, U_v / U_k and the output.
+q and k are l2-normalised inside both kernels; the state stays float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+CHUNK = 64
+SUB = 16   # block size of the triangular solve
+
+
+@triton.jit
+def _unit_lower_inverse(A, N: tl.constexpr):
+    """(I + A)^-1 for a strictly lower triangular [N, N] A, by forward substitution one row at a time."""
+    rows = tl.arange(0, N)
+    inv = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
+    for i in tl.static_range(1, N):
+        a_i = tl.sum(tl.where(rows[:, None] == i, A, 0.0), axis=0)          # row i of A
+        inv = tl.where(rows[:, None] == i, inv - tl.sum(a_i[:, None] * inv, axis=0)[None, :], inv)
+    return inv
+
+
+@triton.jit
+def _load_block(ptr, row0, T, stride_t, cols, n_cols, other):
+    rows = row0 + tl.arange(0, SUB)
+    return tl.load(ptr + rows[:, None] * stride_t + cols[None, :],
+                   mask=(rows[:, None] < T) & (cols[None, :] < n_cols), other=other).to(tl.float32)
+
+
+@triton.jit
+def _load_vec(ptr, row0, T, stride_t):
+    rows = row0 + tl.arange(0, SUB)
+    return tl.load(ptr + rows * stride_t, mask=rows < T, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _l2_normalize(x):
+    return x * tl.rsqrt(tl.sum(x * x, axis=1) + 1e-6)[:, None]
+
+
+@triton.jit
+def _off_diagonal(k_i, k_j, beta_i, c_i, c_j, PREC: tl.constexpr):
+    """Block (i, j), i > j, of A: every entry lies below the diagonal."""
+    kk = tl.dot(k_i, tl.trans(k_j), input_precision=PREC)
+    return beta_i[:, None] * tl.exp(c_i[:, None] - c_j[None, :]) * kk
+
+
+@triton.jit
+def _diagonal(k_i, beta_i, c_i, PREC: tl.constexpr):
+    rows = tl.arange(0, SUB)
+    below = rows[:, None] > rows[None, :]
+    kk = tl.dot(k_i, tl.trans(k_i), input_precision=PREC)
+    # Masked before exp: above the diagonal c_i - c_j is positive and could overflow.
+    decay = tl.exp(tl.where(below, c_i[:, None] - c_i[None, :], float("-inf")))
+    return beta_i[:, None] * decay * kk
+
+
+@triton.jit
+def chunk_solve_kernel(
+    k, v, g, beta, u,
+    T, Hv,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_gb, stride_gt, stride_bb, stride_bt, stride_ub, stride_uh, stride_ut,
+    GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hv).to(tl.int64)
+    h = bh % Hv
+    t0 = chunk * 64
+    kc = tl.arange(0, BK)
+    vc = tl.arange(0, BV)
+    k_ptr = k + b * stride_kb + (h // GROUP) * stride_kh
+    v_ptr = v + b * stride_vb + h * stride_vh
+    g_ptr = g + b * stride_gb + h
+    beta_ptr = beta + b * stride_bb + h
+
+    # Four row blocks of 16 steps (Triton cannot slice register tensors, so each block is its own variable).
+    k0 = _l2_normalize(_load_block(k_ptr, t0, T, stride_kt, kc, K, 0.0))
+    k1 = _l2_normalize(_load_block(k_ptr, t0 + 16, T, stride_kt, kc, K, 0.0))
+    k2 = _l2_normalize(_load_block(k_ptr, t0 + 32, T, stride_kt, kc, K, 0.0))
+    k3 = _l2_normalize(_load_block(k_ptr, t0 + 48, T, stride_kt, kc, K, 0.0))
+    b0 = _load_vec(beta_ptr, t0, T, stride_bt)
+    b1 = _load_vec(beta_ptr, t0 + 16, T, stride_bt)
+    b2 = _load_vec(beta_ptr, t0 + 32, T, stride_bt)
+    b3 = _load_vec(beta_ptr, t0 + 48, T, stride_bt)
+    g0 = _load_vec(g_ptr, t0, T, stride_gt)
+    g1 = _load_vec(g_ptr, t0 + 16, T, stride_gt)
+    g2 = _load_vec(g_ptr, t0 + 32, T, stride_gt)
+    g3 = _load_vec(g_ptr, t0 + 48, T, stride_gt)
+    c0 = tl.cumsum(g0, axis=0)
+    c1 = tl.cumsum(g1, axis=0) + tl.sum(g0, axis=0)
+    c2 = tl.cumsum(g2, axis=0) + tl.sum(g0, axis=0) + tl.sum(g1, axis=0)
+    c3 = tl.cumsum(g3, axis=0) + tl.sum(g0, axis=0) + tl.sum(g1, axis=0) + tl.sum(g2, axis=0)
+
+    d0 = _unit_lower_inverse(_diagonal(k0, b0, c0, PREC), SUB)
+    d1 = _unit_lower_inverse(_diagonal(k1, b1, c1, PREC), SUB)
+    d2 = _unit_lower_inverse(_diagonal(k2, b2, c2, PREC), SUB)
+    d3 = _unit_lower_inverse(_diagonal(k3, b3, c3, PREC), SUB)
+    a10 = _off_diagonal(k1, k0, b1, c1, c0, PREC)
+    a20 = _off_diagonal(k2, k0, b2, c2, c0, PREC)
+    a21 = _off_diagonal(k2, k1, b2, c2, c1, PREC)
+    a30 = _off_diagonal(k3, k0, b3, c3, c0, PREC)
+    a31 = _off_diagonal(k3, k1, b3, c3, c1, PREC)
+    a32 = _off_diagonal(k3, k2, b3, c3, c2, PREC)
+
+    # Right-hand sides: beta * v and beta * exp(c) * k, per row block.
+    rv0 = b0[:, None] * _load_block(v_ptr, t0, T, stride_vt, vc, V, 0.0)
+    rv1 = b1[:, None] * _load_block(v_ptr, t0 + 16, T, stride_vt, vc, V, 0.0)
+    rv2 = b2[:, None] * _load_block(v_ptr, t0 + 32, T, stride_vt, vc, V, 0.0)
+    rv3 = b3[:, None] * _load_block(v_ptr, t0 + 48, T, stride_vt, vc, V, 0.0)
+    rk0 = (b0 * tl.exp(c0))[:, None] * k0
+    rk1 = (b1 * tl.exp(c1))[:, None] * k1
+    rk2 = (b2 * tl.exp(c2))[:, None] * k2
+    rk3 = (b3 * tl.exp(c3))[:, None] * k3
+
+    # Block forward substitution: U_i = D_i^-1 (R_i - sum_{j<i} A_ij U_j).
+    uv0 = tl.dot(d0, rv0, input_precision=PREC)
+    uk0 = tl.dot(d0, rk0, input_precision=PREC)
+    uv1 = tl.dot(d1, rv1 - tl.dot(a10, uv0, input_precision=PREC), input_precision=PREC)
+    uk1 = tl.dot(d1, rk1 - tl.dot(a10, uk0, input_precision=PREC), input_precision=PREC)
+    uv2 = tl.dot(d2, rv2 - tl.dot(a20, uv0, input_precision=PREC) - tl.dot(a21, uv1, input_precision=PREC),
+                 input_precision=PREC)
+    uk2 = tl.dot(d2, rk2 - tl.dot(a20, uk0, input_precision=PREC) - tl.dot(a21, uk1, input_precision=PREC),
+                 input_precision=PREC)
+    uv3 = tl.dot(d3, rv3 - tl.dot(a30, uv0, input_precision=PREC) - tl.dot(a31, uv1, input_precision=PREC)
+                 - tl.dot(a32, uv2, input_precision=PREC), input_precision=PREC)
+    uk3 = tl.dot(d3, rk3 - tl.dot(a30, uk0, input_precision=PREC) - tl.dot(a31, uk1, input_precision=PREC)
+                 - tl.dot(a32, uk2, input_precision=PREC), input_precision=PREC)
+
+    # U_v in columns [0, V), U_k in columns [V, V + K) of one buffer, so both share its strides.
+    u_ptr = u + b * stride_ub + h * stride_uh
+    _store_block(u_ptr, t0, T, stride_ut, vc, V, uv0)
+    _store_block(u_ptr, t0 + 16, T, stride_ut, vc, V, uv1)
+    _store_block(u_ptr, t0 + 32, T, stride_ut, vc, V, uv2)
+    _store_block(u_ptr, t0 + 48, T, stride_ut, vc, V, uv3)
+    _store_block(u_ptr + V, t0, T, stride_ut, kc, K, uk0)
+    _store_block(u_ptr + V, t0 + 16, T, stride_ut, kc, K, uk1)
+    _store_block(u_ptr + V, t0 + 32, T, stride_ut, kc, K, uk2)
+    _store_block(u_ptr + V, t0 + 48, T, stride_ut, kc, K, uk3)
+
+
+@triton.jit
+def chunk_scan_kernel(
+    q, k, g, u, o, state, final_state,
+    T, Hv, scale,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_gb, stride_gt,
+    stride_ub, stride_uh, stride_ut, stride_ob, stride_ot, stride_oh, stride_sb, stride_sh,
+    GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = (bh // Hv).to(tl.int64)
+    h = bh % Hv
+    kc = tl.arange(0, BK)
+    vc = tl.program_id(1) * BV + tl.arange(0, BV)
+    q_ptr = q + b * stride_qb + (h // GROUP) * stride_qh
+    k_ptr = k + b * stride_kb + (h // GROUP) * stride_kh
+    g_ptr = g + b * stride_gb + h
+    u_ptr = u + b * stride_ub + h * stride_uh
+    o_ptr = o + b * stride_ob + h * stride_oh
+    s_offsets = kc[:, None] * V + vc[None, :]
+    s_mask = (kc[:, None] < K) & (vc[None, :] < V)
+    S = tl.load(state + b * stride_sb + h * stride_sh + s_offsets, mask=s_mask, other=0.0)
+
+    steps = tl.arange(0, 64)
+    causal = steps[:, None] >= steps[None, :]
+    for t0 in range(0, T, 64):
+        rows = t0 + steps
+        live = rows < T
+        qn = _l2_normalize(tl.load(q_ptr + rows[:, None] * stride_qt + kc[None, :],
+                                   mask=live[:, None] & (kc[None, :] < K), other=0.0).to(tl.float32)) * scale
+        kn = _l2_normalize(tl.load(k_ptr + rows[:, None] * stride_kt + kc[None, :],
+                                   mask=live[:, None] & (kc[None, :] < K), other=0.0).to(tl.float32))
+        c = tl.cumsum(tl.load(g_ptr + rows * stride_gt, mask=live, other=0.0).to(tl.float32), axis=0)
+        u_v = tl.load(u_ptr + rows[:, None] * stride_ut + vc[None, :],
+                      mask=live[:, None] & (vc[None, :] < V), other=0.0)
+        u_k = tl.load(u_ptr + V + rows[:, None] * stride_ut + kc[None, :],
+                      mask=live[:, None] & (kc[None, :] < K), other=0.0)
+        U = u_v - tl.dot(u_k, S, input_precision=PREC)
+        decay = tl.exp(tl.where(causal, c[:, None] - c[None, :], float("-inf")))
+        attn = tl.dot(qn, tl.trans(kn), input_precision=PREC) * decay
+        out = tl.exp(c)[:, None] * tl.dot(qn, S, input_precision=PREC) + tl.dot(attn, U, input_precision=PREC)
+        tl.store(o_ptr + rows[:, None] * stride_ot + vc[None, :], out.to(o.dtype.element_ty),
+                 mask=live[:, None] & (vc[None, :] < V))
+        c_last = tl.sum(tl.where(steps == 63, c, 0.0), axis=0)     # padded steps carry no decay
+        k_to_end = kn * tl.exp(c_last - c)[:, None]
+        S = tl.exp(c_last) * S + tl.dot(tl.trans(k_to_end), U, input_precision=PREC)
+    tl.store(final_state + b * stride_sb + h * stride_sh + s_offsets, S, mask=s_mask)
+
+
+@triton.jit
+def _store_block(ptr, row0, T, stride_t, cols, n_cols, value):
+    rows = row0 + tl.arange(0, SUB)
+    tl.store(ptr + rows[:, None] * stride_t + cols[None, :], value,
+             mask=(rows[:, None] < T) & (cols[None, :] < n_cols))
+
+
+def _block(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def gated_delta_rule(q, k, v, g, beta, initial_state, launch=None):
+    """The contract of reference.gated_delta_rule_chunked with the state given: q, k [B,T,Hk,K]; v [B,T,Hv,V];
+    g, beta [B,T,Hv]; initial_state [B,Hv,K,V] float32. Inputs may be strided views (last dim contiguous).
+    Returns (o [B,T,Hv,V] in v's dtype, final state [B,Hv,K,V] float32). `launch` wraps each kernel
+    (torch.library.wrap_triton inside a triton_op)."""
+    B, T, Hk, K = k.shape
+    Hv, V = v.shape[2], v.shape[3]
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    g = g.float()
+    state = initial_state.float().contiguous()
+    wrap = launch or (lambda kernel: kernel)
+    prec = "tf32x3" if v.dtype == torch.float32 else "tf32"
+    BK, BVfull = _block(K), _block(V)
+    u = torch.empty(B, Hv, T, V + K, dtype=torch.float32, device=v.device)
+    n_chunks = triton.cdiv(T, CHUNK)
+    wrap(chunk_solve_kernel)[(n_chunks, B * Hv)](
+        k, v, g, beta, u, T, Hv,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        g.stride(0), g.stride(1), beta.stride(0), beta.stride(1), u.stride(0), u.stride(1), u.stride(2),
+        GROUP=Hv // Hk, K=K, V=V, BK=BK, BV=BVfull, PREC=prec, num_warps=4)
+    o = torch.empty(B, T, Hv, V, dtype=v.dtype, device=v.device)
+    final = torch.empty(B, Hv, K, V, dtype=torch.float32, device=v.device)
+    BV = min(BVfull, 64 if K <= 64 else 32)
+    wrap(chunk_scan_kernel)[(B * Hv, triton.cdiv(V, BV))](
+        q, k, g, u, o, state, final, T, Hv, K**-0.5,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), g.stride(0), g.stride(1),
+        u.stride(0), u.stride(1), u.stride(2), o.stride(0), o.stride(1), o.stride(2), state.stride(0),
+        state.stride(1), GROUP=Hv // Hk, K=K, V=V, BK=BK, BV=BV, PREC=prec, num_warps=4)
+    return o, final

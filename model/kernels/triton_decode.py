@@ -1,0 +1,134 @@
+"""The whole Gated DeltaNet token mixer for a decode step, in one Triton launch per layer
+(reference: reference.gated_deltanet_decode).
+
+From the layer's raw projections (qkvz and ba, in the grouped-by-key-head layout of `in_proj_qkvz` /
+`in_proj_ba`) to the gated-normed output that `out_proj` takes: conv1d update + SiLU, l2-normalised q and k,
+g = -exp(A_log) * softplus(a + dt_bias), beta = sigmoid(b), decay + delta-rule update + output, gated RMSNorm.
+The conv and recurrent states live in pools addressed by a slot per batch row and are updated in place; a
+negative slot is a padding row: its output is zero and no state changes, so one CUDA graph captured at a batch
+bucket serves fewer live rows.
+
+One program per (batch row, key head). It owns every conv channel it reads (its key head's q and k channels and
+the v channels of the value heads grouped under it), so it can read the old conv state and overwrite it without
+racing another program; it loops over those value heads with each [K, V] state in registers, and over the T
+steps (1 for decode, a few for speculative steps).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _conv_silu(qkvz_row, stride_t, col, state_row, channel, weight, t, n, mask, W: tl.constexpr):
+    """SiLU(conv) at step t of `n` channels: inputs at steps t-W+1..t come from qkvz columns `col` (for steps
+    >= 0 of this call) or from the incoming conv state of channels `channel` (for earlier steps)."""
+    acc = tl.zeros(col.shape, dtype=tl.float32)
+    for j in tl.static_range(W):
+        src = t - (W - 1) + j
+        x = tl.load(qkvz_row + src * stride_t + col, mask=mask & (src >= 0), other=0.0).to(tl.float32)
+        s = tl.load(state_row + channel * (W - 1) + (src + (W - 1)), mask=mask & (src < 0), other=0.0).to(tl.float32)
+        acc += (x + s) * tl.load(weight + channel * W + j, mask=mask, other=0.0).to(tl.float32)
+    return acc * tl.sigmoid(acc)
+
+
+@triton.jit
+def _shift_conv_state(qkvz_row, stride_t, col, state_row, channel, T, mask, W: tl.constexpr):
+    """Write the outgoing conv state (the last W-1 inputs of [state, x]) of these channels in place. Tap j takes
+    input T-(W-1)+j, from x, or from incoming tap j+T: a tap not yet overwritten, since taps go in order."""
+    for j in tl.static_range(W - 1):
+        src = T - (W - 1) + j
+        x = tl.load(qkvz_row + src * stride_t + col, mask=mask & (src >= 0), other=0.0)
+        s = tl.load(state_row + channel * (W - 1) + (src + (W - 1)), mask=mask & (src < 0), other=0.0)
+        tl.store(state_row + channel * (W - 1) + j, tl.where(src >= 0, x.to(s.dtype), s), mask=mask)
+
+
+@triton.jit
+def gated_deltanet_decode_kernel(
+    qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, conv_state, rec_state, slots, out,
+    T, eps, scale,
+    stride_qb, stride_qt, stride_bab, stride_bat, stride_cs, stride_rs, stride_ob, stride_ot,
+    HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GROUP: tl.constexpr, W: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    hk = tl.program_id(1)
+    slot = tl.load(slots + b).to(tl.int64)
+    kc = tl.arange(0, BK)
+    vc = tl.arange(0, BV)
+    k_ok = kc < K
+    v_ok = vc < V
+    out_row = out + b * stride_ob
+    if slot < 0:
+        for t in range(T):
+            for j in tl.static_range(GROUP):
+                tl.store(out_row + t * stride_ot + (hk * GROUP + j) * V + vc, tl.zeros([BV], out.dtype.element_ty),
+                         mask=v_ok)
+    else:
+        qkvz_row = qkvz + b * stride_qb
+        ba_row = ba + b * stride_bab
+        state_row = conv_state + slot * stride_cs
+        head_cols = hk * (2 * K + 2 * GROUP * V)           # this key head's [q | k | v group | z group]
+        q_col, k_col = head_cols + kc, head_cols + K + kc
+        q_chan, k_chan = hk * K + kc, HK * K + hk * K + kc  # conv channels: [all q | all k | all v]
+        for j in tl.static_range(GROUP):
+            h = hk * GROUP + j
+            v_col = head_cols + 2 * K + j * V + vc
+            z_col = head_cols + 2 * K + GROUP * V + j * V + vc
+            v_chan = 2 * HK * K + h * V + vc
+            s_ptr = rec_state + slot * stride_rs + h * K * V + kc[:, None] * V + vc[None, :]
+            s_mask = k_ok[:, None] & v_ok[None, :]
+            S = tl.load(s_ptr, mask=s_mask, other=0.0)
+            neg_A = -tl.exp(tl.load(A_log + h).to(tl.float32))
+            bias = tl.load(dt_bias + h).to(tl.float32)
+            norm_w = tl.load(norm_weight + vc, mask=v_ok, other=0.0).to(tl.float32)
+            for t in range(T):
+                q = _conv_silu(qkvz_row, stride_qt, q_col, state_row, q_chan, conv_weight, t, K, k_ok, W)
+                k = _conv_silu(qkvz_row, stride_qt, k_col, state_row, k_chan, conv_weight, t, K, k_ok, W)
+                v = _conv_silu(qkvz_row, stride_qt, v_col, state_row, v_chan, conv_weight, t, V, v_ok, W)
+                q = q * tl.rsqrt(tl.sum(q * q, axis=0) + 1e-6) * scale
+                k = k * tl.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
+                a = tl.load(ba_row + t * stride_bat + hk * 2 * GROUP + GROUP + j).to(tl.float32) + bias
+                beta = tl.sigmoid(tl.load(ba_row + t * stride_bat + hk * 2 * GROUP + j).to(tl.float32))
+                softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(tl.minimum(a, 20.0))))
+                S = S * tl.exp(neg_A * softplus)
+                delta = beta * (v - tl.sum(S * k[:, None], axis=0))
+                S = S + k[:, None] * delta[None, :]
+                o = tl.sum(S * q[:, None], axis=0)
+                o = o * tl.rsqrt(tl.sum(o * o, axis=0) / V + eps)
+                z = tl.load(qkvz_row + t * stride_qt + z_col, mask=v_ok, other=0.0).to(tl.float32)
+                o = o * norm_w * z * tl.sigmoid(z)
+                tl.store(out_row + t * stride_ot + h * V + vc, o.to(out.dtype.element_ty), mask=v_ok)
+            tl.store(s_ptr, S, mask=s_mask)
+        # The conv state last: every step above read the incoming state.
+        tl.debug_barrier()
+        _shift_conv_state(qkvz_row, stride_qt, q_col, state_row, q_chan, T, k_ok, W)
+        _shift_conv_state(qkvz_row, stride_qt, k_col, state_row, k_chan, T, k_ok, W)
+        for j in tl.static_range(GROUP):
+            _shift_conv_state(qkvz_row, stride_qt, head_cols + 2 * K + j * V + vc, state_row,
+                              2 * HK * K + (hk * GROUP + j) * V + vc, T, v_ok, W)
+
+
+def gated_deltanet_decode(qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, conv_state, recurrent_state, slots,
+                          eps: float, launch=None):
+    """See reference.gated_deltanet_decode for the contract. Returns o [B, T, Hv*V] in qkvz's dtype; updates
+    conv_state [P, conv_dim, W-1] and recurrent_state [P, Hv, K, V] (float32) in place at rows `slots`."""
+    B, T, _ = qkvz.shape
+    Hv, V = A_log.shape[0], norm_weight.shape[0]
+    K = recurrent_state.shape[2]
+    W = conv_weight.shape[-1]
+    Hk = (conv_weight.shape[0] - Hv * V) // (2 * K)
+    qkvz, ba = (x if x.stride(-1) == 1 else x.contiguous() for x in (qkvz, ba))
+    out = torch.empty(B, T, Hv * V, dtype=qkvz.dtype, device=qkvz.device)
+    kernel = launch(gated_deltanet_decode_kernel) if launch else gated_deltanet_decode_kernel
+    BV = triton.next_power_of_2(V)
+    kernel[(B, Hk)](
+        qkvz, ba, conv_weight.contiguous(), A_log, dt_bias, norm_weight, conv_state, recurrent_state, slots, out,
+        T, eps, K**-0.5,
+        qkvz.stride(0), qkvz.stride(1), ba.stride(0), ba.stride(1), conv_state.stride(0), recurrent_state.stride(0),
+        out.stride(0), out.stride(1),
+        HK=Hk, K=K, V=V, GROUP=Hv // Hk, W=W, BK=triton.next_power_of_2(K), BV=BV,
+        num_warps=4 if BV * triton.next_power_of_2(K) <= 64 * 64 else 8)
+    return out

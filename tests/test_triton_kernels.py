@@ -1,0 +1,174 @@
+"""The project's own Triton kernels against float64 loops, on odd shapes, with fresh random inputs.
+
+On a CUDA machine they run on the GPU (`python -m pytest tests/test_triton_kernels.py -s` prints the errors).
+Without one they run on the CPU in Triton's interpreter: interpreter mode is fixed when triton is imported, so a
+single test re-runs this file in a subprocess with TRITON_INTERPRET=1, on smaller shapes.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the kernels need Triton (installed with torch on CUDA machines, or the dev extra)")
+
+from model.kernels import reference as ref  # noqa: E402
+from tests.test_kernels import float64_loop, random_inputs, rel  # noqa: E402
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+CUDA = torch.cuda.is_available() and not INTERPRETED
+DEVICE = "cuda" if CUDA else "cpu"
+runs_kernels = pytest.mark.skipif(not (CUDA or INTERPRETED),
+                                reason="no CUDA device: test_kernels_in_triton_interpreter runs these in a subprocess")
+# float32 inputs: the chunked kernel's matrix products run in tf32x3 (about float32); bf16 rounds inputs and outputs.
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+if INTERPRETED:
+    # Triton 3.6's interpreter turns scalar arguments into 1-element arrays and calls int() on them for range();
+    # NumPy >= 2.4 refuses int() of a 1-d array. Index through .item() instead.
+    from triton.runtime import interpreter
+
+    _patch_tensor = interpreter._patch_lang_tensor
+
+    def _patch_tensor_with_item(tensor, scope):
+        _patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+    interpreter._patch_lang_tensor = _patch_tensor_with_item
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or INTERPRETED, reason="runs the kernels directly (CUDA device present)")
+def test_kernels_in_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def shapes(cuda_shapes, interpreted_shapes):
+    return cuda_shapes if CUDA else interpreted_shapes
+
+
+def on_device(*tensors, dtype=None):
+    return [t.to(DEVICE) if dtype is None or not t.is_floating_point() else t.to(DEVICE, dtype) for t in tensors]
+
+
+# ---- causal conv1d ------------------------------------------------------------------------------------------
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", shapes([1, 2, 7, 300, 2048], [1, 2, 37]))
+def test_causal_conv1d(T, dtype):
+    from model.kernels import triton_conv
+    g = torch.Generator().manual_seed(T)
+    C = 200 if CUDA else 72
+    x, w, state = torch.randn(3, T, C, generator=g), torch.randn(C, 4, generator=g), torch.randn(3, C, 3, generator=g)
+    y, new = triton_conv.causal_conv1d(*on_device(x, w, state, dtype=dtype))
+    y64, new64 = ref.causal_conv1d(*(t.to(dtype).double() for t in (x, w, state)))
+    print(f"\ncausal conv1d {dtype} T={T}: output rel {rel(y.cpu(), y64):.2e}, state rel {rel(new.cpu(), new64):.2e}")
+    assert y.dtype == dtype and new.dtype == dtype
+    assert rel(y.cpu(), y64) < TOL[dtype] and rel(new.cpu(), new64) == 0
+
+
+@runs_kernels
+def test_causal_conv1d_reads_strided_input():
+    """The model passes a slice of a wider projection; the kernel must honour its strides."""
+    from model.kernels import triton_conv
+    wide, w, state = torch.randn(2, 9, 100), torch.randn(40, 4), torch.randn(2, 40, 3)
+    y, new = triton_conv.causal_conv1d(*on_device(wide[..., 30:70], w, state))
+    y64, new64 = ref.causal_conv1d(wide[..., 30:70].double(), w.double(), state.double())
+    assert rel(y.cpu(), y64) < 1e-5 and rel(new.cpu(), new64) == 0
+
+
+# ---- chunked gated delta rule -------------------------------------------------------------------------------
+
+
+CHUNK_CASES = shapes(
+    [(1, 1, 1, 128, 128), (2, 7, 2, 64, 64), (1, 64, 3, 128, 128), (2, 300, 2, 64, 64), (1, 2048, 1, 128, 128),
+     (1, 300, 3, 48, 80)],
+    [(1, 1, 1, 32, 16), (2, 7, 2, 16, 32), (1, 70, 3, 32, 32), (1, 131, 1, 16, 16)])
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("B,T,group,K,V", CHUNK_CASES)
+def test_chunked_gated_delta_rule(B, T, group, K, V, with_state, dtype):
+    from model.kernels import triton_chunk
+    Hk = 2
+    q, k, v, g, beta, state = random_inputs(B, T, Hk, Hk * group, K, V, with_state, seed=T + K + group)
+    if state is None:
+        state = torch.zeros(B, Hk * group, K, V)
+    o, s = triton_chunk.gated_delta_rule(*on_device(q, k, v, dtype=dtype), *on_device(g, beta, state))
+    o64, s64 = float64_loop(*(t.to(dtype) if t.is_floating_point() and t.dim() == 4 else t for t in (q, k, v)),
+                            g, beta, state)
+    eo, es = rel(o.cpu(), o64), rel(s.cpu(), s64)
+    print(f"\nchunked gated delta rule {dtype} B={B} T={T} GVA={group} K={K} V={V} state={with_state}: "
+          f"output rel {eo:.2e}, state rel {es:.2e}")
+    assert o.dtype == dtype and s.dtype == torch.float32
+    assert eo < TOL[dtype] and es < TOL[dtype]
+
+
+@runs_kernels
+def test_chunked_gated_delta_rule_reads_strided_views():
+    """q, k, v are views into the conv output in the model: strides other than the contiguous ones."""
+    from model.kernels import triton_chunk
+    B, T, Hk, Hv, K, V = 2, 19, 2, 4, 16, 16
+    mixed = torch.randn(B, T, 2 * Hk * K + Hv * V)
+    q, k, v = (t.reshape(B, T, -1, d) for t, d in zip(mixed.split([Hk * K, Hk * K, Hv * V], dim=-1), (K, K, V)))
+    _, _, _, g, beta, state = random_inputs(B, T, Hk, Hv, K, V, True, seed=5)
+    o, s = triton_chunk.gated_delta_rule(*on_device(q, k, v, g, beta, state))
+    o64, s64 = float64_loop(q, k, v, g, beta, state)
+    assert rel(o.cpu(), o64) < 1e-4 and rel(s.cpu(), s64) < 1e-4
+
+
+# ---- fused decode step --------------------------------------------------------------------------------------
+
+
+def decode_inputs(B, T, Hk, group, K, V, pool, seed):
+    g = torch.Generator().manual_seed(seed)
+    Hv = Hk * group
+    conv_dim = 2 * Hk * K + Hv * V
+    return dict(
+        qkvz=torch.randn(B, T, Hk * (2 * K + 2 * group * V), generator=g),
+        ba=torch.randn(B, T, 2 * Hv, generator=g),
+        conv_weight=torch.randn(conv_dim, 4, generator=g) * 0.5,
+        A_log=torch.rand(Hv, generator=g).log(),
+        dt_bias=torch.randn(Hv, generator=g),
+        norm_weight=1 + 0.1 * torch.randn(V, generator=g),
+        conv_state=torch.randn(pool, conv_dim, 3, generator=g),
+        recurrent_state=torch.randn(pool, Hv, K, V, generator=g) * 0.1)
+
+
+DECODE_CASES = shapes(
+    # (batch, steps, key heads, GVA, K, V, pool rows, slots: a negative one is a padding row)
+    [(1, 1, 16, 2, 128, 128, 3, [1]), (4, 1, 4, 1, 64, 64, 6, [5, -1, 0, 2]), (3, 1, 3, 3, 64, 64, 3, [2, 0, 1]),
+     (2, 4, 2, 2, 128, 128, 2, [1, 0]), (5, 1, 2, 2, 48, 80, 8, [7, -1, -1, 1, 3])],
+    [(1, 1, 2, 1, 16, 32, 3, [1]), (4, 1, 2, 2, 32, 16, 6, [5, -1, 0, 2]), (2, 3, 1, 3, 16, 16, 2, [1, 0])])
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,T,Hk,group,K,V,pool,slots", DECODE_CASES)
+def test_fused_decode_step(B, T, Hk, group, K, V, pool, slots, dtype):
+    from model.kernels import triton_decode
+    inputs = decode_inputs(B, T, Hk, group, K, V, pool, seed=B * 7 + K)
+    slots = torch.tensor(slots, dtype=torch.int32)
+    # Inputs rounded to the dtype first, so the float64 reference sees exactly what the kernel sees.
+    rounded = {n: t.to(dtype) if n != "recurrent_state" else t for n, t in inputs.items()}
+    expected = {n: t.double() for n, t in rounded.items()}
+    o64 = ref.gated_deltanet_decode(**expected, slots=slots, eps=1e-6)
+    got = {n: t.to(DEVICE) for n, t in rounded.items()}
+    before = {n: got[n].clone() for n in ("conv_state", "recurrent_state")}
+    o = triton_decode.gated_deltanet_decode(**got, slots=slots.to(DEVICE), eps=1e-6)
+    errors = (rel(o.cpu(), o64), rel(got["conv_state"].cpu(), expected["conv_state"]),
+              rel(got["recurrent_state"].cpu(), expected["recurrent_state"]))
+    print(f"\nfused decode {dtype} B={B} T={T} Hk={Hk} GVA={group} K={K} V={V}: output rel {errors[0]:.2e}, "
+          f"conv state rel {errors[1]:.2e}, recurrent state rel {errors[2]:.2e}")
+    assert o.dtype == dtype and max(errors) < TOL[dtype]
+    assert (o[slots.to(DEVICE) < 0] == 0).all()
+    for p in set(range(pool)) - set(slots.tolist()):      # pool rows no live slot names: bit for bit unchanged
+        for n in before:
+            assert torch.equal(got[n][p], before[n][p])
