@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
 from .config import Qwen3NextConfig
 from .kernels.reference import gated_rms_norm
 
@@ -107,9 +109,15 @@ class Attention(nn.Module):
             mask, is_causal = (slots[None, None, :] <= positions[:, :, None])[:, None], False
         groups = self.num_heads // self.num_kv_heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        with sdpa_kernel(SDPA_BACKENDS):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         out = out.transpose(1, 2).reshape(B, T, -1) * torch.sigmoid(gate)
         return self.o_proj(out)
+
+
+# cuDNN's attention rebuilds its execution plan whenever the attended length changes, which it does at every
+# decode step: 28 ms of host time per call on an H100 (torch 2.11). The other backends have no such cost.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class MLP(nn.Module):

@@ -111,3 +111,48 @@ def test_onnxruntime_cuda_artifact_matches_eager(tmp_path, dtype, op):
     print(f"\nonnxruntime cuda {dtype} {op}: {figures}")
     assert figures["rel_error"] < verify.TOLERANCE[dtype] and figures["top1_agreement"] > 0.95
     assert np.isfinite(expected).all()
+
+
+needs_triton = pytest.mark.skipif(not (CUDA and kernels.ops.HAVE_TRITON), reason="needs a CUDA device and Triton")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exported_model_with_triton_ops_compiles_and_matches_eager(dtype):
+    """torch.export of a prefill and a decode step holding the nextdeploy:: triton_ops, then torch.compile of the
+    exported module (Inductor traces into the Triton kernels), against the eager model on the same GPU."""
+    from export.graph import StepModule
+    config = small_config(linear_key_head_dim=64, linear_value_head_dim=64, num_hidden_layers=4)
+    model = randomize(Qwen3NextForCausalLM(config), seed=13, scale=0.05).eval().to("cuda", dtype)
+    kernels.use_kernels("auto")
+    step = StepModule(model).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 41), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    state = model.new_state(2, 64)
+    with torch.no_grad():
+        expected_prefill = model(ids[:, :40], state)[:, -1].float()
+        expected_decode = model(ids[:, 40:], state)[:, -1].float()
+        fresh = model.new_state(2, 64).tensors()
+        prefill = torch.compile(torch.export.export(step, (ids[:, :40], *fresh)).module())
+        logits, *after = prefill(ids[:, :40], *fresh)
+        decode = torch.compile(torch.export.export(step, (ids[:, 40:], *after)).module())
+        logits2, *_ = decode(ids[:, 40:], *after)
+    errors = rel(logits, expected_prefill), rel(logits2, expected_decode)
+    print(f"\nexported + compiled {dtype}: prefill logits rel {errors[0]:.2e}, decode logits rel {errors[1]:.2e}")
+    assert max(errors) < (1e-4 if dtype == torch.float32 else 2e-2)
+
+
+@needs_triton
+def test_eager_decode_uses_the_fused_kernel_and_matches_reference_kernels():
+    config = small_config(linear_key_head_dim=64, linear_value_head_dim=64, num_hidden_layers=4)
+    model = randomize(Qwen3NextForCausalLM(config), seed=17, scale=0.05).eval().cuda()
+    ids = torch.randint(0, config.vocab_size, (3, 50), generator=torch.Generator().manual_seed(2)).cuda()
+    out = {}
+    for choice in ("auto", "torch"):
+        kernels.use_kernels(choice)
+        state = model.new_state(3, 64)
+        with torch.no_grad():
+            out[choice] = torch.cat([model(ids[:, :30], state)] + [model(ids[:, t:t + 1], state)
+                                                                    for t in range(30, 50)], dim=1)
+    kernels.use_kernels("auto")
+    print(f"\neager model, Triton kernels vs reference kernels (fp32): logits rel {rel(out['auto'], out['torch']):.2e}")
+    assert rel(out["auto"], out["torch"]) < 1e-4

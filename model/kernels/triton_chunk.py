@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 CHUNK = 64
-SUB = 16   # block size of the triangular solve
+SUB = tl.constexpr(16)   # block size of the triangular solve
 
 
 @triton.jit
@@ -48,6 +48,15 @@ def _load_block(ptr, row0, T, stride_t, cols, n_cols, other):
 def _load_vec(ptr, row0, T, stride_t):
     rows = row0 + tl.arange(0, SUB)
     return tl.load(ptr + rows * stride_t, mask=rows < T, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """a @ b with float32 accumulation: 16-bit operands for 16-bit models (tensor cores at full rate), float32
+    operands in PREC (tf32x3: about float32) for float32 models."""
+    if DOT_DTYPE == tl.float32:
+        return tl.dot(a, b, input_precision=PREC)
+    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
 
 
 @triton.jit
@@ -170,6 +179,7 @@ def chunk_scan_kernel(
     bh = tl.program_id(0)
     b = (bh // Hv).to(tl.int64)
     h = bh % Hv
+    DOT_DTYPE: tl.constexpr = o.dtype.element_ty          # the model's precision
     kc = tl.arange(0, BK)
     vc = tl.program_id(1) * BV + tl.arange(0, BV)
     q_ptr = q + b * stride_qb + (h // GROUP) * stride_qh
@@ -192,25 +202,25 @@ def chunk_scan_kernel(
                                    mask=live[:, None] & (kc[None, :] < K), other=0.0).to(tl.float32))
         c = tl.cumsum(tl.load(g_ptr + rows * stride_gt, mask=live, other=0.0).to(tl.float32), axis=0)
         u_v = tl.load(u_ptr + rows[:, None] * stride_ut + vc[None, :],
-                      mask=live[:, None] & (vc[None, :] < V), other=0.0)
+                      mask=live[:, None] & (vc[None, :] < V), other=0.0).to(tl.float32)
         u_k = tl.load(u_ptr + V + rows[:, None] * stride_ut + kc[None, :],
-                      mask=live[:, None] & (kc[None, :] < K), other=0.0)
-        U = u_v - tl.dot(u_k, S, input_precision=PREC)
+                      mask=live[:, None] & (kc[None, :] < K), other=0.0).to(tl.float32)
+        U = u_v - _dot(u_k, S, PREC, DOT_DTYPE)
         decay = tl.exp(tl.where(causal, c[:, None] - c[None, :], float("-inf")))
-        attn = tl.dot(qn, tl.trans(kn), input_precision=PREC) * decay
-        out = tl.exp(c)[:, None] * tl.dot(qn, S, input_precision=PREC) + tl.dot(attn, U, input_precision=PREC)
+        attn = _dot(qn, tl.trans(kn), PREC, DOT_DTYPE) * decay
+        out = tl.exp(c)[:, None] * _dot(qn, S, PREC, DOT_DTYPE) + _dot(attn, U, PREC, DOT_DTYPE)
         tl.store(o_ptr + rows[:, None] * stride_ot + vc[None, :], out.to(o.dtype.element_ty),
                  mask=live[:, None] & (vc[None, :] < V))
         c_last = tl.sum(tl.where(steps == 63, c, 0.0), axis=0)     # padded steps carry no decay
         k_to_end = kn * tl.exp(c_last - c)[:, None]
-        S = tl.exp(c_last) * S + tl.dot(tl.trans(k_to_end), U, input_precision=PREC)
+        S = tl.exp(c_last) * S + _dot(tl.trans(k_to_end), U, PREC, DOT_DTYPE)
     tl.store(final_state + b * stride_sb + h * stride_sh + s_offsets, S, mask=s_mask)
 
 
 @triton.jit
 def _store_block(ptr, row0, T, stride_t, cols, n_cols, value):
     rows = row0 + tl.arange(0, SUB)
-    tl.store(ptr + rows[:, None] * stride_t + cols[None, :], value,
+    tl.store(ptr + rows[:, None] * stride_t + cols[None, :], value.to(ptr.dtype.element_ty),
              mask=(rows[:, None] < T) & (cols[None, :] < n_cols))
 
 
@@ -218,7 +228,7 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def gated_delta_rule(q, k, v, g, beta, initial_state, launch=None):
+def gated_delta_rule(q, k, v, g, beta, initial_state, launch=None, block_v=None, num_warps=4, num_stages=None):
     """The contract of reference.gated_delta_rule_chunked with the state given: q, k [B,T,Hk,K]; v [B,T,Hv,V];
     g, beta [B,T,Hv]; initial_state [B,Hv,K,V] float32. Inputs may be strided views (last dim contiguous).
     Returns (o [B,T,Hv,V] in v's dtype, final state [B,Hv,K,V] float32). `launch` wraps each kernel
@@ -231,7 +241,8 @@ def gated_delta_rule(q, k, v, g, beta, initial_state, launch=None):
     wrap = launch or (lambda kernel: kernel)
     prec = "tf32x3" if v.dtype == torch.float32 else "tf32"
     BK, BVfull = _block(K), _block(V)
-    u = torch.empty(B, Hv, T, V + K, dtype=torch.float32, device=v.device)
+    # U_v / U_k round-trip through memory in the input precision (float32 inputs keep float32).
+    u = torch.empty(B, Hv, T, V + K, dtype=v.dtype, device=v.device)
     n_chunks = triton.cdiv(T, CHUNK)
     wrap(chunk_solve_kernel)[(n_chunks, B * Hv)](
         k, v, g, beta, u, T, Hv,
@@ -240,10 +251,14 @@ def gated_delta_rule(q, k, v, g, beta, initial_state, launch=None):
         GROUP=Hv // Hk, K=K, V=V, BK=BK, BV=BVfull, PREC=prec, num_warps=4)
     o = torch.empty(B, T, Hv, V, dtype=v.dtype, device=v.device)
     final = torch.empty(B, Hv, K, V, dtype=torch.float32, device=v.device)
-    BV = min(BVfull, 64 if K <= 64 else 32)
+    BV = block_v or min(BVfull, 64 if K <= 64 else 32)
     wrap(chunk_scan_kernel)[(B * Hv, triton.cdiv(V, BV))](
         q, k, g, u, o, state, final, T, Hv, K**-0.5,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), g.stride(0), g.stride(1),
         u.stride(0), u.stride(1), u.stride(2), o.stride(0), o.stride(1), o.stride(2), state.stride(0),
-        state.stride(1), GROUP=Hv // Hk, K=K, V=V, BK=BK, BV=BV, PREC=prec, num_warps=4)
+        state.stride(1), GROUP=Hv // Hk, K=K, V=V, BK=BK, BV=BV, PREC=prec,
+        num_warps=num_warps,
+        # Software pipelining keeps a chunk of q, k and U per stage in shared memory: two stages fit the H100's
+        # 227 KB at these block sizes (three do not for K=128); one stage faulted on the H100 (Triton 3.6).
+        num_stages=num_stages or 2)
     return o, final

@@ -46,12 +46,11 @@ def causal_conv1d_kernel(
     if t_block == 0:
         # The outgoing state: inputs T-(W-1) .. T-1 of the sequence [state, x].
         for j in tl.static_range(W - 1):
-            src = T - (W - 1) + j
-            if src >= 0:
-                v = tl.load(x_row + src * stride_xt + channels, mask=c_ok, other=0.0)
-            else:
-                v = tl.load(s_row + channels * (W - 1) + (src + (W - 1)), mask=c_ok, other=0.0)
-            tl.store(new_state + b * stride_sb + channels * (W - 1) + j, v.to(new_state.dtype.element_ty), mask=c_ok)
+            step = T - (W - 1) + j
+            tail_x = tl.load(x_row + step * stride_xt + channels, mask=c_ok & (step >= 0), other=0.0)
+            tail_s = tl.load(s_row + channels * (W - 1) + (step + (W - 1)), mask=c_ok & (step < 0), other=0.0)
+            kept = tl.where(step >= 0, tail_x.to(new_state.dtype.element_ty), tail_s.to(new_state.dtype.element_ty))
+            tl.store(new_state + b * stride_sb + channels * (W - 1) + j, kept, mask=c_ok)
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor, launch=None):

@@ -8,10 +8,9 @@ The conv and recurrent states live in pools addressed by a slot per batch row an
 negative slot is a padding row: its output is zero and no state changes, so one CUDA graph captured at a batch
 bucket serves fewer live rows.
 
-One program per (batch row, key head). It owns every conv channel it reads (its key head's q and k channels and
-the v channels of the value heads grouped under it), so it can read the old conv state and overwrite it without
-racing another program; it loops over those value heads with each [K, V] state in registers, and over the T
-steps (1 for decode, a few for speculative steps).
+One program per (batch row, value head), with the head's [K, V] state in registers, looping over the T steps (1
+for decode, a few for speculative steps). Its v conv channels are its own; the q and k conv channels are shared
+by the value heads of one key head, so the last of them to finish (an atomic arrival count) shifts that state.
 """
 
 from __future__ import annotations
@@ -47,74 +46,77 @@ def _shift_conv_state(qkvz_row, stride_t, col, state_row, channel, T, mask, W: t
 
 @triton.jit
 def gated_deltanet_decode_kernel(
-    qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, conv_state, rec_state, slots, out,
+    qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, conv_state, rec_state, slots, out, arrivals,
     T, eps, scale,
     stride_qb, stride_qt, stride_bab, stride_bat, stride_cs, stride_rs, stride_ob, stride_ot,
     HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GROUP: tl.constexpr, W: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
-    hk = tl.program_id(1)
+    h = tl.program_id(1)
+    hk = h // GROUP
+    j = h % GROUP                                          # this value head's place in its key head's group
     slot = tl.load(slots + b).to(tl.int64)
     kc = tl.arange(0, BK)
     vc = tl.arange(0, BV)
     k_ok = kc < K
     v_ok = vc < V
-    out_row = out + b * stride_ob
+    out_ptr = out + b * stride_ob + h * V + vc
     if slot < 0:
         for t in range(T):
-            for j in tl.static_range(GROUP):
-                tl.store(out_row + t * stride_ot + (hk * GROUP + j) * V + vc, tl.zeros([BV], out.dtype.element_ty),
-                         mask=v_ok)
+            tl.store(out_ptr + t * stride_ot, tl.zeros([BV], out.dtype.element_ty), mask=v_ok)
     else:
+        s_ptr = rec_state + slot * stride_rs + h * K * V + kc[:, None] * V + vc[None, :]
+        s_mask = k_ok[:, None] & v_ok[None, :]
+        S = tl.load(s_ptr, mask=s_mask, other=0.0)
         qkvz_row = qkvz + b * stride_qb
         ba_row = ba + b * stride_bab
         state_row = conv_state + slot * stride_cs
-        head_cols = hk * (2 * K + 2 * GROUP * V)           # this key head's [q | k | v group | z group]
+        head_cols = hk * (2 * K + 2 * GROUP * V)           # the key head's [q | k | v group | z group] columns
         q_col, k_col = head_cols + kc, head_cols + K + kc
+        v_col = head_cols + 2 * K + j * V + vc
+        z_col = head_cols + 2 * K + GROUP * V + j * V + vc
         q_chan, k_chan = hk * K + kc, HK * K + hk * K + kc  # conv channels: [all q | all k | all v]
-        for j in tl.static_range(GROUP):
-            h = hk * GROUP + j
-            v_col = head_cols + 2 * K + j * V + vc
-            z_col = head_cols + 2 * K + GROUP * V + j * V + vc
-            v_chan = 2 * HK * K + h * V + vc
-            s_ptr = rec_state + slot * stride_rs + h * K * V + kc[:, None] * V + vc[None, :]
-            s_mask = k_ok[:, None] & v_ok[None, :]
-            S = tl.load(s_ptr, mask=s_mask, other=0.0)
-            neg_A = -tl.exp(tl.load(A_log + h).to(tl.float32))
-            bias = tl.load(dt_bias + h).to(tl.float32)
-            norm_w = tl.load(norm_weight + vc, mask=v_ok, other=0.0).to(tl.float32)
-            for t in range(T):
-                q = _conv_silu(qkvz_row, stride_qt, q_col, state_row, q_chan, conv_weight, t, K, k_ok, W)
-                k = _conv_silu(qkvz_row, stride_qt, k_col, state_row, k_chan, conv_weight, t, K, k_ok, W)
-                v = _conv_silu(qkvz_row, stride_qt, v_col, state_row, v_chan, conv_weight, t, V, v_ok, W)
-                q = q * tl.rsqrt(tl.sum(q * q, axis=0) + 1e-6) * scale
-                k = k * tl.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
-                a = tl.load(ba_row + t * stride_bat + hk * 2 * GROUP + GROUP + j).to(tl.float32) + bias
-                beta = tl.sigmoid(tl.load(ba_row + t * stride_bat + hk * 2 * GROUP + j).to(tl.float32))
-                softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(tl.minimum(a, 20.0))))
-                S = S * tl.exp(neg_A * softplus)
-                delta = beta * (v - tl.sum(S * k[:, None], axis=0))
-                S = S + k[:, None] * delta[None, :]
-                o = tl.sum(S * q[:, None], axis=0)
-                o = o * tl.rsqrt(tl.sum(o * o, axis=0) / V + eps)
-                z = tl.load(qkvz_row + t * stride_qt + z_col, mask=v_ok, other=0.0).to(tl.float32)
-                o = o * norm_w * z * tl.sigmoid(z)
-                tl.store(out_row + t * stride_ot + h * V + vc, o.to(out.dtype.element_ty), mask=v_ok)
-            tl.store(s_ptr, S, mask=s_mask)
-        # The conv state last: every step above read the incoming state.
+        v_chan = 2 * HK * K + h * V + vc
+        neg_A = -tl.exp(tl.load(A_log + h).to(tl.float32))
+        bias = tl.load(dt_bias + h).to(tl.float32)
+        norm_w = tl.load(norm_weight + vc, mask=v_ok, other=0.0).to(tl.float32)
+        for t in range(T):
+            q = _conv_silu(qkvz_row, stride_qt, q_col, state_row, q_chan, conv_weight, t, K, k_ok, W)
+            k = _conv_silu(qkvz_row, stride_qt, k_col, state_row, k_chan, conv_weight, t, K, k_ok, W)
+            v = _conv_silu(qkvz_row, stride_qt, v_col, state_row, v_chan, conv_weight, t, V, v_ok, W)
+            q = q * tl.rsqrt(tl.sum(q * q, axis=0) + 1e-6) * scale
+            k = k * tl.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
+            a = tl.load(ba_row + t * stride_bat + hk * 2 * GROUP + GROUP + j).to(tl.float32) + bias
+            beta = tl.sigmoid(tl.load(ba_row + t * stride_bat + hk * 2 * GROUP + j).to(tl.float32))
+            softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(tl.minimum(a, 20.0))))
+            S = S * tl.exp(neg_A * softplus)
+            delta = beta * (v - tl.sum(S * k[:, None], axis=0))
+            S = S + k[:, None] * delta[None, :]
+            o = tl.sum(S * q[:, None], axis=0)
+            o = o * tl.rsqrt(tl.sum(o * o, axis=0) / V + eps)
+            z = tl.load(qkvz_row + t * stride_qt + z_col, mask=v_ok, other=0.0).to(tl.float32)
+            tl.store(out_ptr + t * stride_ot, (o * norm_w * z * tl.sigmoid(z)).to(out.dtype.element_ty), mask=v_ok)
+        tl.store(s_ptr, S, mask=s_mask)
+        # The conv state last: every step above read the incoming state. The v channels are this head's alone;
+        # the q and k channels are read by every value head of the key head, so the last of them to finish
+        # shifts those (the acq_rel counter orders the others' reads before its writes).
         tl.debug_barrier()
-        _shift_conv_state(qkvz_row, stride_qt, q_col, state_row, q_chan, T, k_ok, W)
-        _shift_conv_state(qkvz_row, stride_qt, k_col, state_row, k_chan, T, k_ok, W)
-        for j in tl.static_range(GROUP):
-            _shift_conv_state(qkvz_row, stride_qt, head_cols + 2 * K + j * V + vc, state_row,
-                              2 * HK * K + (hk * GROUP + j) * V + vc, T, v_ok, W)
+        _shift_conv_state(qkvz_row, stride_qt, v_col, state_row, v_chan, T, v_ok, W)
+        last = True
+        if GROUP > 1:
+            last = tl.atomic_add(arrivals + b * HK + hk, 1, sem="acq_rel") == GROUP - 1
+        if last:
+            tl.debug_barrier()
+            _shift_conv_state(qkvz_row, stride_qt, q_col, state_row, q_chan, T, k_ok, W)
+            _shift_conv_state(qkvz_row, stride_qt, k_col, state_row, k_chan, T, k_ok, W)
 
 
 def gated_deltanet_decode(qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, conv_state, recurrent_state, slots,
-                          eps: float, launch=None):
+                          eps: float, launch=None, num_warps: int | None = None):
     """See reference.gated_deltanet_decode for the contract. Returns o [B, T, Hv*V] in qkvz's dtype; updates
-    conv_state [P, conv_dim, W-1] and recurrent_state [P, Hv, K, V] (float32) in place at rows `slots`."""
+    conv_state [P, conv_dim, W-1] and recurrent_state [P, Hv, K, V] (float32) in place at rows `slots`.
+    One program per (batch row, value head)."""
     B, T, _ = qkvz.shape
     Hv, V = A_log.shape[0], norm_weight.shape[0]
     K = recurrent_state.shape[2]
@@ -122,13 +124,15 @@ def gated_deltanet_decode(qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, co
     Hk = (conv_weight.shape[0] - Hv * V) // (2 * K)
     qkvz, ba = (x if x.stride(-1) == 1 else x.contiguous() for x in (qkvz, ba))
     out = torch.empty(B, T, Hv * V, dtype=qkvz.dtype, device=qkvz.device)
+    # Per (row, key head): how many of its value heads have finished reading the q/k conv state.
+    arrivals = torch.zeros(B, Hk, dtype=torch.int32, device=qkvz.device) if Hv > Hk else out
     kernel = launch(gated_deltanet_decode_kernel) if launch else gated_deltanet_decode_kernel
-    BV = triton.next_power_of_2(V)
-    kernel[(B, Hk)](
+    BK, BV = triton.next_power_of_2(K), triton.next_power_of_2(V)
+    kernel[(B, Hv)](
         qkvz, ba, conv_weight.contiguous(), A_log, dt_bias, norm_weight, conv_state, recurrent_state, slots, out,
-        T, eps, K**-0.5,
+        arrivals, T, eps, K**-0.5,
         qkvz.stride(0), qkvz.stride(1), ba.stride(0), ba.stride(1), conv_state.stride(0), recurrent_state.stride(0),
         out.stride(0), out.stride(1),
-        HK=Hk, K=K, V=V, GROUP=Hv // Hk, W=W, BK=triton.next_power_of_2(K), BV=BV,
-        num_warps=4 if BV * triton.next_power_of_2(K) <= 64 * 64 else 8)
+        HK=Hk, K=K, V=V, GROUP=Hv // Hk, W=W, BK=BK, BV=BV,
+        num_warps=num_warps or (4 if BK * BV <= 64 * 64 else 8))
     return out
