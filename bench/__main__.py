@@ -47,9 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the path in its manifest)")
     t = p.add_argument_group("timing")
     t.add_argument("--prompt-lengths", nargs="+", type=cli.integer(1), default=d["prompt_lengths"], metavar="N",
-                   help="prefill prompt lengths at batch 1 (default: %(default)s)")
+                   help=f"prefill prompt lengths at batch 1 (default: {' '.join(map(str, d['prompt_lengths']))})")
     t.add_argument("--batches", nargs="+", type=cli.integer(1), default=d["batches"], metavar="B",
-                   help="decode batch sizes (default: %(default)s)")
+                   help=f"decode batch sizes (default: {' '.join(map(str, d['batches']))})")
     t.add_argument("--warmup", type=cli.integer(0, 1000), default=d["warmup"],
                    help="untimed calls before each measurement (default: %(default)s)")
     t.add_argument("--repeats", type=cli.integer(1, 10000), default=d["repeats"],

@@ -100,7 +100,7 @@ def kernel_plots(report: dict, out: Path) -> list[str]:
     for r in report["results"]:
         groups.setdefault((r["kernel"], r["mode"]), []).append(r)
     for (kernel, mode), rows in groups.items():
-        labels = list(dict.fromkeys(r["label"] for r in rows))
+        labels = list(dict.fromkeys(r["label"] for r in rows if r["status"] == "ok"))
         impls = list(dict.fromkeys(r["impl"] for r in rows if r["status"] == "ok"))
         if not impls:
             continue
