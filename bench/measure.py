@@ -76,6 +76,17 @@ def decode(engine, s: Settings, device: str, probe: MemoryProbe, config, dtype_b
     return rows
 
 
+def prompt_text(tokenizer, ids: list[int]) -> str:
+    """Text that encodes to at most len(ids) tokens, as close as it gets (random ids decode to text that
+    re-encodes differently; cut the re-encoding until it fits)."""
+    encoded = tokenizer.encode(tokenizer.decode(ids))
+    for cut in range(len(ids), 0, -1):
+        text = tokenizer.decode(encoded[:cut])
+        if len(tokenizer.encode(text)) <= len(ids):
+            return text
+    return tokenizer.decode(ids[:1])
+
+
 def generate(engine, s: Settings, device: str) -> dict | None:
     """End to end as an application sees it: prompt in, `generate_tokens` sampled tokens out (text when the target
     has a tokenizer, else token ids), temperature 0.8 / top-p 0.95, no stop token."""
@@ -89,7 +100,7 @@ def generate(engine, s: Settings, device: str) -> dict | None:
     prompt = _ids(np.random.default_rng(2), engine.vocab_size, prompt_len).tolist()
     sampling = dict(temperature=0.8, top_p=0.95, seed=0)
     if engine.tokenizer is not None:
-        text = engine.tokenizer.decode(prompt)
+        text = prompt_text(engine.tokenizer, prompt)
         prompt_len = len(engine.tokenizer.encode(text))
         new = min(new, engine.max_seq_len - prompt_len)
 
