@@ -125,13 +125,11 @@ def measure_backend(name, target, device, s, ref, copy_bw, config, dtype_bytes) 
                  memory={"peak_bytes": None, "method": "not measured"}, accuracy=None, drift=None, speedup={})
     probe = MemoryProbe(device)
     t0 = time.perf_counter()
+    engine = None
     try:
         engine = open_engine(name, target, device)
-    except Unavailable as e:
-        return {**entry, "status": "unavailable", "reason": str(e)}
-    entry["load_s"] = time.perf_counter() - t0
-    settings = measure.Settings(**s)
-    try:
+        entry["load_s"] = time.perf_counter() - t0
+        settings = measure.Settings(**s)
         entry["prefill"] = measure.prefill(engine, settings, device)
         entry["decode"] = measure.decode(engine, settings, device, probe, config, dtype_bytes, copy_bw)
         entry["memory"] = probe.result()
@@ -141,6 +139,8 @@ def measure_backend(name, target, device, s, ref, copy_bw, config, dtype_bytes) 
             entry["accuracy"] = ref.teacher_forced(engine)
         if ref is not None and s["drift_steps"]:
             entry["drift"] = ref.drift(engine)
+    except Unavailable as e:
+        return {**entry, "status": "unavailable", "reason": str(e)}
     except Exception as e:  # one backend's failure is recorded; the others are still measured
         first = (str(e).strip().splitlines() or [""])[0]
         return {**entry, "status": "failed", "reason": f"{type(e).__name__}: {first}"}

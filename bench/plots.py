@@ -33,6 +33,8 @@ def backend_plots(report: dict, out: Path) -> list[str]:
     title = f"{Path(report['target']['path']).name} ({report['target']['dtype']}) on {device}"
     measured = {n: b for n, b in report["backends"].items() if b["status"] == "ok"}
     files = []
+    if not measured:
+        return files
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, b in measured.items():

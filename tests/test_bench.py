@@ -193,3 +193,16 @@ def test_parser_states_defaults():
     text = " ".join(build_parser().format_help().split())
     for default in ("(default: 128 512 2048 8192)", "(default: 1 8 32)", "(default: 256)", "(default: 4096)"):
         assert default in text
+
+
+def test_a_failing_backend_is_recorded_and_the_run_exits_1(checkpoint, tmp_path, monkeypatch):
+    from bench import measure
+
+    def broken(*args):
+        raise RuntimeError("kernel launch failed\nsecond line")
+    monkeypatch.setattr(measure, "decode", broken)
+    out = tmp_path / "failed"
+    assert bench_main([str(checkpoint), "--out", str(out), "--backends", "eager", *QUICK]) == 1
+    eager = json.loads((out / "report.json").read_text())["backends"]["eager"]
+    assert eager["status"] == "failed" and eager["reason"] == "RuntimeError: kernel launch failed"
+    assert "**eager** (failed): RuntimeError: kernel launch failed" in (out / "report.md").read_text()
