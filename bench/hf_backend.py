@@ -1,0 +1,45 @@
+"""transformers' Qwen3NextForCausalLM on our checkpoint, behind the runtime's backend interface: the external
+anchor every other backend is compared with. Its state is transformers' own cache (DynamicCache), so its decode
+path is the one transformers users get, with fla / causal-conv1d when they are installed."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+
+from runtime import InputError
+
+
+class TransformersBackend:
+    def __init__(self, checkpoint, dtype: str, device: str):
+        import torch
+        import transformers
+
+        self.torch = torch
+        self.device = torch.device(device)
+        self.model = transformers.Qwen3NextForCausalLM.from_pretrained(
+            str(checkpoint), dtype=getattr(torch, dtype)).to(self.device).eval()
+        self.linear_layers = [i for i, kind in enumerate(self.model.config.layer_types) if kind == "linear_attention"]
+
+    def new_state(self, batch: int):
+        from transformers import DynamicCache
+        # A one-element list: the engine holds the list, the cache object inside is what each step mutates.
+        return [DynamicCache(config=self.model.config)]
+
+    def clone_state(self, tensors):
+        return [copy.deepcopy(tensors[0])]
+
+    def step(self, ids: np.ndarray, tensors, rows: np.ndarray, batch: int) -> np.ndarray:
+        torch = self.torch
+        if len(rows) != batch:
+            raise InputError("the hf backend prefills whole batches only; give every row the same length")
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.from_numpy(ids).to(self.device), past_key_values=tensors[0],
+                             use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float().cpu().numpy()
+
+    def recurrent_states(self, tensors) -> dict[int, np.ndarray]:
+        """Each Gated DeltaNet layer's recurrent state [B, Hv, K, V] as float64 host arrays."""
+        cache = tensors[0]
+        return {i: cache.get_recurrent_state(i).double().cpu().numpy() for i in self.linear_layers}

@@ -1,0 +1,170 @@
+"""The kernels `python -m bench.kernels` measures, and their implementations: one registry entry each.
+
+A `Kernel` is one operation in one mode (prefill, decode, state update): its shapes, how to make random inputs
+for a shape, the float64 loop its outputs are checked against, and the bytes and FLOPs a call must move and do.
+An `Impl` is one implementation of a kernel (every mode of it): a function with the kernel's contract and, when
+it cannot run everywhere, `needs(device)` returning why not (or None).
+
+    Add an implementation:  IMPLS.append(Impl("gated_delta_rule", "triton", my_gated_delta_rule, needs=cuda_only))
+    Add a fused kernel:     KERNELS.append(Kernel("gated_deltanet_decode", "decode", SHAPES, QUICK, make, loop64,
+                                                  bytes_fn, flops_fn))
+                            IMPLS.append(Impl("gated_deltanet_decode", "reference", its_reference))
+
+Contracts (model/kernels/reference.py): gated_delta_rule(q, k, v, g, beta, state) -> (o, new state);
+causal_conv1d(x, weight, state) -> (silu(conv) , new state).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from model.kernels import ops, reference
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    mode: str
+    shapes: list[dict]                                   # sizes by name; label() names them
+    quick: list[dict]                                    # a CPU-sized subset for tests and smoke runs
+    make_inputs: Callable[[dict, torch.dtype, str, torch.Generator], tuple]
+    loop64: Callable[..., tuple]                         # float64 inputs -> (output, state): the exact answer
+    bytes: Callable[[dict, int], int]                    # moved per call at an element size
+    flops: Callable[[dict], int] | None = None           # work per call, where it is compute that matters
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}/{self.mode}"
+
+
+@dataclass(frozen=True)
+class Impl:
+    kernel: str
+    name: str
+    run: Callable[..., tuple]
+    needs: Callable[[str], str | None] = field(default=lambda device: None)
+
+
+def label(shape: dict) -> str:
+    tag = shape.get("model", "")
+    return (f"{tag} " if tag else "") + " ".join(f"{k}={v}" for k, v in shape.items() if k != "model")
+
+
+def cuda_package(module: str, install: str) -> Callable[[str], str | None]:
+    """`needs` for a CUDA kernel from an optional package."""
+    def needs(device: str) -> str | None:
+        if device != "cuda":
+            return "CUDA kernels; run with --device cuda on a GPU"
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            return f"{install} is not installed: pip install {install} (the gpu extra)"
+        return None
+    return needs
+
+
+# ---- gated delta rule --------------------------------------------------------------------------
+
+HEADS = {"tiny": dict(Hk=4, Hv=4, K=64, V=64), "small": dict(Hk=8, Hv=16, K=128, V=128),
+         "qwen3-next": dict(Hk=16, Hv=32, K=128, V=128)}
+
+
+def _shape(model: str, B: int, T: int) -> dict:
+    return {"model": model, "B": B, "T": T, **HEADS[model]}
+
+
+GDR_PREFILL = [_shape("tiny", 1, 256), _shape("tiny", 1, 1024), _shape("small", 1, 1024), _shape("small", 1, 4096),
+               _shape("qwen3-next", 1, 1024), _shape("qwen3-next", 1, 4096), _shape("qwen3-next", 1, 8192),
+               _shape("qwen3-next", 4, 2048)]
+DECODE = [_shape("tiny", 1, 1), _shape("tiny", 8, 1), _shape("small", 1, 1), _shape("small", 8, 1),
+          _shape("qwen3-next", 1, 1), _shape("qwen3-next", 8, 1), _shape("qwen3-next", 32, 1),
+          _shape("qwen3-next", 64, 1)]
+QUICK_PREFILL = [dict(model="quick", B=1, T=40, Hk=2, Hv=4, K=16, V=16),
+                 dict(model="quick", B=2, T=80, Hk=2, Hv=4, K=32, V=24)]
+QUICK_DECODE = [dict(model="quick", B=1, T=1, Hk=2, Hv=4, K=16, V=16),
+                dict(model="quick", B=3, T=1, Hk=2, Hv=4, K=32, V=24)]
+
+
+def gdr_inputs(s: dict, dtype: torch.dtype, device: str, gen: torch.Generator) -> tuple:
+    B, T, Hk, Hv, K, V = (s[k] for k in ("B", "T", "Hk", "Hv", "K", "V"))
+    r = lambda *shape: torch.randn(*shape, generator=gen, device=device)  # noqa: E731
+    q, k, v = r(B, T, Hk, K).to(dtype), r(B, T, Hk, K).to(dtype), r(B, T, Hv, V).to(dtype)
+    g = F.logsigmoid(r(B, T, Hv)) * 0.5          # log-decay in (-inf, 0), float32 as the model computes it
+    beta = torch.sigmoid(r(B, T, Hv)).to(dtype)
+    return q, k, v, g, beta, r(B, Hv, K, V) * 0.1
+
+
+def gdr_bytes(s: dict, esize: int) -> int:
+    B, T, Hk, Hv, K, V = (s[k] for k in ("B", "T", "Hk", "Hv", "K", "V"))
+    tokens = B * T
+    return (tokens * (2 * Hk * K + 2 * Hv * V) * esize   # q, k, v in; o out
+            + tokens * Hv * (4 + esize)                   # g (float32), beta
+            + 2 * B * Hv * K * V * 4)                     # state in and out (float32)
+
+
+def gdr_flops(s: dict) -> int:
+    """The token-by-token recurrence's work: decay, S^T k, the rank-1 update and S^T q, ~7 K V per head-token."""
+    return 7 * s["B"] * s["T"] * s["Hv"] * s["K"] * s["V"]
+
+
+# ---- causal conv1d -----------------------------------------------------------------------------
+
+WIDTH = 4
+
+
+def conv_channels(s: dict) -> int:
+    return 2 * s["Hk"] * s["K"] + s["Hv"] * s["V"]
+
+
+def conv_inputs(s: dict, dtype: torch.dtype, device: str, gen: torch.Generator) -> tuple:
+    C = conv_channels(s)
+    r = lambda *shape: torch.randn(*shape, generator=gen, device=device).to(dtype)  # noqa: E731
+    return r(s["B"], s["T"], C), r(C, WIDTH) * 0.5, r(s["B"], C, WIDTH - 1)
+
+
+def conv_bytes(s: dict, esize: int) -> int:
+    C = conv_channels(s)
+    return (2 * s["B"] * s["T"] * C + C * WIDTH + 2 * s["B"] * C * (WIDTH - 1)) * esize
+
+
+def conv_loop64(x, weight, state):
+    """Window by window: y_t = silu(sum_j w_j * window_t[j]) over the previous W-1 inputs and x_t."""
+    full = torch.cat([state.transpose(1, 2), x], dim=1)             # [B, W-1+T, C]
+    width = weight.shape[-1]
+    y = torch.stack([F.silu((full[:, t:t + width] * weight.T).sum(1)) for t in range(x.shape[1])], dim=1)
+    return y, full[:, -(width - 1):].transpose(1, 2)
+
+
+# ---- the registry ----------------------------------------------------------------------------
+
+KERNELS: list[Kernel] = [
+    Kernel("gated_delta_rule", "prefill", GDR_PREFILL, QUICK_PREFILL, gdr_inputs,
+           reference.gated_delta_rule_recurrent, gdr_bytes, gdr_flops),
+    Kernel("gated_delta_rule", "decode", DECODE, QUICK_DECODE, gdr_inputs,
+           reference.gated_delta_rule_recurrent, gdr_bytes, gdr_flops),
+    Kernel("causal_conv1d", "prefill", GDR_PREFILL, QUICK_PREFILL, conv_inputs, conv_loop64, conv_bytes),
+    Kernel("causal_conv1d", "update", DECODE, QUICK_DECODE, conv_inputs, conv_loop64, conv_bytes),
+]
+
+
+def _fla(*args):
+    from model.kernels import fast
+    return fast.gated_delta_rule(*args)
+
+
+def _causal_conv1d(*args):
+    from model.kernels import fast
+    return fast.causal_conv1d(*args)
+
+
+IMPLS: list[Impl] = [
+    Impl("gated_delta_rule", "reference", ops.reference_gated_delta_rule),
+    Impl("gated_delta_rule", "fla", _fla, cuda_package("fla.ops.gated_delta_rule", "flash-linear-attention")),
+    Impl("causal_conv1d", "reference", reference.causal_conv1d),
+    Impl("causal_conv1d", "causal-conv1d", _causal_conv1d, cuda_package("causal_conv1d", "causal-conv1d")),
+]

@@ -1,0 +1,147 @@
+"""Time every implementation of the model's kernels over shapes from tiny to Qwen3-Next's, and check each
+against a float64 token-by-token loop.
+
+    python -m bench.kernels --out reports/kernels --device cuda
+    python -m bench.kernels --out reports/kernels-cpu --quick          # CPU-sized shapes, for a smoke run
+
+Kernels: the gated delta rule (prefill: long sequences, decode: one token at batch 1..64) and causal conv1d
+(prefill, and the one-token state update), plus any registered in bench/kernels/__init__.py. Implementations:
+`reference` (model/kernels, plain PyTorch), `fla` and `causal-conv1d` (CUDA, when installed), and any registered;
+one that cannot run here is listed with the reason. Per shape: min / median / max ms, GB/s moved, TFLOP/s (the
+recurrence's work) for the gated delta rule, relative error of output and state, and speedup over the reference.
+REPORT_DIR receives report.json (schema: bench/schema.py), report.md and one chart per kernel and mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from model import cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, metavar="REPORT_DIR", help="directory to write the report into")
+    p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not an earlier report")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="q/k/v/x dtype (default: bfloat16 on cuda, float32 on cpu); states are float32")
+    p.add_argument("--kernels", nargs="+", metavar="NAME", help="kernels to run (default: all registered)")
+    p.add_argument("--impls", nargs="+", metavar="NAME", help="implementations to run (default: all registered; "
+                   "those that cannot run here are listed with the reason)")
+    p.add_argument("--quick", action="store_true", help="two small shapes per kernel, sized for a CPU")
+    p.add_argument("--warmup", type=cli.integer(0, 1000), default=3, help="untimed calls per shape (default: %(default)s)")
+    p.add_argument("--repeats", type=cli.integer(1, 10000), default=20,
+                   help="timed calls per shape (default: %(default)s)")
+    p.add_argument("--seed", type=cli.integer(0), default=0, help="seed of the random inputs (default: %(default)s)")
+    return p
+
+
+def _pick(requested, known: list[str], what: str) -> list[str]:
+    from bench.backends import BenchError
+    if requested is None:
+        return known
+    unknown = [r for r in requested if r not in known]
+    if unknown:
+        raise BenchError(f"unknown {what} {unknown[0]!r}; known: {', '.join(known)}")
+    return list(dict.fromkeys(requested))
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def measure(kernel, impl, shape, dtype, device, args) -> dict:
+    import torch
+    from bench.kernels import label
+    from bench.timing import time_calls
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    inputs = kernel.make_inputs(shape, dtype, device, gen)
+    row = {"kernel": kernel.name, "mode": kernel.mode, "shape": shape, "label": label(shape), "impl": impl.name,
+           "status": "ok", "reason": None}
+    try:
+        with torch.no_grad():
+            out, state = impl.run(*inputs)
+            want_out, want_state = kernel.loop64(*[x.double() for x in inputs])
+            row.update(rel_error=rel(out, want_out), state_rel_error=rel(state, want_state))
+            del out, state, want_out, want_state
+            stats = time_calls(lambda _: impl.run(*inputs), device, args.warmup, args.repeats, cuda_events=True)
+    except Exception as e:  # a shape an implementation refuses (or runs out of memory on) is recorded, not fatal
+        first = (str(e).strip().splitlines() or [""])[0]
+        return {**row, "status": "failed", "reason": f"{type(e).__name__}: {first}", "median_ms": None,
+                "gb_per_s": None, "tflop_per_s": None, "rel_error": None, "speedup_vs_reference": None}
+    seconds = stats["median_ms"] * 1e-3
+    moved = kernel.bytes(shape, inputs[0].element_size())
+    flops = kernel.flops(shape) if kernel.flops else None
+    return {**row, **stats, "bytes": moved, "flops": flops, "gb_per_s": moved / seconds / 1e9,
+            "tflop_per_s": flops / seconds / 1e12 if flops else None, "speedup_vs_reference": None}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+    from tqdm import tqdm
+
+    from bench import environment, plots, report, schema
+    from bench.backends import BenchError
+    from bench.kernels import IMPLS, KERNELS
+    from bench.timing import copy_bandwidth
+    from model.io import check_output_dir
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda needs a CUDA GPU and a CUDA build of torch; none is visible here "
+                         "(use --device cpu)")
+    dtype_name = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    dtype = getattr(torch, dtype_name)
+    kernel_names = _pick(args.kernels, list(dict.fromkeys(k.name for k in KERNELS)), "kernel")
+    impl_names = _pick(args.impls, list(dict.fromkeys(i.name for i in IMPLS)), "implementation")
+    impls = [i for i in IMPLS if i.name in impl_names and i.kernel in kernel_names]
+    if args.impls:
+        for impl in impls:
+            reason = impl.needs(device)
+            if reason:
+                raise BenchError(f"implementation {impl.name} of {impl.kernel} cannot run: {reason}")
+    out = check_output_dir(args.out, what="bench report", ours=schema.is_report, overwrite=args.overwrite)
+
+    results = []
+    kernels = [k for k in KERNELS if k.name in kernel_names]
+    tasks = [(k, i, s) for k in kernels for s in (k.quick if args.quick else k.shapes)
+             for i in impls if i.kernel == k.name]
+    for kernel in kernels:
+        for impl in (i for i in impls if i.kernel == kernel.name):
+            reason = impl.needs(device)
+            if reason:
+                results.append({"kernel": kernel.name, "mode": kernel.mode, "shape": {}, "label": "all shapes",
+                                "impl": impl.name, "status": "unavailable", "reason": reason, "median_ms": None,
+                                "gb_per_s": None, "tflop_per_s": None, "rel_error": None,
+                                "speedup_vs_reference": None})
+    for kernel, impl, shape in tqdm(tasks, desc="kernels", unit="shape", disable=None):
+        if impl.needs(device):
+            continue
+        results.append(measure(kernel, impl, shape, dtype, device, args))
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    reference = {(r["kernel"], r["mode"], r["label"]): r for r in results
+                 if r["impl"] == "reference" and r["status"] == "ok"}
+    for r in results:
+        base = reference.get((r["kernel"], r["mode"], r["label"]))
+        if base and r["status"] == "ok":
+            r["speedup_vs_reference"] = base["median_ms"] / r["median_ms"]
+    rep = {"schema": schema.SCHEMA, "schema_version": schema.SCHEMA_VERSION, "kind": "kernels",
+           "command": ["python", "-m", "bench.kernels", *(sys.argv[1:] if argv is None else argv)],
+           "environment": environment.environment(device),
+           "settings": {"device": device, "quick": args.quick, "warmup": args.warmup, "repeats": args.repeats,
+                        "seed": args.seed, "kernels": kernel_names, "impls": impl_names, "notes": []},
+           "copy_bandwidth": copy_bandwidth(device, (1 << 30) if device == "cuda" else (64 << 20)),
+           "dtype": dtype_name, "results": results}
+    report.write(out, rep, report.kernels_markdown, plots.kernel_plots)
+    print((out / "report.md").read_text())
+    print(f"report written to {out}", file=sys.stderr)
+    return 1 if any(r["status"] == "failed" for r in results) else 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,84 @@
+"""report.json, as `python -m bench` (kind "backends") and `python -m bench.kernels` (kind "kernels") write it.
+
+Version 1. Times are milliseconds, sizes bytes, bandwidths GB/s (1e9 bytes/s). A timing is
+{min_ms, median_ms, max_ms, repeats}: `repeats` calls timed after the warm-up calls. Absolute figures hold for
+environment.device.name only. Unmeasurable figures are null with a reason beside them, never left out.
+
+Both kinds:
+    schema            "next-deploy/bench"
+    schema_version    1 (a reader refuses a larger number)
+    kind              "backends" | "kernels"
+    command           argv of the run
+    environment       device {type, name, memory_bytes, capability, cuda, driver}, python, platform,
+                      packages {torch, onnxruntime, transformers, fla, causal_conv1d, triton, numpy, matplotlib:
+                      version or null}, git {commit, dirty}, created_utc
+    settings          the options in force after clipping to the target's capacity
+    copy_bandwidth    {gb_per_s, bytes, method}: (bytes read + written) / time of one large device copy
+    plots             PNG file names written beside report.json
+    plots_skipped     null, or why no plots were drawn (matplotlib missing)
+
+kind "backends":
+    target            {path, kind: artifact|checkpoint, dtype, device, max_batch, max_seq_len, targets,
+                      source_checkpoint, source_sha256, manifest_sha256 (sha256 of manifest.json; null for a
+                      checkpoint), parity_at_export, model_config}
+    capacity_bytes    {weights, state, total, batch, seq_len}: weights plus the whole state at capacity
+    baselines         ["eager", "hf"]: the backends speedups are taken against
+    backends          {name: backend}, every backend asked for, in the order measured:
+      status          "ok" | "unavailable" | "failed"
+      reason          null when ok; else why, naming the fix (export command, package to install, ...)
+      load_s          seconds to open the backend
+      prefill         [{prompt_length, batch, <timing>, tokens_per_s}]
+      decode          [{batch, context, <timing> per step, tokens_per_s, bytes_per_step {weights,
+                      recurrent_and_conv, kv_cache, total}, gb_per_s, fraction_of_copy_bandwidth}]
+      generate        {prompt_tokens, new_tokens, how, <timing> per whole generation, tokens_per_s} or null
+      memory          {peak_bytes (null if not measured), method}
+      accuracy        {max_abs_error, rel_error, top1_agreement, steps, prefill, batch, reference} or null
+      drift           {steps, logits_rel_error, logits_rel_error_by_step {step: error}, state_rel_error (null
+                      when the backend does not expose its state), state_note, reference} or null
+      speedup         {"vs_eager"|"vs_hf": {prefill {prompt_length: x}, decode {batch: x}, generate: x}}:
+                      baseline median / this backend's median (> 1 is faster); absent baselines are left out
+
+kind "kernels":
+    dtype             the dtype of the kernels' inputs
+    results           [{kernel, mode, shape {name: size}, label, impl, status "ok"|"unavailable"|"failed",
+                      reason, <timing>, bytes, flops, gb_per_s, tflop_per_s, rel_error, state_rel_error,
+                      speedup_vs_reference}]; errors are against a float64 token-by-token loop
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SCHEMA = "next-deploy/bench"
+SCHEMA_VERSION = 1
+REPORT = "report.json"
+
+COMMON = ("schema", "schema_version", "kind", "command", "environment", "settings", "copy_bandwidth", "plots",
+          "plots_skipped")
+BY_KIND = {
+    "backends": ("target", "capacity_bytes", "baselines", "backends"),
+    "kernels": ("dtype", "results"),
+}
+BACKEND = ("status", "reason", "load_s", "prefill", "decode", "generate", "memory", "accuracy", "drift", "speedup")
+KERNEL_RESULT = ("kernel", "mode", "shape", "label", "impl", "status", "reason", "median_ms", "gb_per_s",
+                 "tflop_per_s", "rel_error", "speedup_vs_reference")
+
+
+def missing_fields(report: dict) -> list[str]:
+    """Fields version 1 requires that `report` lacks (empty when it conforms)."""
+    missing = [k for k in COMMON + BY_KIND.get(report.get("kind"), ("kind",)) if k not in report]
+    for name, b in report.get("backends", {}).items():
+        missing += [f"backends.{name}.{k}" for k in BACKEND if k not in b]
+    for i, r in enumerate(report.get("results", [])):
+        missing += [f"results[{i}].{k}" for k in KERNEL_RESULT if k not in r]
+    return missing
+
+
+def is_report(directory: Path) -> bool:
+    """Whether `directory` holds an earlier bench report (which a new run may replace)."""
+    try:
+        d = json.loads((Path(directory) / REPORT).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and d.get("schema") == SCHEMA
