@@ -102,9 +102,11 @@ class Attention(nn.Module):
         if key_cache is None:
             mask, is_causal = None, True
         else:
-            index = positions[:, None, :, None].expand(B, self.num_kv_heads, T, self.head_dim)
-            key_cache.scatter_(2, index, k.to(key_cache.dtype))
-            value_cache.scatter_(2, index, v.to(value_cache.dtype))
+            # index_put_ rather than scatter_: Inductor turns an index_put into an in-place write of the T new slots,
+            # while a scatter into a graph input becomes a copy of the whole cache each step.
+            rows = torch.arange(B, device=x.device)[:, None]
+            key_cache[rows, :, positions] = k.transpose(1, 2).to(key_cache.dtype)
+            value_cache[rows, :, positions] = v.transpose(1, 2).to(value_cache.dtype)
             k, v = key_cache[:, :, :attend_len].to(q.dtype), value_cache[:, :, :attend_len].to(q.dtype)
             slots = torch.arange(k.shape[2], device=x.device)
             mask, is_causal = (slots[None, None, :] <= positions[:, :, None])[:, None], False
