@@ -108,7 +108,8 @@ def validate(args, config):
         if any(c > args.max_seq_len for c in args.prefill_chunks or []):
             raise ExportError(f"--prefill-chunks {max(args.prefill_chunks)} exceeds --max-seq-len "
                               f"{args.max_seq_len}; give chunks up to --max-seq-len")
-        args.decode_buckets = sorted({1, args.max_batch, *(args.decode_buckets or default_decode_buckets(args.max_batch))})
+        buckets = args.decode_buckets or default_decode_buckets(args.max_batch)
+        args.decode_buckets = sorted({1, args.max_batch, *buckets})
         args.prefill_chunks = sorted(set(args.prefill_chunks or default_prefill_chunks(args.max_seq_len)))
         problem = missing_toolchain(args.device)
         if problem:
@@ -154,8 +155,8 @@ def export(args) -> Path:
             shutil.copy(checkpoint / "tokenizer.json", tmp / "tokenizer.json")
         for target in args.target:
             if target == "compiled":
-                manifest.targets[target] = compiled.build(model, tmp, args.device, args.max_seq_len,
-                                                          args.decode_buckets, args.prefill_chunks, manifest.state, stage)
+                manifest.targets[target] = compiled.build(model, tmp, args.device, args.max_seq_len, args.decode_buckets,
+                                                          args.prefill_chunks, manifest.state, stage)
                 continue
             with stage(f"building the {target} target"):
                 if target == "torch":

@@ -102,7 +102,7 @@ class Attention(nn.Module):
         groups = self.num_heads // self.num_kv_heads
         if key_cache is None:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
         else:
             # index_put_ rather than scatter_: Inductor turns an index_put into an in-place write of the T new slots,
             # while a scatter into a graph input becomes a copy of the whole cache each step.
@@ -114,10 +114,11 @@ class Attention(nn.Module):
             mask = torch.arange(S, device=x.device)[None, None, :] <= positions[:, :, None]     # [B, T, S]
             # The query heads sharing a KV head (head h uses KV head h // groups) become more query rows of that
             # head, so the cache is read as it is rather than copied once per query head.
-            q = q.reshape(B, self.num_kv_heads, groups * T, self.head_dim)
+            q = q.contiguous().view(B, self.num_kv_heads, groups * T, self.head_dim)
             mask = mask[:, None, None].expand(B, 1, groups, T, S).reshape(B, 1, groups * T, S)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(B, self.num_heads, T, self.head_dim)
-        out = out.transpose(1, 2).reshape(B, T, -1) * torch.sigmoid(gate)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = out.unflatten(2, (groups, T)).permute(0, 3, 1, 2, 4)              # [B, T, Hkv, groups, D]
+        out = out.reshape(B, T, -1) * torch.sigmoid(gate)
         return self.o_proj(out)
 
 
