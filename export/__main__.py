@@ -155,8 +155,9 @@ def export(args) -> Path:
             shutil.copy(checkpoint / "tokenizer.json", tmp / "tokenizer.json")
         for target in args.target:
             if target == "compiled":
-                manifest.targets[target] = compiled.build(model, tmp, args.device, args.max_seq_len, args.decode_buckets,
-                                                          args.prefill_chunks, manifest.state, stage)
+                manifest.targets[target] = compiled.build(
+                    model, tmp, args.device, args.max_seq_len, args.decode_buckets, args.prefill_chunks,
+                    manifest.state, stage)
                 continue
             with stage(f"building the {target} target"):
                 if target == "torch":
