@@ -169,7 +169,6 @@ class CompiledBackend:
         started = time.perf_counter()
         self.steps = self._load_aoti(directory, target) if self.form == "aoti" else self._compile(directory, target)
         self.load_seconds = time.perf_counter() - started
-        self.mempool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.slots = SlotPool(self._new_slot)
         self.staging: dict[int, object] = {}
 
@@ -279,11 +278,12 @@ class CompiledBackend:
 
     def _capture(self, slot: _Slot) -> None:
         """Record the bucket's decode step over this slot's buffers. Capturing runs nothing; the step was warmed
-        up on this stream when it was compiled, so no lazy initialisation happens inside the capture."""
+        up on this stream when it was compiled, so no lazy initialisation happens inside the capture. Each graph
+        keeps its own memory pool: graphs of different slots replay in any order."""
         torch = self.torch
         graph = torch.cuda.CUDAGraph()
         self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.graph(graph, pool=self.mempool, stream=self.stream):
+        with torch.cuda.graph(graph, stream=self.stream):
             logits = self.steps[(slot.bucket, 1)](slot.ids, *slot.tensors)
         torch.cuda.current_stream().wait_stream(self.stream)
         slot.graph, slot.logits = graph, logits
