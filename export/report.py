@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m export.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("artifact")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "compiled"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--steps", type=int, default=256, help="teacher-forced decode steps in the parity check")
     p.add_argument("--prefill", type=int, default=32)
