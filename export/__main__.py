@@ -206,5 +206,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from model import cli
     cli.run(main)

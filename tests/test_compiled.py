@@ -16,7 +16,7 @@ from model import CapacityError, Qwen3NextForCausalLM
 from model.tokenizer import Tokenizer
 from runtime import ArtifactError
 from runtime.compiled_backend import chunk_lengths, default_decode_buckets, default_prefill_chunks
-from tests.conftest import randomize, small_config
+from tests.conftest import eager_greedy, randomize, small_config
 
 pytestmark = pytest.mark.slow
 FORMS = ["aoti", "exported"]
@@ -92,16 +92,8 @@ def test_prefill_decode_handoff_matches_eager(artifact, engine):
 def test_greedy_tokens_identical_to_eager_for_32_steps(artifact, engine):
     ckpt, _ = artifact
     model, tok = eager(ckpt), Tokenizer.load(ckpt)
-    seq = tok.encode("def f(x):")
-    prompt_len = len(seq)
-    with torch.no_grad():
-        state = model.new_state(1, 64)
-        logits = model(torch.tensor([seq]), state)[0, -1]
-        for _ in range(32):
-            seq.append(int(logits.argmax()))
-            logits = model(torch.tensor([[seq[-1]]]), state)[0, -1]
-    text = "".join(engine.generate("def f(x):", max_new_tokens=32, temperature=0.0, stop=[]))
-    assert text == tok.decode(seq[prompt_len:])
+    expected = tok.decode(eager_greedy(model, tok.encode("def f(x):"), 32, 64))
+    assert "".join(engine.generate("def f(x):", max_new_tokens=32, temperature=0.0, stop=[])) == expected
 
 
 def test_ragged_prefill_and_padding_rows_change_nothing(engine):

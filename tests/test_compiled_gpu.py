@@ -20,7 +20,8 @@ from export.__main__ import main as export_main
 from model import Qwen3NextForCausalLM
 from model.sampling import Sampler, SamplingConfig
 from model.tokenizer import Tokenizer
-from tests.conftest import randomize, small_config
+from tests.conftest import eager_greedy, randomize, small_config
+from tests.test_gpu import _ort_cuda
 
 CUDA = torch.cuda.is_available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA device (compiled CUDA engine, "
@@ -81,16 +82,8 @@ def test_greedy_tokens_identical_to_eager_for_32_steps(checkpoint, compiled):
     if dtype != "float32":
         pytest.skip("greedy identity is checked in float32; bfloat16 rounds away from the float32 reference")
     model, tok = Qwen3NextForCausalLM.from_pretrained(checkpoint).eval(), Tokenizer.load(checkpoint)
-    seq = tok.encode("def f(x):")
-    prompt_len = len(seq)
-    with torch.no_grad():
-        state = model.new_state(1, 128)
-        logits = model(torch.tensor([seq]), state)[0, -1]
-        for _ in range(32):
-            seq.append(int(logits.argmax()))
-            logits = model(torch.tensor([[seq[-1]]]), state)[0, -1]
-    assert "".join(engine.generate("def f(x):", max_new_tokens=32, temperature=0.0, stop=[])) == \
-        tok.decode(seq[prompt_len:])
+    expected = tok.decode(eager_greedy(model, tok.encode("def f(x):"), 32, 128))
+    assert "".join(engine.generate("def f(x):", max_new_tokens=32, temperature=0.0, stop=[])) == expected
 
 
 def test_padding_rows_ragged_prefill_and_snapshots(compiled):
@@ -146,14 +139,6 @@ def test_warm_start_from_the_artifact_cache(compiled, tmp_path):
     print(f"\n{compiled[1]} warm load: {figures}")
     assert figures["inductor"].get("fxgraph_cache_miss", 0) == 0
     assert figures["aot_autograd"].get("autograd_cache_miss", 0) == 0
-
-
-def _ort_cuda():
-    try:
-        import onnxruntime
-    except ImportError:
-        return False
-    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
 @pytest.mark.skipif(not (CUDA and _ort_cuda()), reason="needs a CUDA device and onnxruntime-gpu")
