@@ -2,7 +2,7 @@
 # GPU check for issue 10 (the compiled target, its CUDA graphs, ONNX Runtime CUDA graphs), one call on the H100:
 #
 #     bash bench/gpu_check_compiled.sh                 # about 8 minutes; details under $OUT when it is set
-#     PRESETS=small TESTS=0 bash bench/gpu_check_compiled.sh   # parts of it, when time is short
+#     PRESETS=tiny bash bench/gpu_check_compiled.sh; PRESETS=small TESTS=0 bash ...   # in two calls
 #
 # 1. tests/test_compiled_gpu.py: parity with the float32 eager model, CUDA graph replay, padding rows, snapshots,
 #    device sampling, warm start from the artifact's compile cache, ONNX Runtime CUDA graphs vs its plain path.
@@ -23,7 +23,7 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 
 if [ "${TESTS:-1}" = 1 ]; then
     echo "== GPU tests"
-    timeout 300 $PY -m pytest -q -s -rs tests/test_compiled_gpu.py > "$OUT/gpu_tests.txt" 2>&1
+    timeout "${TEST_TIMEOUT:-420}" $PY -m pytest -q -s -rs tests/test_compiled_gpu.py > "$OUT/gpu_tests.txt" 2>&1
     grep -E "^compiled cuda|CUDA graph replay|warm load|^onnxruntime cuda|passed|failed|error|SKIPPED|^FAILED" \
         "$OUT/gpu_tests.txt" | cut -c1-300
 fi
@@ -38,7 +38,7 @@ torch.manual_seed(0)
 Qwen3NextForCausalLM(preset(sys.argv[1])).to(torch.bfloat16).save_pretrained(sys.argv[2])
 EOF
     # Shapes: decode buckets 1, 8, 32; prefill chunks 16 (the export's own check) and 2048 (the timed prefill).
-    timeout 300 $PY -m export "$ckpt" --out "$art" --target compiled --device cuda --dtype bfloat16 \
+    timeout "${EXPORT_TIMEOUT:-360}" $PY -m export "$ckpt" --out "$art" --target compiled --device cuda --dtype bfloat16 \
         --max-batch 32 --max-seq-len 4096 --decode-buckets 1 8 32 --prefill-chunks 16 2048 \
         > "$OUT/$preset-export.txt" 2>&1 || { echo "export failed:"; tail -5 "$OUT/$preset-export.txt"; continue; }
     tail -2 "$OUT/$preset-export.txt"

@@ -225,7 +225,8 @@ class CompiledBackend:
         torch = self.torch
         # The packages hold code only; every one runs on the same weights, those of the exported program.
         program = self._programs(directory, target, target["compiled_with"], ["decode"])["decode"]
-        weights = {**program.state_dict, **program.constants}
+        # user_managed: the runners use these tensors without a copy of their own, so the backend keeps them.
+        self.weights = weights = {**program.state_dict, **program.constants}
         steps = {}
         for b, t in compiled_shapes(self.buckets, self.chunks):
             runner = torch._inductor.aoti_load_package(str(directory / target["files"][f"aoti:{shape_name(b, t)}"]))
