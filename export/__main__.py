@@ -4,7 +4,8 @@
     python -m export runs/tiny --out artifacts/tiny-cuda --device cuda --dtype float16 --target onnxruntime
 
 ARTIFACT_DIR then holds manifest.json, the targets' files (torch: prefill.pt2 + decode.pt2 with the kernels as
-nextdeploy:: custom ops; onnxruntime: model.onnx with ONNX Runtime's contrib kernels) and tokenizer.json. Export
+nextdeploy:: custom ops; onnxruntime: model.onnx with ONNX Runtime's contrib kernels; compiled: compiled/, the step
+compiled by Inductor for each decode batch bucket and prefill chunk length) and tokenizer.json. Export
 checks itself against the eager model (prefill, then teacher-forced decode) and records the figures in the
 manifest; it fails, writing nothing, when they exceed the tolerance for the dtype.
 """
@@ -17,7 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-TARGETS = ("torch", "onnxruntime")
+from model import cli
+
+TARGETS = ("torch", "onnxruntime", "compiled")
 
 
 def parse_args(argv):
@@ -28,7 +31,8 @@ def parse_args(argv):
     p.add_argument("--out", required=True, help="artifact directory to create; an earlier artifact there is replaced "
                    "whole, any other non-empty directory only with --overwrite")
     p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not an earlier artifact")
-    p.add_argument("--target", nargs="+", choices=TARGETS, default=list(TARGETS), help="what to build (default: all)")
+    p.add_argument("--target", nargs="+", choices=TARGETS, default=["torch", "onnxruntime"],
+                   help="what to build (default: torch onnxruntime; compiled takes minutes: one compile per shape)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device the artifact runs on")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="weights and activations (recurrent state is always float32)")
@@ -40,6 +44,12 @@ def parse_args(argv):
     p.add_argument("--onnx-gated-delta-op", choices=["LinearAttention", "GatedDeltaNet"],
                    help="ONNX Runtime node for the gated delta rule (default: LinearAttention, which runs on CPU "
                    "and CUDA; GatedDeltaNet fuses the q/k norm but runs on CUDA only)")
+    p.add_argument("--decode-buckets", nargs="+", type=cli.integer(1, 1 << 16), metavar="B",
+                   help="compiled target: batch sizes decode is compiled for; a batch runs in the smallest that holds "
+                   "it (default: 1 2 4 ... below --max-batch, and --max-batch; 1 and --max-batch are always added)")
+    p.add_argument("--prefill-chunks", nargs="+", type=cli.integer(2, 1 << 24), metavar="T",
+                   help="compiled target: prompt lengths prefill is compiled for; a prompt runs as chunks, largest "
+                   "first, then token by token (default: 2 4 8 ... 512, up to --max-seq-len)")
     p.add_argument("--verify-tokens", type=int, default=48, help="tokens in the parity check (default: %(default)s)")
     return p.parse_args(argv)
 
@@ -65,6 +75,7 @@ class Stages:
 
 def validate(args, config):
     from .errors import ExportError
+    from runtime.compiled_backend import default_decode_buckets, default_prefill_chunks, missing_toolchain
     if args.max_batch < 1:
         raise ExportError(f"--max-batch must be at least 1, got {args.max_batch}")
     if not 2 <= args.max_seq_len <= config.max_position_embeddings:
@@ -90,6 +101,19 @@ def validate(args, config):
     import torch
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ExportError("--device cuda needs a CUDA GPU and a CUDA build of torch")
+    if "compiled" in args.target:
+        if any(b > args.max_batch for b in args.decode_buckets or []):
+            raise ExportError(f"--decode-buckets {max(args.decode_buckets)} exceeds --max-batch {args.max_batch}; "
+                              "give buckets up to --max-batch")
+        if any(c > args.max_seq_len for c in args.prefill_chunks or []):
+            raise ExportError(f"--prefill-chunks {max(args.prefill_chunks)} exceeds --max-seq-len "
+                              f"{args.max_seq_len}; give chunks up to --max-seq-len")
+        buckets = args.decode_buckets or default_decode_buckets(args.max_batch)
+        args.decode_buckets = sorted({1, args.max_batch, *buckets})
+        args.prefill_chunks = sorted(set(args.prefill_chunks or default_prefill_chunks(args.max_seq_len)))
+        problem = missing_toolchain(args.device)
+        if problem:
+            raise ExportError(f"--target compiled cannot compile for {args.device} here: {problem}")
 
 
 def export(args) -> Path:
@@ -98,7 +122,7 @@ def export(args) -> Path:
     from model import Qwen3NextForCausalLM
     from model.io import atomic_directory
     from runtime.manifest import MANIFEST, Manifest, checkpoint_hash
-    from . import build, verify
+    from . import build, compiled, verify
     from .onnx_lowering import DEFAULT_OP
     from .graph import tensor_specs
     from model import Qwen3NextConfig
@@ -113,7 +137,9 @@ def export(args) -> Path:
     if args.max_seq_len is None:
         args.max_seq_len = min(2048, config.max_position_embeddings)
     validate(args, config)
-    stage = Stages(2 + 2 * len(args.target))
+    # The compiled target shows one line per graph it compiles.
+    graphs = len(args.decode_buckets) + len(args.prefill_chunks) if "compiled" in args.target else 0
+    stage = Stages(2 + 2 * len(args.target) + graphs)
     with stage("loading the checkpoint"):
         model = Qwen3NextForCausalLM.from_pretrained(args.checkpoint, dtype=getattr(torch, args.dtype),
                                                      device=args.device)
@@ -128,6 +154,11 @@ def export(args) -> Path:
         if manifest.tokenizer:
             shutil.copy(checkpoint / "tokenizer.json", tmp / "tokenizer.json")
         for target in args.target:
+            if target == "compiled":
+                manifest.targets[target] = compiled.build(
+                    model, tmp, args.device, args.max_seq_len, args.decode_buckets, args.prefill_chunks,
+                    manifest.state, stage)
+                continue
             with stage(f"building the {target} target"):
                 if target == "torch":
                     manifest.targets[target] = build.export_torch(model, tmp, args.max_batch, args.max_seq_len)
@@ -155,6 +186,10 @@ def export(args) -> Path:
     for target, f in manifest.parity.items():
         print(f"{target}: relative logit error {f['rel_error']:.2e}, max abs {f['max_abs_error']:.2e}, "
               f"top-1 agreement {f['top1_agreement']:.3f}")
+    if "compiled" in manifest.targets:
+        c = manifest.targets["compiled"]
+        print(f"compiled: {len(c['decode_buckets']) + len(c['prefill_chunks'])} graphs ({' + '.join(c['forms'])}) "
+              f"compiled in {c['compile_seconds']:.0f}s")
     return out
 
 
@@ -171,5 +206,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from model import cli
     cli.run(main)

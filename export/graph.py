@@ -30,6 +30,21 @@ class StepModule(nn.Module):
         return (self.model.lm_head(hidden[:, -1]).float(), *st.tensors())
 
 
+class InPlaceStepModule(nn.Module):
+    """The step for compiled engines: (input_ids [B, T], *state) -> logits of the last position [B, vocab] float32,
+    with the state tensors updated in place. torch.export records the mutations of its inputs, and compiled code
+    writes the new state (and the T new KV-cache slots) into the caller's buffers, which CUDA graphs need."""
+
+    def __init__(self, model: Qwen3NextForCausalLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, *state: torch.Tensor):
+        st = InferenceState.from_tensors(self.model.config, list(state))
+        hidden = self.model.model(input_ids, st, attend_len=st.max_seq_len)
+        return self.model.lm_head(hidden[:, -1]).float()
+
+
 def example_inputs(model: Qwen3NextForCausalLM, batch: int, seq: int, max_seq_len: int):
     state = model.new_state(batch, max_seq_len)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=model.device)

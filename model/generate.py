@@ -34,9 +34,10 @@ def generate_ids(step: Callable[[list[int]], np.ndarray], prompt_ids: list[int],
 
 def generate_text(tokenizer, new_step: Callable[[int], Callable[[list[int]], np.ndarray]], prompt: str,
                   max_new_tokens: int, max_seq_len: int, sampling: SamplingConfig,
-                  stop: Iterable[int] | None = None) -> Iterator[str]:
+                  stop: Iterable[int] | None = None, sampler: Sampler | None = None) -> Iterator[str]:
     """Stream a completion of `prompt` as text. `new_step(n)` returns a fresh step function (see generate_ids)
-    whose state holds n tokens; `max_seq_len` is the most any state may hold. Stops at EOS unless `stop` is given."""
+    whose state holds n tokens; `max_seq_len` is the most any state may hold. Stops at EOS unless `stop` is given.
+    `sampler` replaces Sampler(sampling), e.g. by one that samples where the logits are."""
     prompt_ids = tokenizer.encode(prompt)
     if len(prompt_ids) >= max_seq_len:
         raise CapacityError(f"the prompt is {len(prompt_ids)} tokens but at most {max_seq_len - 1} fit with room "
@@ -45,7 +46,7 @@ def generate_text(tokenizer, new_step: Callable[[int], Callable[[list[int]], np.
     stop_ids = set(stop) if stop is not None else {tokenizer.eos_id} - {None}
     step = new_step(len(prompt_ids) + budget)
     # Returned, not yielded from: the checks above run at the call, before any output is written.
-    return tokenizer.stream(generate_ids(step, prompt_ids, budget, Sampler(sampling), stop_ids))
+    return tokenizer.stream(generate_ids(step, prompt_ids, budget, sampler or Sampler(sampling), stop_ids))
 
 
 def print_stream(prompt: str, pieces: Iterable[str]) -> None:

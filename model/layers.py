@@ -98,20 +98,28 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)
 
-        if key_cache is None:
-            mask, is_causal = None, True
-        else:
-            index = positions[:, None, :, None].expand(B, self.num_kv_heads, T, self.head_dim)
-            key_cache.scatter_(2, index, k.to(key_cache.dtype))
-            value_cache.scatter_(2, index, v.to(value_cache.dtype))
-            k, v = key_cache[:, :, :attend_len].to(q.dtype), value_cache[:, :, :attend_len].to(q.dtype)
-            slots = torch.arange(k.shape[2], device=x.device)
-            mask, is_causal = (slots[None, None, :] <= positions[:, :, None])[:, None], False
         groups = self.num_heads // self.num_kv_heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        with sdpa_kernel(SDPA_BACKENDS):
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
-        out = out.transpose(1, 2).reshape(B, T, -1) * torch.sigmoid(gate)
+        if key_cache is None:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            with sdpa_kernel(SDPA_BACKENDS):
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+        else:
+            # index_put_ rather than scatter_: Inductor turns an index_put into an in-place write of the T new slots,
+            # while a scatter into a graph input becomes a copy of the whole cache each step.
+            rows = torch.arange(B, device=x.device)[:, None]
+            key_cache[rows, :, positions] = k.transpose(1, 2).to(key_cache.dtype)
+            value_cache[rows, :, positions] = v.transpose(1, 2).to(value_cache.dtype)
+            k, v = key_cache[:, :, :attend_len].to(q.dtype), value_cache[:, :, :attend_len].to(q.dtype)
+            S = k.shape[2]
+            mask = torch.arange(S, device=x.device)[None, None, :] <= positions[:, :, None]     # [B, T, S]
+            # The query heads sharing a KV head (head h uses KV head h // groups) become more query rows of that
+            # head, so the cache is read as it is rather than copied once per query head.
+            q = q.contiguous().view(B, self.num_kv_heads, groups * T, self.head_dim)
+            mask = mask[:, None, None].expand(B, 1, groups, T, S).reshape(B, 1, groups * T, S)
+            with sdpa_kernel(SDPA_BACKENDS):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = out.unflatten(2, (groups, T)).permute(0, 3, 1, 2, 4)              # [B, T, Hkv, groups, D]
+        out = out.reshape(B, T, -1) * torch.sigmoid(gate)
         return self.o_proj(out)
 
 

@@ -33,6 +33,13 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, history: list[list[int]] | None = None) -> np.ndarray:
         """logits: [B, V] -> token ids [B]. `history` holds each row's tokens so far, for the repetition penalty."""
+        logits = self.penalized(logits, history)
+        if self.config.temperature == 0:
+            return logits.argmax(-1)
+        return np.array([self.rng.choice(len(p), p=p) for p in self.probabilities(logits)])
+
+    def penalized(self, logits: np.ndarray, history: list[list[int]] | None) -> np.ndarray:
+        """float64 logits with tokens seen in each row made less likely (CTRL's repetition penalty)."""
         c = self.config
         logits = np.array(logits, dtype=np.float64)
         if c.repetition_penalty != 1.0 and history is not None:
@@ -41,8 +48,11 @@ class Sampler:
                 if seen.size:
                     vals = row[seen]
                     row[seen] = np.where(vals > 0, vals / c.repetition_penalty, vals * c.repetition_penalty)
-        if c.temperature == 0:
-            return logits.argmax(-1)
+        return logits
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """What sampling draws from: softmax(logits / temperature), cut to the top k, then to the top-p nucleus."""
+        c = self.config
         logits = logits / c.temperature
         if c.top_k and c.top_k < logits.shape[-1]:
             kth = np.partition(logits, -c.top_k, axis=-1)[:, -c.top_k, None]
@@ -50,7 +60,7 @@ class Sampler:
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
         if c.top_p < 1.0:
-            order = np.argsort(-probs, axis=-1)
+            order = np.argsort(-probs, axis=-1, kind="stable")   # ties: the lower id first
             sorted_p = np.take_along_axis(probs, order, -1)
             # Keep the smallest prefix whose mass reaches top_p (always at least the most likely token).
             drop_sorted = np.cumsum(sorted_p, -1) - sorted_p >= c.top_p
@@ -58,4 +68,4 @@ class Sampler:
             np.put_along_axis(drop, order, drop_sorted, -1)
             probs = np.where(drop, 0.0, probs)
             probs /= probs.sum(-1, keepdims=True)
-        return np.array([self.rng.choice(len(p), p=p) for p in probs])
+        return probs

@@ -16,25 +16,33 @@ from pathlib import Path
 from .engine import Engine, InputError, State
 from .manifest import ArtifactError, Manifest
 
-BACKENDS = ("onnxruntime", "torch", "eager")
+BACKENDS = ("onnxruntime", "torch", "eager", "compiled")
 __all__ = ["load", "Engine", "State", "Manifest", "ArtifactError", "InputError", "BACKENDS"]
 
 
-def load(directory, backend: str = "onnxruntime", device: str = "cpu", checkpoint: str | None = None) -> Engine:
+def load(directory, backend: str = "onnxruntime", device: str = "cpu", checkpoint: str | None = None, *,
+         form: str = "auto", cuda_graphs: bool = True) -> Engine:
     """Open an artifact directory written by `python -m export`. `checkpoint` overrides where the eager
-    backend finds the source checkpoint (its hash must match the manifest's)."""
+    backend finds the source checkpoint (its hash must match the manifest's). compiled backend: `form` 'aoti'
+    or 'exported' (default: the AOTInductor packages where the artifact holds them and this machine matches the
+    one they were compiled on, else the exported programs, compiled here). On CUDA, the compiled and onnxruntime
+    backends replay decode steps as CUDA graphs unless `cuda_graphs` is False."""
     directory = Path(directory)
     if backend not in BACKENDS:
         raise ArtifactError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if device not in ("cpu", "cuda"):
         raise ArtifactError(f"unknown device {device!r}; use 'cpu' or 'cuda'")
     manifest = Manifest.load(directory)
+    engine = Engine
     if backend == "onnxruntime":
         from .onnx_backend import OnnxRuntimeBackend
-        impl = OnnxRuntimeBackend(directory, manifest, device)
+        impl = OnnxRuntimeBackend(directory, manifest, device, cuda_graphs)
     elif backend == "torch":
         from .torch_backend import TorchExportBackend
         impl = TorchExportBackend(directory, manifest, device)
+    elif backend == "compiled":
+        from .compiled_backend import CompiledBackend, CompiledEngine
+        impl, engine = CompiledBackend(directory, manifest, device, form, cuda_graphs), CompiledEngine
     else:
         from .eager_backend import EagerBackend
         impl = EagerBackend(manifest, device, checkpoint)
@@ -42,4 +50,4 @@ def load(directory, backend: str = "onnxruntime", device: str = "cpu", checkpoin
     if manifest.tokenizer and (directory / manifest.tokenizer).is_file():
         from model.tokenizer import Tokenizer
         tokenizer = Tokenizer.load(directory / manifest.tokenizer)
-    return Engine(directory, manifest, impl, tokenizer)
+    return engine(directory, manifest, impl, tokenizer)

@@ -16,7 +16,7 @@ import numpy as np
 
 from model.errors import CapacityError, NextDeployError
 from model.generate import generate_text
-from model.sampling import SamplingConfig
+from model.sampling import Sampler, SamplingConfig
 
 from .manifest import Manifest
 
@@ -125,6 +125,15 @@ class Engine:
 
         def new_step(num_tokens: int):
             state = self.new_state(1)
-            return lambda ids: (self.prefill([ids], state) if len(ids) > 1 else self.decode(ids, state))[0]
+            return lambda ids: self._next_logits(ids, state)
         sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed)
-        return generate_text(self.tokenizer, new_step, prompt, max_new_tokens, self.max_seq_len, sampling, stop)
+        return generate_text(self.tokenizer, new_step, prompt, max_new_tokens, self.max_seq_len, sampling, stop,
+                             sampler=self._sampler(sampling))
+
+    # What generate() runs on; a backend that samples on its device overrides both (runtime/compiled_backend.py).
+
+    def _sampler(self, sampling: SamplingConfig):
+        return Sampler(sampling)
+
+    def _next_logits(self, ids: list[int], state: State):
+        return (self.prefill([ids], state) if len(ids) > 1 else self.decode(ids, state))[0]

@@ -1,15 +1,22 @@
 """ONNX Runtime backend. CPU: state as NumPy arrays fed each step. CUDA: state stays on the GPU, bound with
-IOBinding into two fixed sets of buffers that alternate as input and output (no host round trip per token)."""
+IOBinding into two fixed sets of buffers that alternate as input and output (no host round trip per token), and
+decode steps replay CUDA graphs: one per state set, since a step reads one set and writes the other (ONNX Runtime
+GenAI found that updating shared buffers in place under capture biased the logits). A graph keeps the addresses it
+was captured with, so a state's buffers, input ids and logits live in a slot that is reused, never reallocated
+(runtime/slots.py)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from .manifest import ArtifactError, Manifest
+from .slots import SlotPool
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+log = logging.getLogger("next_deploy.runtime")
 
 
 def _import_ort():
@@ -21,8 +28,18 @@ def _import_ort():
     return ort
 
 
+class _Slot:
+    """One state's device buffers: two state sets (`current` is the live one), the decode input ids and logits,
+    and for each set the graph id and IOBinding of the decode step that reads it."""
+
+    def __init__(self, sets, ids, logits, graph_ids):
+        self.sets, self.ids, self.logits, self.graph_ids = sets, ids, logits, graph_ids
+        self.current = 0
+        self.bindings = [None, None]
+
+
 class OnnxRuntimeBackend:
-    def __init__(self, directory: Path, manifest: Manifest, device: str):
+    def __init__(self, directory: Path, manifest: Manifest, device: str, cuda_graphs: bool = True):
         ort = _import_ort()
         target = manifest.targets.get("onnxruntime")
         if target is None:
@@ -40,37 +57,95 @@ class OnnxRuntimeBackend:
         self.device = device
         self.specs = manifest.state
         self.names = [s.name for s in self.specs]
-        # ONNX Runtime's CUDA provider multiplies float32 matrices in TF32 unless told not to (~1e-4 logit error).
-        cuda = ("CUDAExecutionProvider", {"use_tf32": int(dtype != "float32")})
-        providers = [cuda, "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        self.vocab_size = manifest.model_config["vocab_size"]
+        self.ort = ort
+        path = str(directory / target["files"]["model"])
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(directory / target["files"]["model"]), options, providers=providers)
-        self.ort = ort
+        # ONNX Runtime's CUDA provider multiplies float32 matrices in TF32 unless told not to (~1e-4 logit error).
+        cuda = {"use_tf32": int(dtype != "float32")}
+        self.cuda_graphs = False
+        if device == "cuda" and cuda_graphs:
+            try:
+                self.session = ort.InferenceSession(path, options, providers=[
+                    ("CUDAExecutionProvider", {**cuda, "enable_cuda_graph": 1}), "CPUExecutionProvider"])
+                self.cuda_graphs = True
+            except Exception as e:   # ONNX Runtime refuses capture when a compute node runs on the CPU
+                log.warning("note: ONNX Runtime cannot run %s as CUDA graphs (%s); decoding without them", path,
+                            str(e).strip().splitlines()[-1])
+        if not self.cuda_graphs:
+            providers = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"] if device == "cuda" else \
+                ["CPUExecutionProvider"]
+            self.session = ort.InferenceSession(path, options, providers=providers)
+        # CUDA: state in slots of OrtValues on `value_device` (a test binds CPU OrtValues to check the logic)
+        self.slots = SlotPool(self._new_slot) if device == "cuda" else None
+        self.value_device = "cuda"
+        self.graph_ids = 0
+        self.run_options = {}
 
     def _zeros(self, batch: int) -> list[np.ndarray]:
         return [np.zeros([batch, *s.shape[1:]], dtype=NP_DTYPES[s.dtype]) for s in self.specs]
 
     def _run_host(self, ids, arrays):
-        outputs = self.session.run(None, {"input_ids": ids, **dict(zip(self.names, arrays))})
+        outputs = self.session.run(None, {"input_ids": ids, **dict(zip(self.names, arrays))},
+                                   self._options(-1) if self.cuda_graphs else None)
         return outputs[0], outputs[1:]
 
-    # ---- CPU: NumPy state ----------------------------------------------------------------------
+    def _options(self, graph_id: int):
+        """Run options naming the CUDA graph to capture or replay (-1: run without one)."""
+        if graph_id not in self.run_options:
+            options = self.run_options[graph_id] = self.ort.RunOptions()
+            options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        return self.run_options[graph_id]
+
+    # ---- states --------------------------------------------------------------------------------
 
     def new_state(self, batch: int):
-        arrays = self._zeros(batch)
-        if self.device == "cpu":
-            return arrays
-        return [self._to_device(arrays), self._to_device(self._zeros(batch))]  # current, spare
+        if self.slots is None:
+            return self._zeros(batch)
+        handle, reused = self.slots.take(batch)
+        if reused:
+            slot = handle.slot
+            for values in slot.sets:
+                for value, zeros in zip(values, self._zeros(batch)):
+                    value.update_inplace(zeros)
+            slot.current = 0
+        return handle
 
     def clone_state(self, tensors):
-        if self.device == "cpu":
+        if self.slots is None:
             return [a.copy() for a in tensors]
-        return [self._to_device(self._to_host(tensors[0])), self._to_device(self._to_host(tensors[1]))]
+        copy = self.new_state(tensors.slot.ids.shape()[0])
+        self._write(copy.slot, self._read(tensors.slot))
+        return copy
+
+    def _new_slot(self, batch: int) -> _Slot:
+        ort = self.ort
+        self.graph_ids += 2
+        return _Slot([self._to_device(self._zeros(batch)), self._to_device(self._zeros(batch))],
+                     ort.OrtValue.ortvalue_from_shape_and_type([batch, 1], np.int64, self.value_device, 0),
+                     ort.OrtValue.ortvalue_from_shape_and_type([batch, self.vocab_size], np.float32,
+                                                               self.value_device, 0),
+                     (self.graph_ids - 1, self.graph_ids))
+
+    def _to_device(self, arrays):
+        return [self.ort.OrtValue.ortvalue_from_numpy(a, self.value_device, 0) for a in arrays]
+
+    @staticmethod
+    def _read(slot: _Slot) -> list[np.ndarray]:
+        return [v.numpy() for v in slot.sets[slot.current]]
+
+    @staticmethod
+    def _write(slot: _Slot, arrays) -> None:
+        """Into the live set, in place: graphs captured over the slot keep their addresses."""
+        for value, array in zip(slot.sets[slot.current], arrays):
+            value.update_inplace(np.ascontiguousarray(array))
+
+    # ---- steps ---------------------------------------------------------------------------------
 
     def step(self, ids: np.ndarray, tensors, rows: np.ndarray, batch: int) -> np.ndarray:
         whole = len(rows) == batch
-        if self.device == "cpu":
+        if self.slots is None:
             logits, new = self._run_host(ids, tensors if whole else [a[rows] for a in tensors])
             if whole:
                 tensors[:] = new
@@ -78,34 +153,47 @@ class OnnxRuntimeBackend:
                 for a, n in zip(tensors, new):
                     a[rows] = n
             return logits
+        slot = tensors.slot
+        if whole and ids.shape[1] == 1 and self.cuda_graphs:
+            return self._decode_graph(slot, ids)
         if whole:
-            return self._step_bound(ids, tensors)
+            return self._step_bound(slot, ids)
         # Rows of different lengths prefill one at a time; that path goes through the host.
-        current = self._to_host(tensors[0])
+        current = self._read(slot)
         logits, new = self._run_host(ids, [a[rows] for a in current])
         for a, n in zip(current, new):
             a[rows] = n
-        tensors[0] = self._to_device(current)
+        self._write(slot, current)
         return logits
 
-    # ---- CUDA: OrtValues and IOBinding ----------------------------------------------------------
+    def _bind_state(self, binding, slot: _Slot) -> None:
+        for name, value in zip(self.names, slot.sets[slot.current]):
+            binding.bind_ortvalue_input(name, value)
+        for name, value in zip(self.names, slot.sets[1 - slot.current]):
+            binding.bind_ortvalue_output(f"present.{name}", value)
 
-    def _to_device(self, arrays):
-        return [self.ort.OrtValue.ortvalue_from_numpy(a, "cuda", 0) for a in arrays]
-
-    @staticmethod
-    def _to_host(values):
-        return [v.numpy() for v in values]
-
-    def _step_bound(self, ids: np.ndarray, tensors) -> np.ndarray:
-        current, spare = tensors
+    def _step_bound(self, slot: _Slot, ids: np.ndarray) -> np.ndarray:
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", ids)
-        for name, value in zip(self.names, current):
-            binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
-        for name, value in zip(self.names, spare):
-            binding.bind_ortvalue_output(f"present.{name}", value)
-        self.session.run_with_iobinding(binding)
-        tensors[0], tensors[1] = spare, current
+        self._bind_state(binding, slot)
+        if self.cuda_graphs:
+            self.session.run_with_iobinding(binding, self._options(-1))
+        else:
+            self.session.run_with_iobinding(binding)
+        slot.current = 1 - slot.current
         return binding.copy_outputs_to_cpu()[0]
+
+    def _decode_graph(self, slot: _Slot, ids: np.ndarray) -> np.ndarray:
+        """ONNX Runtime runs a graph id normally a few times, then captures it, then replays it; every binding
+        (ids, logits, both state sets) stays at its address throughout."""
+        slot.ids.update_inplace(np.ascontiguousarray(ids, dtype=np.int64))
+        side = slot.current
+        if slot.bindings[side] is None:
+            binding = slot.bindings[side] = self.session.io_binding()
+            binding.bind_ortvalue_input("input_ids", slot.ids)
+            binding.bind_ortvalue_output("logits", slot.logits)
+            self._bind_state(binding, slot)
+        self.session.run_with_iobinding(slot.bindings[side], self._options(slot.graph_ids[side]))
+        slot.current = 1 - side
+        return slot.logits.numpy().copy()   # (a CPU OrtValue's numpy() is a view of the bound buffer)

@@ -25,3 +25,15 @@ def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torc
 def small_model():
     torch.manual_seed(0)
     return randomize(Qwen3NextForCausalLM(small_config())).eval()
+
+
+def eager_greedy(model, prompt_ids: list[int], steps: int, max_seq_len: int) -> list[int]:
+    """`steps` greedy tokens after the prompt, from the eager model with its inference state."""
+    seq = list(prompt_ids)
+    with torch.no_grad():
+        state = model.new_state(1, max_seq_len)
+        logits = model(torch.tensor([seq]), state)[0, -1]
+        for _ in range(steps):
+            seq.append(int(logits.argmax()))
+            logits = model(torch.tensor([[seq[-1]]]), state)[0, -1]
+    return seq[len(prompt_ids):]

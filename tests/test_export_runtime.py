@@ -269,3 +269,34 @@ def test_large_models_keep_weights_as_external_data(random_model, tmp_path, monk
     ids = np.random.default_rng(1).integers(0, 101, size=(1, 9))
     a, b = runtime.load(out), runtime.load(reference)
     np.testing.assert_allclose(a.prefill(ids, a.new_state(1)), b.prefill(ids, b.new_state(1)), rtol=1e-5, atol=1e-6)
+
+
+def test_onnxruntime_bound_state_logic_with_cpu_values(random_model):
+    """The CUDA path's bookkeeping (state slots, alternating sets, fixed IOBindings per CUDA graph id, ragged
+    prefill and clones through the host, slot reuse) run with CPU OrtValues: it must match the NumPy path."""
+    import gc
+    from runtime.slots import SlotPool
+    out = random_model[1]
+    plain, bound = runtime.load(out), runtime.load(out)
+    b = bound.backend
+    b.slots, b.value_device, b.cuda_graphs = SlotPool(b._new_slot), "cpu", True   # gpu_graph_id: ignored on CPU
+    ids = np.random.default_rng(2).integers(0, 101, size=(3, 30))
+    states = plain.new_state(3), bound.new_state(3)
+    for eng, st in zip((plain, bound), states):
+        eng.prefill(ids[:, :7], st)
+        eng.prefill([ids[0, 7:9], ids[1, 7:8], ids[2, 7:12]], st)
+    steps = [[e.decode(ids[:, t], st) for t in range(12, 18)] for e, st in zip((plain, bound), states)]
+    np.testing.assert_allclose(steps[1], steps[0], rtol=1e-5, atol=1e-6)
+    slot = states[1].tensors.slot
+    first = list(slot.bindings)
+    snapshot = states[1].clone()
+    after = bound.decode(ids[:, 18], states[1])
+    states[1].restore(snapshot)
+    np.testing.assert_array_equal(bound.decode(ids[:, 18], states[1]), after)
+    assert slot.bindings == first and None not in first     # bindings made once per set, then reused
+    del states, snapshot, slot
+    gc.collect()
+    made = b.graph_ids
+    reused = bound.new_state(3).tensors.slot
+    assert b.graph_ids == made       # a released slot came back (with the graph ids captured over it), zeroed
+    assert all(not v.numpy().any() for v in reused.sets[reused.current])

@@ -1,0 +1,330 @@
+"""Compiled backend: the artifact's `compiled` target as Inductor-compiled code, on CPU or CUDA.
+
+One compiled graph per shape the engine runs at: decode at each batch bucket (one token per row) and prefill of
+one row at each chunk length. A state of B rows lives in the buffers of the smallest bucket that holds B; the rows
+past B are padding that decode steps along with the real rows. Rows never mix in the model, and a padding row
+never outgrows a real one (both start empty, decode advances both, prefill only real rows), so padding changes
+nothing in real rows and never runs past capacity. A prompt runs as successive chunks, largest first, and what no
+chunk covers one token at a time (the batch-1 decode graph); with power-of-two chunks that is one call per bit of
+the prompt length, and no padding.
+
+Forms the artifact may hold (manifest target "forms"):
+  exported   prefill.pt2 / decode.pt2, the step as exported programs: compiled here with torch.compile, starting
+             warm from the artifact's compile cache (inductor-cache.bin) when torch and the processor match the
+             exporting machine's; otherwise a note, and a fresh compile
+  aoti       one AOTInductor package per shape (CPU artifacts): loads in milliseconds, with no compiler
+
+On CUDA each state's decode step is captured once as a CUDA graph over its fixed buffers (runtime/slots.py) and
+replayed; prefill calls the compiled code directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+
+from .engine import Engine
+from .manifest import ArtifactError, Manifest
+from .slots import SlotPool
+
+log = logging.getLogger("next_deploy.runtime")
+FORMS = ("exported", "aoti")
+ALIGNMENT = 16   # bytes; compiled CUDA code assumes inputs this aligned (a row of `lengths` is not)
+
+
+# ---- shapes, shared with export/compiled.py ------------------------------------------------------
+
+
+def default_decode_buckets(max_batch: int) -> list[int]:
+    """1, 2, 4, ... below max_batch, then max_batch."""
+    buckets = [1]
+    while buckets[-1] * 2 < max_batch:
+        buckets.append(buckets[-1] * 2)
+    return sorted({*buckets, max_batch})
+
+
+def default_prefill_chunks(max_seq_len: int, largest: int = 512) -> list[int]:
+    """2, 4, 8, ... up to `largest` (or max_seq_len): any prompt length is then a sum of distinct chunks and 1."""
+    chunks = [2]
+    while chunks[-1] * 2 <= min(largest, max_seq_len):
+        chunks.append(chunks[-1] * 2)
+    return chunks
+
+
+def compiled_shapes(buckets: list[int], chunks: list[int]) -> list[tuple[int, int]]:
+    """(batch, tokens) of every compiled graph: decode per bucket, then one-row prefill per chunk."""
+    return [(b, 1) for b in buckets] + [(1, c) for c in chunks]
+
+
+def shape_name(batch: int, tokens: int) -> str:
+    return f"decode-b{batch}" if tokens == 1 else f"prefill-t{tokens}"
+
+
+def chunk_lengths(tokens: int, chunks: list[int]) -> list[int]:
+    """Split a prompt into compiled chunk lengths, largest first; the rest runs a token at a time."""
+    out = []
+    for c in sorted(chunks, reverse=True):
+        n, tokens = divmod(tokens, c)
+        out += [c] * n
+    return out + [1] * tokens
+
+
+def fingerprint(device: str) -> dict:
+    """What compiled code depends on besides the graph: the torch build and the processor it was compiled for."""
+    import torch
+    if device == "cuda":
+        major, minor = torch.cuda.get_device_capability()
+        target = f"{torch.cuda.get_device_name()} (sm_{major}{minor})"
+    else:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+        target = f"CPU ({pick_vec_isa() or 'no vector extensions'})"
+    return {"torch": torch.__version__, "target": target}
+
+
+def missing_toolchain(device: str) -> str | None:
+    """Why Inductor cannot compile for `device` on this machine, or None when it can."""
+    if device == "cpu":
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        try:
+            get_cpp_compiler()
+        except Exception:
+            return "Inductor's CPU backend needs a C++ compiler and none works here (install g++, or set CXX)"
+        return None
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "Inductor's CUDA backend needs Triton (pip install triton)"
+    if not any(shutil.which(c) for c in (os.environ.get("CC") or "cc", "gcc", "clang")):
+        return "Triton needs a C compiler for its kernel launchers and none was found (install gcc, or set CC)"
+    return None
+
+
+def zeros_state(specs, batch: int, device):
+    import torch
+    return [torch.zeros([batch, *s.shape[1:]], dtype=getattr(torch, s.dtype), device=device) for s in specs]
+
+
+def compile_step(program, specs, batch: int, tokens: int, device, stream=None):
+    """torch.compile one shape of an exported step and run it once on scratch buffers, so that compiling (or
+    loading it from the cache) happens now. Export and runtime both compile through here: identical graphs and
+    options are what make the runtime's cache lookups hit."""
+    import torch
+    module = program.module()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    step = torch.compile(module, dynamic=False, fullgraph=True)
+    ids = torch.zeros(batch, tokens, dtype=torch.long, device=device)
+    with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):
+        step(ids, *zeros_state(specs, batch, device))
+    return step
+
+
+# ---- the backend ---------------------------------------------------------------------------------
+
+
+class _Slot:
+    """One bucket's fixed buffers: the state (real rows first, padding after) and the decode input ids; on CUDA
+    also the decode graph captured over them and its output."""
+
+    def __init__(self, tensors, ids):
+        self.tensors, self.ids = tensors, ids
+        self.graph = self.logits = None
+
+    @property
+    def bucket(self) -> int:
+        return self.ids.shape[0]
+
+    def buffers(self):
+        return [*self.tensors, self.ids]
+
+
+class CompiledBackend:
+    def __init__(self, directory: Path, manifest: Manifest, device: str, form: str = "auto",
+                 cuda_graphs: bool = True):
+        import torch
+        import model.kernels.ops  # noqa: F401  (registers the nextdeploy:: ops the programs call)
+
+        target = manifest.targets.get("compiled")
+        if target is None:
+            raise ArtifactError(f"{directory} has no compiled target (built: {', '.join(manifest.targets)}); "
+                                "re-export with --target compiled")
+        if device != manifest.device:
+            raise ArtifactError(f"{directory} was compiled for {manifest.device}; load it with "
+                                f"device='{manifest.device}', or re-export with --device {device}")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ArtifactError("device='cuda' needs a CUDA GPU and a CUDA build of torch")
+        self.torch = torch
+        self.device = torch.device(device)
+        self.specs = manifest.state
+        self.buckets, self.chunks = target["decode_buckets"], target["prefill_chunks"]
+        self.graphs = cuda_graphs and device == "cuda"
+        self.stream = torch.cuda.Stream() if device == "cuda" else None
+        self.form = self._choose_form(directory, target, form)
+        started = time.perf_counter()
+        self.steps = self._load_aoti(directory, target) if self.form == "aoti" else self._compile(directory, target)
+        self.load_seconds = time.perf_counter() - started
+        self.slots = SlotPool(self._new_slot)
+        self.staging: dict[int, object] = {}
+
+    # ---- loading ---------------------------------------------------------------------------------
+
+    def _choose_form(self, directory: Path, target: dict, form: str) -> str:
+        built, here = target["compiled_with"], fingerprint(self.device.type)
+        if form == "auto":
+            form = "aoti" if "aoti" in target["forms"] and built == here else "exported"
+        if form not in FORMS:
+            raise ArtifactError(f"unknown form {form!r}; use 'auto' or one of {', '.join(FORMS)}")
+        if form == "aoti":
+            if "aoti" not in target["forms"]:
+                raise ArtifactError(f"{directory} holds no AOTInductor packages (forms: "
+                                    f"{', '.join(target['forms'])}); load it with form='exported'")
+            if built != here:
+                raise ArtifactError(f"{directory}'s AOTInductor packages were compiled with torch {built['torch']} "
+                                    f"for {built['target']}, and this machine has torch {here['torch']} on "
+                                    f"{here['target']}; load with form='exported' to compile afresh, or re-export here")
+        else:
+            problem = missing_toolchain(self.device.type)
+            if problem:
+                raise ArtifactError(f"cannot compile {directory} on this machine: {problem}")
+        return form
+
+    def _programs(self, directory: Path, target: dict, built: dict, roles=("prefill", "decode")) -> dict:
+        torch = self.torch
+        try:
+            return {role: torch.export.load(str(directory / target["files"][role])) for role in roles}
+        except Exception as e:
+            raise ArtifactError(f"{directory} was exported with torch {built['torch']}, and this torch "
+                                f"({torch.__version__}) cannot load its programs ({type(e).__name__}: {e}); "
+                                "re-export with this torch") from e
+
+    def _compile(self, directory: Path, target: dict) -> dict:
+        torch = self.torch
+        built, here = target["compiled_with"], fingerprint(self.device.type)
+        shapes = compiled_shapes(self.buckets, self.chunks)
+        cache = target["files"].get("inductor_cache")
+        if cache and built == here:
+            torch.compiler.load_cache_artifacts((directory / cache).read_bytes())
+        elif cache:
+            log.warning("note: %s was compiled with torch %s for %s, and this machine has torch %s on %s, so its "
+                        "compile cache does not apply: compiling %d graphs afresh (minutes)", directory,
+                        built["torch"], built["target"], here["torch"], here["target"], len(shapes))
+        else:
+            log.warning("note: %s holds no compile cache for this machine: compiling %d graphs with Inductor "
+                        "(minutes)", directory, len(shapes))
+        programs = self._programs(directory, target, built)
+        return {(b, t): compile_step(programs["decode" if t == 1 else "prefill"], self.specs, b, t, self.device,
+                                     self.stream) for b, t in shapes}
+
+    def _load_aoti(self, directory: Path, target: dict) -> dict:
+        torch = self.torch
+        # The packages hold code only; every one runs on the same weights, those of the exported program.
+        program = self._programs(directory, target, target["compiled_with"], ["decode"])["decode"]
+        # user_managed: the runners use these tensors without a copy of their own, so the backend keeps them.
+        self.weights = weights = {**program.state_dict, **program.constants}
+        steps = {}
+        for b, t in compiled_shapes(self.buckets, self.chunks):
+            runner = torch._inductor.aoti_load_package(str(directory / target["files"][f"aoti:{shape_name(b, t)}"]))
+            runner.load_constants({k: weights[k] for k in runner.get_constant_fqns()}, check_full_update=True,
+                                  user_managed=True)
+            steps[(b, t)] = runner
+        return steps
+
+    # ---- states ----------------------------------------------------------------------------------
+
+    def _new_slot(self, bucket: int) -> _Slot:
+        torch = self.torch
+        return _Slot(zeros_state(self.specs, bucket, self.device),
+                     torch.zeros(bucket, 1, dtype=torch.long, device=self.device))
+
+    def new_state(self, batch: int):
+        bucket = next(b for b in self.buckets if b >= batch)   # the engine keeps batch <= max_batch, the last
+        handle, reused = self.slots.take(bucket)
+        if reused:
+            for t in handle.slot.buffers():
+                t.zero_()
+        return handle
+
+    def clone_state(self, handle):
+        copy, _ = self.slots.take(handle.slot.bucket)
+        for mine, theirs in zip(copy.slot.buffers(), handle.slot.buffers()):
+            mine.copy_(theirs)
+        return copy
+
+    # ---- steps -----------------------------------------------------------------------------------
+
+    def step(self, ids: np.ndarray, handle, rows: np.ndarray, batch: int) -> np.ndarray:
+        return self.step_on_device(ids, handle, rows, batch).cpu().numpy()
+
+    def step_on_device(self, ids: np.ndarray, handle, rows: np.ndarray, batch: int):
+        """Like step, but the logits stay on the device (float32 [len(rows), vocab])."""
+        with self.torch.no_grad():
+            if ids.shape[1] == 1 and len(rows) == batch:
+                return self._decode(handle.slot, ids[:, 0], batch)
+            return self.torch.cat([self._prefill(handle.slot, int(r), ids[i]) for i, r in enumerate(rows)])
+
+    def _decode(self, slot: _Slot, ids: np.ndarray, batch: int):
+        slot.ids[:batch, 0].copy_(self.torch.from_numpy(ids))
+        if not self.graphs:
+            return self.steps[(slot.bucket, 1)](slot.ids, *slot.tensors)[:batch]
+        if slot.graph is None:
+            self._capture(slot)
+        slot.graph.replay()
+        return slot.logits[:batch]
+
+    def _capture(self, slot: _Slot) -> None:
+        """Record the bucket's decode step over this slot's buffers. Capturing runs nothing; the step was warmed
+        up on this stream when it was compiled, so no lazy initialisation happens inside the capture. Each graph
+        keeps its own memory pool: graphs of different slots replay in any order."""
+        torch = self.torch
+        graph = torch.cuda.CUDAGraph()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.graph(graph, stream=self.stream):
+            logits = self.steps[(slot.bucket, 1)](slot.ids, *slot.tensors)
+        torch.cuda.current_stream().wait_stream(self.stream)
+        slot.graph, slot.logits = graph, logits
+
+    def _prefill(self, slot: _Slot, row: int, ids: np.ndarray):
+        torch = self.torch
+        views, staged = [], []
+        for i, t in enumerate(slot.tensors):
+            view = t[row:row + 1]
+            if view.data_ptr() % ALIGNMENT:
+                # Compiled code would copy a misaligned input and (in some torch versions) drop its update.
+                stage = self.staging.get(i)
+                if stage is None:
+                    stage = self.staging[i] = torch.empty_like(view)
+                stage.copy_(view)
+                staged.append((view, stage))
+                view = stage
+            views.append(view)
+        start = 0
+        for n in chunk_lengths(len(ids), self.chunks):
+            # Made [n] then [1, n]: compiled code is specialised on strides, and NumPy's size-1 strides vary.
+            chunk = torch.from_numpy(np.array(ids[start:start + n]))[None].to(self.device)
+            logits = self.steps[(1, n)](chunk, *views)
+            start += n
+        for view, stage in staged:
+            view.copy_(stage)
+        return logits
+
+
+class CompiledEngine(Engine):
+    """The engine API over the compiled backend; generate() samples on the device (runtime/device_sampling.py), so
+    only token ids leave it."""
+
+    def _sampler(self, sampling):
+        from .device_sampling import DeviceSampler
+        return DeviceSampler(sampling, self.backend.device)
+
+    def _next_logits(self, ids, state):
+        ids = self._check_ids(np.asarray(ids))
+        self._check_room(state, [len(ids)])
+        logits = self.backend.step_on_device(ids[None], state.tensors, np.zeros(1, dtype=np.int64), 1)
+        state.lengths += len(ids)
+        return logits[0]
