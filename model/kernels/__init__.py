@@ -44,6 +44,9 @@ def use_kernels(choice: str) -> None:
 
 
 def _announce(path: str) -> None:
+    # Inside torch.compile a log call would split the graph; the compiling caller says what it traced instead.
+    if torch.compiler.is_compiling():
+        return
     if path not in _logged:
         _logged.add(path)
         log.info("kernel path: %s", path)
