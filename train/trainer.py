@@ -109,8 +109,6 @@ class Trainer:
         # Compiled steps trace the reference kernels; fla's would split the graph (and cannot train on Hopper).
         kernels.use_kernels("torch" if self.compiled else cfg.kernels)
         self.cross_entropy = compiled_cross_entropy if self.compiled else cross_entropy
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls left outside autocast
         base = preset(cfg.preset, **cfg.model_overrides)
         self.tokenizer, self.data = self.processes.main_first(lambda: prepare(
             cfg.data, cfg.seq_len, base.vocab_size, cfg.tokenizer, Path(cfg.cache_dir), cfg.val_fraction))
