@@ -4,10 +4,4 @@
 # Table: tiny's tokens/s on 1 GPU and on 2 (DDP and FSDP) at the same global batch of 256 x 1024 (goal: >= 1.8x),
 # small on 2 GPUs with FSDP, and the 1- vs 2-GPU loss curves (goal: within bf16 noise, i.e. about the gap between
 # two identical 1-GPU runs, the last row); then the two-GPU test of tests/test_train_gpu.py.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-export NCCL_NVLS_ENABLE=0            # never NVLink multicast on these machines
-OUT="${OUT:-$(mktemp -d)}"
-mkdir -p "$OUT"
-python -m bench.train_speed two-gpu --out "$OUT/train_speed" --budget-s 400
-timeout 60 python -m pytest -q -rs tests/test_train_gpu.py -k two_gpus 2>&1 | tail -n 4 | tee "$OUT/test_train_gpu.txt"
+exec bash "$(dirname "$0")/gpu_check_train.sh" two-gpu

@@ -5,8 +5,10 @@ out-of-memory and world-size errors."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,10 +28,14 @@ RUN = ["--steps", "6", "--batch-size", "4", "--seq-len", "32", "--lr", "3e-3", "
        "--save-every", "3", "--eval-every", "3", "--sample-tokens", "0", "--device", "cpu"]
 
 
+def torchrun_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "train",
+            *args]
+
+
 def torchrun(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "train", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(torchrun_command(*args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -72,6 +78,24 @@ def test_fsdp_resumes_exactly_with_the_same_processes_and_refuses_others(tmp_pat
     err = capsys.readouterr().err
     assert "written by a run of 2 process(es) and this run has 1" in err
     assert "torchrun --nproc-per-node 2 -m train" in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_saves_once_at_a_step_all_processes_agree_on(tmp_path, corpus):
+    """Ctrl-C reaches torchrun, which passes it to each process at its own moment; they stop together."""
+    args = cli_args(tmp_path, corpus, "stopped", MICRO)
+    args[args.index("--steps") + 1] = args[args.index("--save-every") + 1] = "100000"
+    run = tmp_path / "stopped"
+    proc = subprocess.Popen(torchrun_command(*args), cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not ((run / "log.jsonl").is_file() and len(losses(run)) >= 4) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    steps = len(losses(run))
+    assert out.count("saved ") == 1 and f"interrupted at step {steps}; continue with: torchrun" in out
+    assert [p.name for p in (run / "checkpoints").iterdir()] == [f"step-{steps:07d}"]
 
 
 def test_world_size_must_divide_the_global_batch(tmp_path, corpus, monkeypatch):

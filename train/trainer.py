@@ -203,7 +203,10 @@ class Trainer:
 
     def loss(self, batch: np.ndarray) -> torch.Tensor:
         """The language-model loss of `batch` [rows, seq_len + 1] (this process's rows)."""
-        tokens = torch.from_numpy(batch).to(self.device)
+        tokens = torch.from_numpy(batch)
+        if self.device.type == "cuda":  # copied from pinned memory, the batch does not wait for queued GPU work
+            tokens = tokens.pin_memory()
+        tokens = tokens.to(self.device, non_blocking=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             logits = self.train_model(tokens[:, :-1])
         return self.cross_entropy(logits, tokens[:, 1:])
