@@ -59,7 +59,7 @@ def parse_args(argv):
     o.add_argument("--seed", type=int, default=d["seed"])
     r = p.add_argument_group("running")
     r.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out, with its "
-                   "settings (only --steps, intervals, --device and --kernels may change)")
+                   "settings (only --steps, intervals, --device, --kernels, --compile and --parallel may change)")
     r.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     r.add_argument("--kernels", choices=["auto", "torch"], help="auto: fla/causal-conv1d on CUDA when installed; "
                    "torch: the PyTorch reference everywhere")
