@@ -75,8 +75,8 @@ class Bench:
             result["status"] = f"skipped ({left:.0f} s of the budget left, needs ~{expect_s:.0f} s)"
             self.results.append(result)
             return result
-        launcher = [sys.executable, "-m", "train"] if gpus == 1 else \
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus), "-m", "train"]
+        launcher = [sys.executable, "-m", "train"] if gpus == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus), "-m", "train"]
         command = launcher + ["--out", str(run_dir), "--cache-dir", str(self.out / "cache"), "--sample-tokens", "0",
                               "--eval-every", "100000", "--save-every", "100000", "--log-every", "10"] + args
         result["command"] = " ".join(command)
@@ -193,8 +193,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("plan", choices=["one-gpu", "two-gpu"])
     parser.add_argument("--out", required=True, help="directory for the runs, their logs and the figures")
-    parser.add_argument("--budget-s", type=cli.real(0, lo_open=True), default=450, help="wall-clock budget for all runs "
-                        "(default: %(default)s); runs that would not fit are skipped")
+    parser.add_argument("--budget-s", type=cli.real(0, lo_open=True), default=450,
+                        help="wall-clock budget for all runs (default: %(default)s); runs that would not fit are skipped")
     args = parser.parse_args(argv)
     os.environ["NCCL_NVLS_ENABLE"] = "0"   # never NVLink multicast on the lent machines
     bench = Bench(Path(args.out), args.budget_s)
