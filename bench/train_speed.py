@@ -194,7 +194,8 @@ def main(argv=None) -> int:
     parser.add_argument("plan", choices=["one-gpu", "two-gpu"])
     parser.add_argument("--out", required=True, help="directory for the runs, their logs and the figures")
     parser.add_argument("--budget-s", type=cli.real(0, lo_open=True), default=450,
-                        help="wall-clock budget for all runs (default: %(default)s); runs that would not fit are skipped")
+                        help="wall-clock budget for all runs (default: %(default)s); runs that would not fit are "
+                        "skipped")
     args = parser.parse_args(argv)
     os.environ["NCCL_NVLS_ENABLE"] = "0"   # never NVLink multicast on the lent machines
     bench = Bench(Path(args.out), args.budget_s)
