@@ -140,14 +140,20 @@ def load_model(directory: str | os.PathLike, dtype: torch.dtype | None = None,
 
 def save_model(model, directory: str | os.PathLike) -> None:
     """Write config.json and model.safetensors, each atomically, in a layout transformers loads."""
+    save_state_dict(model.state_dict(), model.config, directory)
+
+
+def save_state_dict(state_dict: dict[str, torch.Tensor], config: Qwen3NextConfig,
+                    directory: str | os.PathLike) -> None:
+    """`save_model` for a state dict held apart from its model (e.g. gathered from a sharded one)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
     tensors = {k: v.contiguous() for k, v in unstack_experts(tensors).items()}
     with atomic_path(directory / WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
-    model.config.save(directory)
+    config.save(directory)
     # A sharded index left from an earlier save would shadow the file just written.
     (directory / INDEX).unlink(missing_ok=True)

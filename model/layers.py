@@ -149,12 +149,16 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
 
     def forward(self, x):
-        """x: [N, hidden] -> (weights [N, k] in x's dtype, expert indices [N, k])."""
-        probs = F.softmax(F.linear(x, self.weight), dim=-1, dtype=torch.float32)
+        """x: [N, hidden] -> (weights [N, k] in x's dtype, expert indices [N, k], logits [N, experts]).
+
+        The logits are returned for training's load-balancing loss, which must differentiate through this very
+        tensor: a recomputed copy would let that loss's backward run before a sharded layer is gathered again."""
+        logits = F.linear(x, self.weight)
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights.to(x.dtype), experts
+        return weights.to(x.dtype), experts, logits
 
 
 class Experts(nn.Module):
@@ -200,7 +204,7 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        weights, experts = self.gate(x)
+        weights, experts, _ = self.gate(x)
         routed = self.experts(x, weights, experts)
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return (routed + shared).reshape(shape)

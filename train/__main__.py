@@ -4,10 +4,15 @@ Examples:
   python -m train --out runs/tiny                          # tiny preset on the Python stdlib's source
   python -m train --data notes/ --out runs/n --steps 2000 --batch-size 16 --seq-len 512
   python -m train --out runs/tiny --resume --steps 600     # continue the latest checkpoint to step 600
+  torchrun --nproc-per-node 2 -m train --out runs/2gpu     # two GPUs share each batch (DDP or FSDP2)
 
 --out then holds config.json, model.safetensors and tokenizer.json (load them with
 Qwen3NextForCausalLM.from_pretrained or transformers), checkpoints/step-N/ with optimizer, RNG and
 data-position state for --resume, and log.jsonl with one record per step. Ctrl-C saves a checkpoint first.
+
+On CUDA each layer's training step is compiled (torch.compile; the first step takes a minute or two), AdamW is
+fused and the forward runs in bf16. Under torchrun every process trains on its slice of each batch, so
+--batch-size is the global micro-batch and a run on N GPUs follows the same data as one on a single GPU.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import logging
 import sys
 
+from model import cli
 from model.config import PRESETS
 
 
@@ -38,8 +44,13 @@ def parse_args(argv):
     m.add_argument("--model-config", metavar="JSON", help='overrides of preset fields, e.g. \'{"num_hidden_layers": 4}\'')
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, help=f"optimizer steps in total (default: {d['steps']})")
-    o.add_argument("--batch-size", type=int, default=d["batch_size"], help="sequences per micro-batch")
-    o.add_argument("--seq-len", type=int, default=d["seq_len"], help="tokens per sequence")
+    from .trainer import CPU_BATCH, GPU_BATCH
+    gpu = ", ".join(f"{name} {rows}" for name, (rows, _) in GPU_BATCH.items())
+    o.add_argument("--batch-size", type=cli.integer(1), help="sequences per micro-batch, over all processes "
+                   f"(default: {CPU_BATCH[0]} per process on CPU; per GPU: {gpu})")
+    gpu = ", ".join(f"{name} {tokens}" for name, (_, tokens) in GPU_BATCH.items())
+    o.add_argument("--seq-len", type=cli.integer(2), help=f"tokens per sequence (default: {CPU_BATCH[1]} on CPU; "
+                   f"on CUDA: {gpu})")
     o.add_argument("--grad-accum", type=int, default=d["grad_accum"], help="micro-batches per optimizer step")
     o.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate")
     o.add_argument("--warmup-steps", type=int, default=d["warmup_steps"])
@@ -48,10 +59,15 @@ def parse_args(argv):
     o.add_argument("--seed", type=int, default=d["seed"])
     r = p.add_argument_group("running")
     r.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out, with its "
-                   "settings (only --steps, intervals, --device and --kernels may change)")
+                   "settings (only --steps, intervals, --device, --kernels, --compile and --parallel may change)")
     r.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     r.add_argument("--kernels", choices=["auto", "torch"], help="auto: fla/causal-conv1d on CUDA when installed; "
                    "torch: the PyTorch reference everywhere")
+    r.add_argument("--compile", action=argparse.BooleanOptionalAction, help="compile each layer's training step "
+                   "with torch.compile, tracing the PyTorch reference kernels (default: on for CUDA, off for CPU)")
+    r.add_argument("--parallel", choices=["auto", "ddp", "fsdp"], help="under torchrun: ddp replicates the model, "
+                   "fsdp (FSDP2) shards parameters, gradients and optimizer state over the processes (default: auto, "
+                   "ddp below 100M parameters as for tiny, fsdp from there as for small and small-moe)")
     r.add_argument("--eval-every", type=int, help=f"steps between validation runs (default: {d['eval_every']})")
     r.add_argument("--save-every", type=int, help=f"steps between checkpoints (default: {d['save_every']})")
     r.add_argument("--log-every", type=int, help=f"steps between log lines (default: {d['log_every']})")
@@ -66,7 +82,8 @@ def build_config(args):
     from model.errors import CheckpointError, ConfigError
     from .trainer import TRAINER_STATE, TrainConfig, latest_checkpoint
 
-    runtime = {k: getattr(args, k) for k in ("steps", "eval_every", "save_every", "log_every", "device", "kernels")
+    runtime = {k: getattr(args, k) for k in ("steps", "eval_every", "save_every", "log_every", "device", "kernels",
+                                             "compile", "parallel")
                if getattr(args, k) is not None}
     if args.resume:
         ckpt = latest_checkpoint(Path(args.out))
@@ -88,30 +105,38 @@ def build_config(args):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     from model.errors import NextDeployError
     from model.generate import eager_step, generate_ids
+    from model.model import Qwen3NextForCausalLM
     from model.sampling import Sampler, SamplingConfig
-    from .trainer import Trainer
+    from . import distributed
+    from .trainer import Trainer, TrainingOutOfMemory
 
+    processes = distributed.Processes()
+    logging.basicConfig(level=logging.INFO if processes.is_main else logging.WARNING, format="%(message)s")
+    say = print if processes.is_main else (lambda *_, **__: None)
     try:
         trainer = Trainer(build_config(args))
         if args.resume:
-            print(f"resumed from {trainer.resume()} at step {trainer.step}", flush=True)
-        n = sum(p.numel() for p in trainer.model.parameters())
-        print(f"model: {trainer.cfg.preset}, {n / 1e6:.1f}M parameters on {trainer.device}; "
-              f"{trainer.data.num_train} training / {trainer.data.num_val} validation sequences of "
-              f"{trainer.cfg.seq_len} tokens", flush=True)
+            say(f"resumed from {trainer.resume()} at step {trainer.step}", flush=True)
+        say(f"model: {trainer.cfg.preset}, {trainer.num_parameters / 1e6:.1f}M parameters; {trainer.describe()}; "
+            f"{trainer.data.num_train} training / {trainer.data.num_val} validation sequences", flush=True)
         result = trainer.train()
     except NextDeployError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # Every process has the same settings and inputs, so rank 0 reports for all; running out of memory is
+        # each process's own.
+        if processes.is_main or isinstance(e, TrainingOutOfMemory):
+            print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"saved {result['checkpoint']} (and the model at the top of {args.out})")
+    distributed.stop()
+    say(f"saved {result['checkpoint']} (and the model at the top of {args.out})")
     if result["interrupted"]:
-        print(f"interrupted at step {trainer.step}; continue with: python -m train --out {args.out} --resume")
+        launcher = f"torchrun --nproc-per-node {processes.world_size} -m" if processes.distributed else "python -m"
+        say(f"interrupted at step {trainer.step}; continue with: {launcher} train --out {args.out} --resume")
         return 130
-    if trainer.cfg.sample_tokens:
-        model, tok = trainer.model.eval(), trainer.tokenizer
+    if trainer.cfg.sample_tokens and processes.is_main:
+        # The model just saved, as one plain module: the trained one may be sharded or compiled for training.
+        model, tok = Qwen3NextForCausalLM.from_pretrained(args.out, device=trainer.device), trainer.tokenizer
         state = model.new_state(1, trainer.cfg.sample_tokens + 8)
         prompt = "def "
         ids = generate_ids(eager_step(model, state), tok.encode(prompt), trainer.cfg.sample_tokens,
@@ -121,4 +146,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

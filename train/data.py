@@ -94,6 +94,7 @@ class PackedDataset:
                             f"--seq-len {self.seq_len}; add text or lower --seq-len")
         self.num_val = max(1, round(n * self.val_fraction))
         self.num_train = n - self.num_val
+        self._order_key, self._order = None, None
 
     def sequence(self, i: int) -> np.ndarray:
         return np.asarray(self.tokens[i * self.seq_len: (i + 1) * self.seq_len + 1], dtype=np.int64)
@@ -104,9 +105,15 @@ class PackedDataset:
         rows = []
         for p in range(position, position + batch_size):
             epoch, offset = divmod(p, self.num_train)
-            order = np.random.default_rng([seed, epoch]).permutation(self.num_train)
-            rows.append(self.sequence(int(order[offset])))
+            rows.append(self.sequence(int(self._epoch_order(seed, epoch)[offset])))
         return np.stack(rows)
+
+    def _epoch_order(self, seed: int, epoch: int) -> np.ndarray:
+        # One permutation per epoch, kept: drawing it for every row cost more than a GPU step on large corpora.
+        if self._order_key != (seed, epoch):
+            self._order = np.random.default_rng([seed, epoch]).permutation(self.num_train)
+            self._order_key = (seed, epoch)
+        return self._order
 
     def val_batches(self, batch_size: int, max_batches: int):
         ids = list(range(self.num_train, self.num_train + self.num_val))

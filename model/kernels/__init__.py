@@ -54,6 +54,9 @@ def selected() -> str:
 
 
 def _announce(path: str) -> None:
+    # Inside torch.compile a log call would split the graph; the compiling caller says what it traced instead.
+    if torch.compiler.is_compiling():
+        return
     if path not in _logged:
         _logged.add(path)
         log.info("kernel path: %s", path)

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Training speed (issue 12), about 8 minutes; details under $OUT when it is set, else a temporary directory.
+#   bash bench/gpu_check_train.sh        # one H100: tiny's tokens/s compiled and eager at the GPU defaults
+#                                        # (goal: >= 1,000,000 compiled), small's MFU (goal: >= 40%), today's
+#                                        # 16 x 512 eager setting if time is left; then tests/test_train_gpu.py
+#   bash bench/gpu_check_train_2gpu.sh   # two H200s: the same with `two-gpu` (see that script)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+plan="${1:-one-gpu}"
+export NCCL_NVLS_ENABLE=0            # never NVLink multicast on these machines
+OUT="${OUT:-$(mktemp -d)}"
+mkdir -p "$OUT"
+if [ "$plan" = two-gpu ]; then budget=400 tests="-k two_gpus" limit=60; else budget=370 tests="" limit=110; fi
+python -m bench.train_speed "$plan" --out "$OUT/train_speed" --budget-s "$budget"
+timeout "$limit" python -m pytest -q -rs tests/test_train_gpu.py $tests 2>&1 | tail -n 6 | tee "$OUT/test_train_gpu.txt"
