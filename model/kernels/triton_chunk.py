@@ -1,19 +1,22 @@
-"""Chunked gated delta rule for prefill, in two Triton kernels (reference: reference.gated_delta_rule_chunked).
+"""Chunked gated delta rule for prefill, in three Triton kernels (reference: reference.gated_delta_rule_chunked).
 
 Per value head the sequence is cut into chunks of 64 steps. With c the cumulative log-decay inside a chunk and
 S0 the state at its start, the chunk's writes U solve the unit-lower-triangular system
 
     (I + A) U = diag(beta) V - diag(beta * exp(c)) K S0,    A_ij = beta_i exp(c_i - c_j) k_i.k_j   (j < i)
 
+and its outputs and next state are  O = exp(c) Q S0 + (Q K^T * decay) U,  S = exp(c_last) S0 + (K exp(c_last - c))^T U.
+
 1. `chunk_solve_kernel`, one program per (chunk, batch row, value head), all in parallel: builds A in 16x16
    blocks and solves by block forward substitution (16-step substitution on the diagonal blocks, matrix products
    off the diagonal), storing U_v = (I + A)^-1 diag(beta) V and U_k = (I + A)^-1 diag(beta exp(c)) K, so that
    U = U_v - U_k S0 once S0 is known.
-2. `chunk_scan_kernel`, one program per (batch row, value head, block of value columns), walks the chunks in
-   order with the state in registers: U, the chunk's outputs exp(c) Q S0 + (Q K^T * decay) U, and the next state
-   exp(c_last) S0 + (K * exp(c_last - c))^T U, all as matrix products. Nothing per chunk but the output is
-   written, so memory traffic is the inputs, U_v / U_k and the output.
-q and k are l2-normalised inside both kernels; the state stays float32.
+2. `chunk_terms_kernel`, also in parallel: everything else that does not depend on S0 (normalised and decayed
+   q and k, the masked intra-chunk attention, the chunk's total decay).
+3. `chunk_scan_kernel`, one program per (batch row, value head, block of value columns), walks the chunks in
+   order with the state in registers, doing only the four matrix products that need it: the serial chain is
+   what bounds long prefills, so it holds nothing that could be computed ahead.
+The intermediates round-trip through one buffer in the input precision; the state stays float32.
 """
 
 from __future__ import annotations
@@ -168,13 +171,46 @@ def chunk_solve_kernel(
 
 
 @triton.jit
-def chunk_scan_kernel(
-    q, k, g, u, o, state, final_state,
+def chunk_terms_kernel(
+    q, k, g, w, decay,
     T, Hv, scale,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_gb, stride_gt,
-    stride_ub, stride_uh, stride_ut, stride_ob, stride_ot, stride_oh, stride_sb, stride_sh,
-    GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr,
+    stride_wb, stride_wh, stride_wt, stride_db, stride_dh,
+    GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+):
+    """Columns of w per step: [U_v (V) | U_k (K) | q exp(c) / sqrt(K) (K) | k exp(c_last - c) (K) | attn row (64)]."""
+    chunk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hv).to(tl.int64)
+    h = bh % Hv
+    kc = tl.arange(0, BK)
+    steps = tl.arange(0, 64)
+    rows = chunk * 64 + steps
+    live = rows < T
+    k_mask = live[:, None] & (kc[None, :] < K)
+    qn = _l2_normalize(tl.load(q + b * stride_qb + (h // GROUP) * stride_qh + rows[:, None] * stride_qt + kc[None, :],
+                               mask=k_mask, other=0.0).to(tl.float32)) * scale
+    kn = _l2_normalize(tl.load(k + b * stride_kb + (h // GROUP) * stride_kh + rows[:, None] * stride_kt + kc[None, :],
+                               mask=k_mask, other=0.0).to(tl.float32))
+    c = tl.cumsum(tl.load(g + b * stride_gb + h + rows * stride_gt, mask=live, other=0.0).to(tl.float32), axis=0)
+    c_last = tl.sum(tl.where(steps == 63, c, 0.0), axis=0)     # padded steps carry no decay
+    causal = steps[:, None] >= steps[None, :]
+    attn = tl.dot(qn, tl.trans(kn), input_precision="tf32x3")
+    attn = attn * tl.exp(tl.where(causal, c[:, None] - c[None, :], float("-inf")))
+    w_rows = w + b * stride_wb + h * stride_wh + rows[:, None] * stride_wt
+    dtype = w.dtype.element_ty
+    tl.store(w_rows + V + K + kc[None, :], (qn * tl.exp(c)[:, None]).to(dtype), mask=k_mask)
+    tl.store(w_rows + V + 2 * K + kc[None, :], (kn * tl.exp(c_last - c)[:, None]).to(dtype), mask=k_mask)
+    tl.store(w_rows + V + 3 * K + steps[None, :], attn.to(dtype), mask=live[:, None])
+    tl.store(decay + b * stride_db + h * stride_dh + chunk, tl.exp(c_last))
+
+
+@triton.jit
+def chunk_scan_kernel(
+    w, decay, o, state, final_state,
+    T, Hv,
+    stride_wb, stride_wh, stride_wt, stride_db, stride_dh, stride_ob, stride_ot, stride_oh, stride_sb, stride_sh,
+    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = (bh // Hv).to(tl.int64)
@@ -182,11 +218,9 @@ def chunk_scan_kernel(
     DOT_DTYPE: tl.constexpr = o.dtype.element_ty          # the model's precision
     kc = tl.arange(0, BK)
     vc = tl.program_id(1) * BV + tl.arange(0, BV)
-    q_ptr = q + b * stride_qb + (h // GROUP) * stride_qh
-    k_ptr = k + b * stride_kb + (h // GROUP) * stride_kh
-    g_ptr = g + b * stride_gb + h
-    u_ptr = u + b * stride_ub + h * stride_uh
+    w_ptr = w + b * stride_wb + h * stride_wh
     o_ptr = o + b * stride_ob + h * stride_oh
+    d_ptr = decay + b * stride_db + h * stride_dh
     s_offsets = kc[:, None] * V + vc[None, :]
     s_mask = (kc[:, None] < K) & (vc[None, :] < V)
     S = tl.load(state + b * stride_sb + h * stride_sh + s_offsets, mask=s_mask, other=0.0)
@@ -196,24 +230,18 @@ def chunk_scan_kernel(
     for t0 in range(0, T, 64):
         rows = t0 + steps
         live = rows < T
-        qn = _l2_normalize(tl.load(q_ptr + rows[:, None] * stride_qt + kc[None, :],
-                                   mask=live[:, None] & (kc[None, :] < K), other=0.0).to(tl.float32)) * scale
-        kn = _l2_normalize(tl.load(k_ptr + rows[:, None] * stride_kt + kc[None, :],
-                                   mask=live[:, None] & (kc[None, :] < K), other=0.0).to(tl.float32))
-        c = tl.cumsum(tl.load(g_ptr + rows * stride_gt, mask=live, other=0.0).to(tl.float32), axis=0)
-        u_v = tl.load(u_ptr + rows[:, None] * stride_ut + vc[None, :],
-                      mask=live[:, None] & (vc[None, :] < V), other=0.0).to(tl.float32)
-        u_k = tl.load(u_ptr + V + rows[:, None] * stride_ut + kc[None, :],
-                      mask=live[:, None] & (kc[None, :] < K), other=0.0).to(tl.float32)
+        k_mask = live[:, None] & (kc[None, :] < K)
+        v_mask = live[:, None] & (vc[None, :] < V)
+        w_rows = w_ptr + rows[:, None] * stride_wt
+        u_v = tl.load(w_rows + vc[None, :], mask=v_mask, other=0.0).to(tl.float32)
+        u_k = tl.load(w_rows + V + kc[None, :], mask=k_mask, other=0.0)
+        q_dec = tl.load(w_rows + V + K + kc[None, :], mask=k_mask, other=0.0)
+        k_end = tl.load(w_rows + V + 2 * K + kc[None, :], mask=k_mask, other=0.0)
+        attn = tl.load(w_rows + V + 3 * K + steps[None, :], mask=live[:, None] & causal, other=0.0)
         U = u_v - _dot(u_k, S, PREC, DOT_DTYPE)
-        decay = tl.exp(tl.where(causal, c[:, None] - c[None, :], float("-inf")))
-        attn = _dot(qn, tl.trans(kn), PREC, DOT_DTYPE) * decay
-        out = tl.exp(c)[:, None] * _dot(qn, S, PREC, DOT_DTYPE) + _dot(attn, U, PREC, DOT_DTYPE)
-        tl.store(o_ptr + rows[:, None] * stride_ot + vc[None, :], out.to(o.dtype.element_ty),
-                 mask=live[:, None] & (vc[None, :] < V))
-        c_last = tl.sum(tl.where(steps == 63, c, 0.0), axis=0)     # padded steps carry no decay
-        k_to_end = kn * tl.exp(c_last - c)[:, None]
-        S = tl.exp(c_last) * S + _dot(tl.trans(k_to_end), U, PREC, DOT_DTYPE)
+        out = _dot(q_dec, S, PREC, DOT_DTYPE) + _dot(attn, U, PREC, DOT_DTYPE)
+        tl.store(o_ptr + rows[:, None] * stride_ot + vc[None, :], out.to(o.dtype.element_ty), mask=v_mask)
+        S = tl.load(d_ptr + t0 // 64) * S + _dot(tl.trans(k_end), U, PREC, DOT_DTYPE)
     tl.store(final_state + b * stride_sb + h * stride_sh + s_offsets, S, mask=s_mask)
 
 
@@ -228,7 +256,7 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def gated_delta_rule(q, k, v, g, beta, initial_state, launch=None, block_v=None, num_warps=4, num_stages=None):
+def gated_delta_rule(q, k, v, g, beta, initial_state, launch=None, block_v=None, num_warps=4, num_stages=2):
     """The contract of reference.gated_delta_rule_chunked with the state given: q, k [B,T,Hk,K]; v [B,T,Hv,V];
     g, beta [B,T,Hv]; initial_state [B,Hv,K,V] float32. Inputs may be strided views (last dim contiguous).
     Returns (o [B,T,Hv,V] in v's dtype, final state [B,Hv,K,V] float32). `launch` wraps each kernel
@@ -241,24 +269,29 @@ def gated_delta_rule(q, k, v, g, beta, initial_state, launch=None, block_v=None,
     wrap = launch or (lambda kernel: kernel)
     prec = "tf32x3" if v.dtype == torch.float32 else "tf32"
     BK, BVfull = _block(K), _block(V)
-    # U_v / U_k round-trip through memory in the input precision (float32 inputs keep float32).
-    u = torch.empty(B, Hv, T, V + K, dtype=v.dtype, device=v.device)
     n_chunks = triton.cdiv(T, CHUNK)
+    # Everything the serial scan reads per step, in the input precision (float32 inputs keep float32).
+    w = torch.empty(B, Hv, T, V + 3 * K + CHUNK, dtype=v.dtype, device=v.device)
+    decay = torch.empty(B, Hv, n_chunks, dtype=torch.float32, device=v.device)
     wrap(chunk_solve_kernel)[(n_chunks, B * Hv)](
-        k, v, g, beta, u, T, Hv,
+        k, v, g, beta, w, T, Hv,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        g.stride(0), g.stride(1), beta.stride(0), beta.stride(1), u.stride(0), u.stride(1), u.stride(2),
+        g.stride(0), g.stride(1), beta.stride(0), beta.stride(1), w.stride(0), w.stride(1), w.stride(2),
         GROUP=Hv // Hk, K=K, V=V, BK=BK, BV=BVfull, PREC=prec, num_warps=4)
+    wrap(chunk_terms_kernel)[(n_chunks, B * Hv)](
+        q, k, g, w, decay, T, Hv, K**-0.5,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), g.stride(0), g.stride(1),
+        w.stride(0), w.stride(1), w.stride(2), decay.stride(0), decay.stride(1),
+        GROUP=Hv // Hk, K=K, V=V, BK=BK, num_warps=4)
     o = torch.empty(B, T, Hv, V, dtype=v.dtype, device=v.device)
     final = torch.empty(B, Hv, K, V, dtype=torch.float32, device=v.device)
     BV = block_v or min(BVfull, 64 if K <= 64 else 32)
     wrap(chunk_scan_kernel)[(B * Hv, triton.cdiv(V, BV))](
-        q, k, g, u, o, state, final, T, Hv, K**-0.5,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), g.stride(0), g.stride(1),
-        u.stride(0), u.stride(1), u.stride(2), o.stride(0), o.stride(1), o.stride(2), state.stride(0),
-        state.stride(1), GROUP=Hv // Hk, K=K, V=V, BK=BK, BV=BV, PREC=prec,
-        num_warps=num_warps,
-        # Software pipelining keeps a chunk of q, k and U per stage in shared memory: two stages fit the H100's
-        # 227 KB at these block sizes (three do not for K=128); one stage faulted on the H100 (Triton 3.6).
-        num_stages=num_stages or 2)
+        w, decay, o, state, final, T, Hv,
+        w.stride(0), w.stride(1), w.stride(2), decay.stride(0), decay.stride(1),
+        o.stride(0), o.stride(1), o.stride(2), state.stride(0), state.stride(1),
+        K=K, V=V, BK=BK, BV=BV, PREC=prec, num_warps=num_warps,
+        # Software pipelining keeps a chunk's operands per stage in shared memory; two stages fit the H100's
+        # 227 KB at these block sizes. (One stage faulted on the H100 with Triton 3.6.)
+        num_stages=num_stages)
     return o, final
