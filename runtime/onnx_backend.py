@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .manifest import ArtifactError, Manifest
+from .manifest import ArtifactError, Manifest, TensorSpec
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
+             "tensor(int64)": "int64"}
 
 
 def _import_ort():
@@ -45,7 +47,16 @@ class OnnxRuntimeBackend:
         providers = [cuda, "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(directory / target["files"]["model"]), options, providers=providers)
+        path = directory / target["files"]["model"]
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as e:  # ONNX Runtime raises its own exception types, one per status code
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ArtifactError(f"{path} cannot be loaded ({first_line}); the file is damaged or incomplete, "
+                                "rebuild the artifact with `python -m export`") from e
+        spec = lambda a: TensorSpec(a.name, list(a.shape), ORT_TYPES.get(a.type, a.type))  # noqa: E731
+        manifest.check_graph(str(path), [spec(a) for a in self.session.get_inputs()],
+                             [spec(a) for a in self.session.get_outputs()], named=True)
         self.ort = ort
 
     def _zeros(self, batch: int) -> list[np.ndarray]:
