@@ -1,7 +1,6 @@
 """Export and runtime with the inputs users get wrong: an --out that holds something else, signals half-way,
 damaged or edited artifacts, states from elsewhere. One small artifact, built for batch 1, serves the module."""
 
-import hashlib
 import io
 import json
 import re
@@ -11,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import runtime
@@ -19,31 +17,12 @@ from export.__main__ import main as export_main
 from model import CapacityError, Qwen3NextForCausalLM
 from model.tokenizer import Tokenizer
 from runtime import ArtifactError, InputError
-from tests.conftest import randomize, small_config
+from tests.conftest import ROOT, one_line_error, python_m, randomize, small_config, snapshot
 
 pytest.importorskip("onnxruntime", reason="the onnxruntime target needs onnxruntime (dev extra)")
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
 SMALL_EXPORT = ["--max-seq-len", "24", "--verify-tokens", "6"]
-
-
-def snapshot(directory: Path) -> dict:
-    """Every file under `directory` (hidden ones too) with its bytes' hash: compared before and after."""
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(directory.rglob("*"))}
-
-
-def python_m(*argv, **kw):
-    return subprocess.run([sys.executable, "-m", *map(str, argv)], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300, **kw)
-
-
-def one_line_error(result, code=2) -> str:
-    assert result.returncode == code and "Traceback" not in result.stderr, result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ")
-    return last
 
 
 @pytest.fixture(scope="module")

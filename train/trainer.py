@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pickle
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -18,6 +20,7 @@ from tqdm import tqdm
 
 from model import kernels
 from model.config import Qwen3NextConfig, preset
+from model.device import torch_device
 from model.errors import CheckpointError, ConfigError
 from model.io import atomic_directory
 from model.model import Qwen3NextForCausalLM
@@ -25,6 +28,10 @@ from model.model import Qwen3NextForCausalLM
 from .data import prepare
 
 TRAINER_STATE = "trainer_state.pt"
+LOG = "log.jsonl"
+# What a run writes at the top of --out beside checkpoints/ (save_pretrained and Tokenizer.save), and the log.
+RUN_FILES = (LOG, "config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json",
+             "tokenizer_config.json")
 
 
 @dataclass
@@ -62,17 +69,52 @@ class TrainConfig:
         return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def _checkpoints(out: Path) -> list[Path]:
+    return sorted(p for p in (out / "checkpoints").glob("step-*") if (p / TRAINER_STATE).exists())
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     found = sorted((out / "checkpoints").glob("step-*"))
     return found[-1] if found else None
+
+
+def is_run(out: Path) -> bool:
+    """Whether `out` holds a run of `python -m train`: a checkpoint or a training log."""
+    return bool(_checkpoints(out)) or (out / LOG).is_file()
+
+
+def clear_run(out: Path) -> None:
+    """Remove what an earlier run wrote in `out` (--overwrite), and nothing else."""
+    if not is_run(out):
+        return
+    for pattern in ("step-*", ".step-*"):   # checkpoints, and the temporary directories of interrupted saves
+        for checkpoint in (out / "checkpoints").glob(pattern):
+            shutil.rmtree(checkpoint)
+    if (out / "checkpoints").is_dir() and not any((out / "checkpoints").iterdir()):
+        (out / "checkpoints").rmdir()
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
+def read_trainer_state(checkpoint: Path) -> dict:
+    """The optimizer, RNG, data position and settings saved with a checkpoint."""
+    path = checkpoint / TRAINER_STATE
+    try:
+        state = torch.load(path, weights_only=False, map_location="cpu")
+        problem = None if isinstance(state, dict) and {"train_config", "step"} <= state.keys() else "not ours"
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        problem = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if problem:
+        raise CheckpointError(f"{path} is unreadable ({problem}); delete {checkpoint} to resume from the "
+                              "checkpoint before it")
+    return state
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.out = Path(cfg.out)
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
-                                   else cfg.device)
+        self.device = torch_device(cfg.device)
         kernels.use_kernels(cfg.kernels)
         base = preset(cfg.preset, **cfg.model_overrides)
         self.tokenizer, self.data = prepare(cfg.data, cfg.seq_len, base.vocab_size, cfg.tokenizer,
@@ -120,11 +162,7 @@ class Trainer:
         if path is None:
             raise CheckpointError(f"--resume: no checkpoint under {self.out / 'checkpoints'}; "
                                   "start without --resume or point --out at an earlier run")
-        try:
-            state = torch.load(path / TRAINER_STATE, weights_only=False, map_location="cpu")
-        except (OSError, RuntimeError, EOFError) as e:
-            raise CheckpointError(f"{path / TRAINER_STATE} is unreadable ({e}); delete {path} to resume from the "
-                                  "checkpoint before it") from e
+        state = read_trainer_state(path)
         saved = Qwen3NextForCausalLM.from_pretrained(path)
         if saved.config.to_dict() != self.model_config.to_dict():
             raise ConfigError(f"the checkpoint at {path} was trained with a different model config; resume with "
@@ -173,7 +211,7 @@ class Trainer:
         return total
 
     def log(self, record: dict) -> None:
-        with open(self.out / "log.jsonl", "a") as f:
+        with open(self.out / LOG, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def _request_stop(self, signum, frame):
