@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import runtime
 from export.__main__ import main as export_main
@@ -259,3 +260,12 @@ def test_max_new_tokens_beyond_capacity_is_capped_with_a_note(artifact):
     notes = r.stderr.strip().splitlines()
     assert r.returncode == 0 and r.stdout.startswith("def add")
     assert len(notes) == 1 and notes[0].startswith("note: 1000 new tokens do not fit; the state holds 24 tokens")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without CUDA gives")
+def test_cuda_on_a_machine_without_it_is_one_error(artifact, checkpoint):
+    from model.device import DeviceError
+    for backend in ("eager", "torch"):
+        with pytest.raises(DeviceError, match="needs a CUDA GPU"):
+            runtime.load(artifact, backend=backend, device="cuda")
+    assert "needs a CUDA GPU" in one_line_error(python_m("model.generate", checkpoint, "--device", "cuda"))
