@@ -13,9 +13,9 @@ from model import Qwen3NextForCausalLM, kernels
 from .errors import ExportError
 from .graph import StepModule, dynamic_shapes, example_batch, example_inputs
 
-# The opsets that export, pass onnx's checker and match the eager model in ONNX Runtime (1.31 / 1.32) with
-# torch 2.11 / 2.13: torch.onnx writes at least opset 18 whatever it is asked, and from 26 on its version
-# converter has no adapter for the Attention node.
+# The opsets that export, pass onnx's checker and match the eager model in ONNX Runtime, tried with torch 2.13,
+# onnx 1.23 and ONNX Runtime 1.32 (bench/gpu_check_opsets.sh tries them again): torch.onnx writes at least
+# opset 18 whatever it is asked, and from 26 on its version converter has no adapter for the Attention node.
 OPSETS = tuple(range(18, 26))
 DEFAULT_OPSET = 21
 EXTERNAL_DATA_BYTES = 1 << 30   # protobuf's 2 GiB ceiling, with room to spare

@@ -10,7 +10,7 @@ argparse types that refuse out-of-range numbers when the command line is parsed.
 (`| head`) to a quiet exit.
 
 Every CLI module also has `build_parser()`, which `main` calls, so that tests can walk every option of every
-command. Options whose 0 means something say what in their help, as "0: ..."; every help states the default.
+command. An option that accepts 0 says so in its help ("0: greedy", ">= 0"); every help states the default.
 """
 
 from __future__ import annotations
