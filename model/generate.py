@@ -89,10 +89,6 @@ def add_sampling_options(p: argparse.ArgumentParser, max_new_tokens: int) -> Non
                    help="sampling seed >= 0, for repeatable output (default: a fresh one each run)")
 
 
-def sampling_config(args: argparse.Namespace) -> SamplingConfig:
-    return SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m model.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                                                      dtype=getattr(torch, args.dtype) if args.dtype else None)
         tok = Tokenizer.load(args.checkpoint)
         tok.check_fits(model.config.vocab_size)
-        sampling = sampling_config(args)
+        sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
         new_step = lambda n: eager_step(model, model.new_state(1, n))  # noqa: E731
         print_stream(args.prompt, generate_text(tok, new_step, args.prompt, args.max_new_tokens,
                                                 model.config.max_position_embeddings, sampling))

@@ -174,6 +174,9 @@ class Manifest:
                 elif g.dtype != s.dtype or len(g.shape) != len(s.shape) or any(
                         isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(g.shape, s.shape)):
                     problem = f"{s.name} is {g.shape} {g.dtype} in the file, {s.shape} {s.dtype} in the manifest"
+                elif s.shape[:1] == ["batch"] and isinstance(g.shape[0], int) and g.shape[0] < self.max_batch:
+                    problem = f"{s.name} takes a batch of {g.shape[0]} only, the manifest's max_batch is " \
+                              f"{self.max_batch}"
             if problem:
                 raise ArtifactError(f"{file} does not match manifest.json ({problem}); the artifact was modified "
                                     "or assembled from different exports, rebuild it with `python -m export`")

@@ -23,6 +23,11 @@ def _import_ort():
     return ort
 
 
+def _spec(arg) -> TensorSpec:
+    """An ONNX Runtime graph input or output as the manifest describes tensors."""
+    return TensorSpec(arg.name, list(arg.shape), ORT_TYPES.get(arg.type, arg.type))
+
+
 class OnnxRuntimeBackend:
     def __init__(self, directory: Path, manifest: Manifest, device: str):
         ort = _import_ort()
@@ -54,9 +59,8 @@ class OnnxRuntimeBackend:
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ArtifactError(f"{path} cannot be loaded ({first_line}); the file is damaged or incomplete, "
                                 "rebuild the artifact with `python -m export`") from e
-        spec = lambda a: TensorSpec(a.name, list(a.shape), ORT_TYPES.get(a.type, a.type))  # noqa: E731
-        manifest.check_graph(str(path), [spec(a) for a in self.session.get_inputs()],
-                             [spec(a) for a in self.session.get_outputs()], named=True)
+        manifest.check_graph(str(path), [_spec(a) for a in self.session.get_inputs()],
+                             [_spec(a) for a in self.session.get_outputs()], named=True)
         self.ort = ort
 
     def _zeros(self, batch: int) -> list[np.ndarray]:

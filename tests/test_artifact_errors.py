@@ -197,6 +197,7 @@ def more_vocab(m):
      "conv_state.0 is .*float32 in the file.*float16"),
     (lambda m: change_state(m, "shape", lambda s: [*s[:3], 5], names=("recurrent_state",)),
      "recurrent_state.0 is .* in the file"),
+    (lambda m: m.update(max_batch=2), "input_ids takes a batch of 1 only, the manifest's max_batch is 2"),
 ])
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
 def test_a_manifest_that_no_longer_matches_the_graph_is_refused(copy, change, problem, backend):

@@ -198,6 +198,16 @@ def test_bad_artifacts(random_model, tmp_path):
         runtime.load(out, backend="tensorflow")
 
 
+def test_torch_programs_refuse_a_manifest_promising_a_larger_batch(random_model, tmp_path):
+    edited = tmp_path / "edited"
+    shutil.copytree(random_model[1], edited)
+    m = json.loads((edited / "manifest.json").read_text())
+    m["max_batch"] = 8
+    (edited / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="prefill.pt2 takes batches of at most 4, but manifest.json says 8"):
+        runtime.load(edited, backend="torch")
+
+
 def test_eager_backend_checks_the_checkpoint_hash(random_model, tmp_path):
     ckpt, out = random_model
     other = tmp_path / "other"
