@@ -69,10 +69,6 @@ class TrainConfig:
         return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _checkpoints(out: Path) -> list[Path]:
-    return sorted(p for p in (out / "checkpoints").glob("step-*") if (p / TRAINER_STATE).exists())
-
-
 def latest_checkpoint(out: Path) -> Path | None:
     found = sorted((out / "checkpoints").glob("step-*"))
     return found[-1] if found else None
@@ -80,7 +76,7 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def is_run(out: Path) -> bool:
     """Whether `out` holds a run of `python -m train`: a checkpoint or a training log."""
-    return bool(_checkpoints(out)) or (out / LOG).is_file()
+    return (out / LOG).is_file() or any((p / TRAINER_STATE).is_file() for p in (out / "checkpoints").glob("step-*"))
 
 
 def clear_run(out: Path) -> None:
