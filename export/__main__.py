@@ -23,8 +23,8 @@ from model import cli
 TARGETS = ("torch", "onnxruntime", "compiled")
 
 
-def parse_args(argv):
-    from .build import DEFAULT_OPSET
+def build_parser() -> argparse.ArgumentParser:
+    from .build import DEFAULT_OPSET, OPSETS
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="HF-format directory (config.json, model.safetensors, tokenizer.json)")
@@ -33,14 +33,16 @@ def parse_args(argv):
     p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not an earlier artifact")
     p.add_argument("--target", nargs="+", choices=TARGETS, default=["torch", "onnxruntime"],
                    help="what to build (default: torch onnxruntime; compiled takes minutes: one compile per shape)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device the artifact runs on")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="device the artifact runs on (default: %(default)s)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
-                   help="weights and activations (recurrent state is always float32)")
-    p.add_argument("--max-batch", type=int, default=8, help="largest batch the artifact accepts (default: %(default)s)")
-    p.add_argument("--max-seq-len", type=int, help="tokens per row the state holds, prompt plus generation "
-                   "(default: 2048, or the model's max_position_embeddings if smaller)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default: %(default)s; "
-                   "ONNX Runtime 1.31 accepts released opsets up to 26)")
+                   help="weights and activations; recurrent state is always float32 (default: %(default)s)")
+    p.add_argument("--max-batch", type=cli.integer(1), default=8,
+                   help="largest batch the artifact accepts (default: %(default)s)")
+    p.add_argument("--max-seq-len", type=cli.integer(3), help="tokens per row the state holds, prompt plus "
+                   "generation (default: 2048, or the model's max_position_embeddings if smaller)")
+    p.add_argument("--opset", type=int, choices=OPSETS, default=DEFAULT_OPSET, metavar=f"{OPSETS[0]}..{OPSETS[-1]}",
+                   help="ONNX opset of model.onnx (default: %(default)s)")
     p.add_argument("--onnx-gated-delta-op", choices=["LinearAttention", "GatedDeltaNet"],
                    help="ONNX Runtime node for the gated delta rule (default: LinearAttention, which runs on CPU "
                    "and CUDA; GatedDeltaNet fuses the q/k norm but runs on CUDA only)")
@@ -50,8 +52,9 @@ def parse_args(argv):
     p.add_argument("--prefill-chunks", nargs="+", type=cli.integer(2, 1 << 24), metavar="T",
                    help="compiled target: prompt lengths prefill is compiled for; a prompt runs as chunks, largest "
                    "first, then token by token (default: 2 4 8 ... 512, up to --max-seq-len)")
-    p.add_argument("--verify-tokens", type=int, default=48, help="tokens in the parity check (default: %(default)s)")
-    return p.parse_args(argv)
+    p.add_argument("--verify-tokens", type=cli.integer(2), default=48,
+                   help="tokens per row in the parity check, below --max-seq-len (default: %(default)s)")
+    return p
 
 
 class Stages:
@@ -76,10 +79,8 @@ class Stages:
 def validate(args, config):
     from .errors import ExportError
     from runtime.compiled_backend import default_decode_buckets, default_prefill_chunks, missing_toolchain
-    if args.max_batch < 1:
-        raise ExportError(f"--max-batch must be at least 1, got {args.max_batch}")
-    if not 2 <= args.max_seq_len <= config.max_position_embeddings:
-        raise ExportError(f"--max-seq-len must be in 2..{config.max_position_embeddings} (the model's "
+    if args.max_seq_len > config.max_position_embeddings:
+        raise ExportError(f"--max-seq-len must be at most {config.max_position_embeddings} (the model's "
                           f"max_position_embeddings), got {args.max_seq_len}")
     if args.verify_tokens + 1 > args.max_seq_len:
         raise ExportError(f"--verify-tokens ({args.verify_tokens}) must be below --max-seq-len ({args.max_seq_len})")
@@ -98,9 +99,8 @@ def validate(args, config):
                 __import__(module)
             except ImportError as e:
                 raise ExportError(f"--target onnxruntime needs {package}: pip install 'next-deploy[onnx]'") from e
-    import torch
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ExportError("--device cuda needs a CUDA GPU and a CUDA build of torch")
+    from model.device import torch_device
+    torch_device(args.device)
     if "compiled" in args.target:
         if any(b > args.max_batch for b in args.decode_buckets or []):
             raise ExportError(f"--decode-buckets {max(args.decode_buckets)} exceeds --max-batch {args.max_batch}; "
@@ -116,6 +116,17 @@ def validate(args, config):
             raise ExportError(f"--target compiled cannot compile for {args.device} here: {problem}")
 
 
+def check_tokenizer(checkpoint: Path, vocab_size: int) -> bool:
+    """Refuse a tokenizer with ids the model has no logits for; warn (and return False) when there is none."""
+    from model.tokenizer import TOKENIZER_FILE, Tokenizer
+    if not (checkpoint / TOKENIZER_FILE).is_file():
+        print(f"warning: {checkpoint} has no {TOKENIZER_FILE}; the artifact will take token ids only "
+              "(engine.generate and python -m runtime need a tokenizer)", file=sys.stderr)
+        return False
+    Tokenizer.load(checkpoint).check_fits(vocab_size)
+    return True
+
+
 def export(args) -> Path:
     import torch
     import runtime
@@ -124,7 +135,7 @@ def export(args) -> Path:
     from runtime.manifest import MANIFEST, Manifest, checkpoint_hash
     from . import build, compiled, verify
     from .onnx_lowering import DEFAULT_OP
-    from .graph import tensor_specs
+    from .graph import example_batch, tensor_specs
     from model import Qwen3NextConfig
     from model.checkpoint import checkpoint_directory
 
@@ -137,19 +148,20 @@ def export(args) -> Path:
     if args.max_seq_len is None:
         args.max_seq_len = min(2048, config.max_position_embeddings)
     validate(args, config)
+    checkpoint = Path(args.checkpoint).resolve()
+    has_tokenizer = check_tokenizer(checkpoint, config.vocab_size)
     # The compiled target shows one line per graph it compiles.
     graphs = len(args.decode_buckets) + len(args.prefill_chunks) if "compiled" in args.target else 0
     stage = Stages(2 + 2 * len(args.target) + graphs)
     with stage("loading the checkpoint"):
         model = Qwen3NextForCausalLM.from_pretrained(args.checkpoint, dtype=getattr(torch, args.dtype),
                                                      device=args.device)
-    checkpoint = Path(args.checkpoint).resolve()
     inputs, outputs, state = tensor_specs(model, args.max_seq_len, "sequence")
     manifest = Manifest(model_config=model.config.to_dict(), dtype=args.dtype, device=args.device,
                         max_batch=args.max_batch, max_seq_len=args.max_seq_len, targets={}, inputs=inputs,
                         outputs=outputs, state=state, source={"path": str(checkpoint),
                                                               "sha256": checkpoint_hash(checkpoint)},
-                        tokenizer="tokenizer.json" if (checkpoint / "tokenizer.json").is_file() else None)
+                        tokenizer="tokenizer.json" if has_tokenizer else None)
     with atomic_directory(out) as tmp:
         if manifest.tokenizer:
             shutil.copy(checkpoint / "tokenizer.json", tmp / "tokenizer.json")
@@ -171,7 +183,7 @@ def export(args) -> Path:
                     manifest.targets[target] = build.export_onnx(cpu_model, tmp, op, args.max_batch,
                                                                  args.max_seq_len, args.opset)
         (tmp / MANIFEST).write_text(manifest.to_json())
-        tokens = verify.fixed_tokens(model.config.vocab_size, args.verify_tokens + 1)
+        tokens = verify.fixed_tokens(model.config.vocab_size, args.verify_tokens + 1)[:example_batch(args.max_batch)]
         with stage("computing eager reference logits"):
             expected = verify.reference_logits(model, tokens)[:, args.verify_tokens // 2 - 1:-1]
         for target in args.target:
@@ -179,7 +191,8 @@ def export(args) -> Path:
                 engine = runtime.load(tmp, backend=target, device=args.device)
                 got = verify.run_engine_teacher_forced(engine, tokens, args.verify_tokens // 2)
                 figures = verify.compare(got, expected)
-                figures.update(prefill_tokens=args.verify_tokens // 2, decode_steps=got.shape[1] - 1, batch=2)
+                figures.update(prefill_tokens=args.verify_tokens // 2, decode_steps=got.shape[1] - 1,
+                               batch=len(tokens))
                 manifest.parity[target] = figures
                 verify.check(figures, args.dtype, target)
         (tmp / MANIFEST).write_text(manifest.to_json())
@@ -194,7 +207,7 @@ def export(args) -> Path:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     from model.errors import NextDeployError
     try:
         out = export(args)

@@ -10,9 +10,13 @@ import torch
 
 from model import Qwen3NextForCausalLM, kernels
 
-from .graph import StepModule, dynamic_shapes, example_inputs
+from .errors import ExportError
+from .graph import StepModule, dynamic_shapes, example_batch, example_inputs
 
-# ONNX Runtime 1.31 accepts released opsets only; 27 (which standardises the contrib ops) is not one yet.
+# The opsets that export, pass onnx's checker and match the eager model in ONNX Runtime, tried with torch 2.13,
+# onnx 1.23 and ONNX Runtime 1.32 (bench/gpu_check_opsets.sh tries them again): torch.onnx writes at least
+# opset 18 whatever it is asked, and from 26 on its version converter has no adapter for the Attention node.
+OPSETS = tuple(range(18, 26))
 DEFAULT_OPSET = 21
 EXTERNAL_DATA_BYTES = 1 << 30   # protobuf's 2 GiB ceiling, with room to spare
 
@@ -22,7 +26,7 @@ def export_torch(model: Qwen3NextForCausalLM, out: Path, max_batch: int, max_seq
     step = StepModule(model).eval()
     files = {}
     for name, seq, decode in (("prefill", 3, False), ("decode", 1, True)):
-        ids, state = example_inputs(model, 2, seq, max_seq_len)
+        ids, state = example_inputs(model, example_batch(max_batch), seq, max_seq_len)
         tensors = state.tensors()
         with torch.no_grad():
             program = torch.export.export(step, (ids, *tensors),
@@ -40,7 +44,7 @@ def export_onnx(model: Qwen3NextForCausalLM, out: Path, gated_delta_op: str, max
 
     lowering = LOWERINGS[gated_delta_op]
     step = StepModule(model).eval()
-    ids, state = example_inputs(model, 2, 3, max_seq_len)
+    ids, state = example_inputs(model, example_batch(max_batch), 3, max_seq_len)
     tensors, names = state.tensors(), state.names()
     shapes = dynamic_shapes(len(tensors), max_batch, max_seq_len, decode=False)
     with torch.no_grad(), kernels.lowered_to(lowering), warnings.catch_warnings():
@@ -54,6 +58,10 @@ def export_onnx(model: Qwen3NextForCausalLM, out: Path, gated_delta_op: str, max
     external = weight_bytes > EXTERNAL_DATA_BYTES
     program.save(str(out / "model.onnx"), external_data=external)
     onnx.checker.check_model(str(out / "model.onnx"), full_check=False)
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    written = next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
+    if written != opset:   # the manifest must say what the file holds
+        raise ExportError(f"torch.onnx wrote opset {written} when asked for {opset}; pass --opset {written}")
     files = {"model": "model.onnx"}
     if external:
         files["weights"] = "model.onnx.data"

@@ -51,10 +51,17 @@ def example_inputs(model: Qwen3NextForCausalLM, batch: int, seq: int, max_seq_le
     return ids, state
 
 
+def example_batch(max_batch: int) -> int:
+    """Batch of the example inputs: 2, so that torch.export does not specialise the batch to 1, unless the
+    artifact takes batch 1 only (then the batch is static)."""
+    return min(2, max_batch)
+
+
 def dynamic_shapes(num_state: int, max_batch: int, max_seq_len: int, decode: bool):
-    batch = torch.export.Dim("batch", min=1, max=max_batch)
-    ids = {0: batch} if decode else {0: batch, 1: torch.export.Dim("sequence", min=2, max=max_seq_len)}
-    return ids, tuple({0: batch} for _ in range(num_state))
+    # torch.export refuses a Dim whose min equals its max, so a batch of at most 1 stays static.
+    batch = {0: torch.export.Dim("batch", min=1, max=max_batch)} if max_batch > 1 else {}
+    ids = batch if decode else {**batch, 1: torch.export.Dim("sequence", min=2, max=max_seq_len)}
+    return ids, tuple(batch for _ in range(num_state))
 
 
 def tensor_specs(model: Qwen3NextForCausalLM, max_seq_len: int, sequence: str | int):

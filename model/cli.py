@@ -5,9 +5,12 @@ argparse types that refuse out-of-range numbers when the command line is parsed.
     if __name__ == "__main__":
         cli.run(main)
 
-`run` maps a NextDeployError to `error: ...` (exit 2), Ctrl-C and SIGTERM to `interrupted` (exit 130 / 143)
-after every `finally` block has run (temporary directories are removed), and a closed stdout (`| head`) to a
-quiet exit.
+`run` maps a NextDeployError to `error: ...` (exit 2), Ctrl-C and SIGTERM to `interrupted` / `terminated`
+(exit 130 / 143) after every `finally` block has run (temporary directories are removed), and a closed stdout
+(`| head`) to a quiet exit.
+
+Every CLI module also has `build_parser()`, which `main` calls, so that tests can walk every option of every
+command. An option that accepts 0 says so in its help ("0: greedy", ">= 0"); every help states the default.
 """
 
 from __future__ import annotations
@@ -22,11 +25,14 @@ from collections.abc import Callable
 from .errors import NextDeployError
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that cleanup code runs the same way."""
+class Terminated(BaseException):
+    """SIGTERM, raised so that `finally` blocks run. Not a KeyboardInterrupt: code that treats Ctrl-C as "stop
+    this and carry on" (an interactive prompt) must not swallow a request to end the process."""
 
 
 def _raise_terminated(signum, frame):
+    # One request is enough: a second SIGTERM while cleanup runs must not cut the cleanup short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated()
 
 
@@ -36,6 +42,8 @@ def run(main: Callable[[], int]) -> None:
         signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         code = main()
+    except SystemExit as e:   # argparse's --help and usage errors: their output may meet a closed pipe too
+        code = e.code
     except NextDeployError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2

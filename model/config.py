@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
+from .fields import type_problems
+
+# Sizes and counts that must be at least 1 (those of the experts only when the model has experts).
+_AT_LEAST_ONE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "max_position_embeddings", "linear_key_head_dim",
+                 "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads", "full_attention_interval")
+_AT_LEAST_ONE_MOE = ("moe_intermediate_size", "shared_expert_intermediate_size", "decoder_sparse_step")
 
 
 @dataclass
@@ -50,12 +58,35 @@ class Qwen3NextConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self):
+        problems = type_problems(type(self), dataclasses.asdict(self))
+        if problems:
+            raise ConfigError("invalid model config: " + "; ".join(problems))
+        self._check_ranges()
         if self.layer_types is None:
             self.layer_types = [
                 "full_attention" if (i + 1) % self.full_attention_interval == 0 else "linear_attention"
                 for i in range(self.num_hidden_layers)
             ]
         self.validate()
+
+    def _check_ranges(self) -> None:
+        """Sizes, counts and factors that would otherwise divide by zero or build empty layers."""
+        problems = [f"{name} must be at least 1, got {getattr(self, name)}" for name in _AT_LEAST_ONE
+                    if getattr(self, name) < 1]
+        if self.num_experts:
+            problems += [f"{name} must be at least 1 with num_experts > 0, got {getattr(self, name)}"
+                         for name in _AT_LEAST_ONE_MOE if getattr(self, name) < 1]
+        if self.num_experts < 0:
+            problems.append(f"num_experts must be 0 (dense) or more, got {self.num_experts}")
+        if self.linear_conv_kernel_dim < 2:
+            problems.append(f"linear_conv_kernel_dim must be at least 2, got {self.linear_conv_kernel_dim}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.partial_rotary_factor <= 1:
+            problems.append(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
+        if problems:
+            raise ConfigError("invalid model config: " + "; ".join(problems))
 
     def validate(self) -> None:
         problems = []
@@ -72,6 +103,9 @@ class Qwen3NextConfig:
             problems.append(f"head_dim * partial_rotary_factor = {self.rotary_dim} must be even and at most head_dim")
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
             problems.append(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_experts ({self.num_experts})")
+        outside = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
+        if outside:
+            problems.append(f"mlp_only_layers {outside} are not layer indices (0..{self.num_hidden_layers - 1})")
         if self.hidden_act != "silu":
             problems.append(f"hidden_act {self.hidden_act!r} is not supported; Qwen3-Next uses 'silu'")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -113,12 +147,17 @@ class Qwen3NextConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Qwen3NextConfig":
+        """From config.json's contents. Keys this model does not use (transformers writes many) are ignored."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a model config is a JSON object of fields, got {type(d).__name__}")
         d = dict(d)
         model_type = d.pop("model_type", "qwen3_next")
         if model_type != "qwen3_next":
             raise ConfigError(f"config.json has model_type {model_type!r}; this project loads 'qwen3_next' models")
         # rope settings sit at top level in transformers 4.x and under rope_parameters in 5.x.
         rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None) or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"rope_parameters should be an object, got {rope!r}")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
             raise ConfigError(f"rope_type {rope_type!r} is not supported; only 'default' RoPE is implemented")
@@ -181,4 +220,10 @@ PRESETS: dict[str, dict] = {
 def preset(name: str, **overrides) -> Qwen3NextConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    known = {f.name for f in dataclasses.fields(Qwen3NextConfig)}
+    for key in overrides:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"the fields are {', '.join(sorted(known))}"
+            raise ConfigError(f"unknown model config field {key!r}; {hint}")
     return Qwen3NextConfig(**{**PRESETS[name], **overrides})

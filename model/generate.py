@@ -6,13 +6,17 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
+from . import cli
 from .errors import CapacityError, NextDeployError
 from .sampling import Sampler, SamplingConfig
+
+log = logging.getLogger(__name__)
 
 
 def generate_ids(step: Callable[[list[int]], np.ndarray], prompt_ids: list[int], max_new_tokens: int,
@@ -43,6 +47,9 @@ def generate_text(tokenizer, new_step: Callable[[int], Callable[[list[int]], np.
         raise CapacityError(f"the prompt is {len(prompt_ids)} tokens but at most {max_seq_len - 1} fit with room "
                             "to generate (the model's context, or the artifact's --max-seq-len); shorten the prompt")
     budget = min(max_new_tokens, max_seq_len - len(prompt_ids))
+    if budget < max_new_tokens:   # (with no logging set up, Python prints a warning's bare message on stderr)
+        log.warning(f"note: {max_new_tokens} new tokens do not fit; the state holds {max_seq_len} tokens and the "
+                    f"prompt takes {len(prompt_ids)}, so at most {budget} are generated")
     stop_ids = set(stop) if stop is not None else {tokenizer.eos_id} - {None}
     step = new_step(len(prompt_ids) + budget)
     # Returned, not yielded from: the checks above run at the call, before any output is written.
@@ -67,27 +74,44 @@ def eager_step(model, state) -> Callable[[list[int]], np.ndarray]:
     return step
 
 
-def main(argv: list[str] | None = None) -> int:
+def add_sampling_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """The generation options `python -m model.generate` and `python -m runtime` share."""
+    p.add_argument("--max-new-tokens", type=cli.integer(1), default=max_new_tokens, help="tokens to generate at "
+                   "most; capped, with a note, at what fits after the prompt (default: %(default)s)")
+    p.add_argument("--temperature", type=cli.real(0), default=0.8,
+                   help="sampling temperature (0: greedy decoding; default: %(default)s)")
+    p.add_argument("--top-k", type=cli.integer(0), default=0,
+                   help="sample among the k most likely tokens (0: all; default: %(default)s)")
+    p.add_argument("--top-p", type=cli.real(0, 1, lo_open=True), default=0.95,
+                   help="nucleus sampling mass, in (0, 1] (default: %(default)s)")
+    p.add_argument("--repetition-penalty", type=cli.real(0, lo_open=True), default=1.0,
+                   help="above 1 discourages tokens already in the text (default: %(default)s)")
+    p.add_argument("--seed", type=cli.integer(0), default=None,
+                   help="sampling seed >= 0, for repeatable output (default: a fresh one each run)")
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m model.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="HF-format directory with config.json, model.safetensors, tokenizer.json")
     p.add_argument("--prompt", default="def ", help="text to continue (default: %(default)r)")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_sampling_options(p, max_new_tokens=100)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default: as stored)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         import torch
+        from .device import torch_device
         from .model import Qwen3NextForCausalLM
         from .tokenizer import Tokenizer
 
-        model = Qwen3NextForCausalLM.from_pretrained(args.checkpoint, device=args.device,
+        device = torch_device(args.device)
+        model = Qwen3NextForCausalLM.from_pretrained(args.checkpoint, device=device,
                                                      dtype=getattr(torch, args.dtype) if args.dtype else None)
         tok = Tokenizer.load(args.checkpoint)
         tok.check_fits(model.config.vocab_size)
@@ -102,4 +126,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

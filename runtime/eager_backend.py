@@ -13,6 +13,7 @@ class EagerBackend:
     def __init__(self, manifest: Manifest, device: str, checkpoint: str | None):
         import torch
         from model import Qwen3NextForCausalLM
+        from model.device import torch_device
 
         path = Path(checkpoint or manifest.source["path"])
         if not path.is_dir():
@@ -21,6 +22,7 @@ class EagerBackend:
         if checkpoint_hash(path) != manifest.source["sha256"]:
             raise ArtifactError(f"{path} is not the checkpoint this artifact was exported from (its hash differs); "
                                 "pass the original checkpoint or re-export from this one")
+        device = torch_device(device)
         dtype = getattr(torch, manifest.dtype)
         self.torch = torch
         self.model = Qwen3NextForCausalLM.from_pretrained(path, dtype=dtype, device=device)

@@ -43,6 +43,10 @@ class State:
 
     def restore(self, snapshot: "State") -> None:
         """Make this state equal to `snapshot` (which is left unchanged)."""
+        self.engine.check_state(snapshot)
+        if snapshot.batch_size != self.batch_size:
+            raise InputError(f"the snapshot holds {snapshot.batch_size} rows and this state {self.batch_size}; "
+                             "restore a snapshot taken (with clone()) from a state of the same batch size")
         copy = snapshot.clone()
         self.tensors, self.lengths = copy.tensors, copy.lengths
 
@@ -65,6 +69,15 @@ class Engine:
 
     # ---- steps ---------------------------------------------------------------------------------
 
+    def check_state(self, state: State) -> None:
+        """Another engine's state has another backend's buffers, and possibly another shape or capacity."""
+        if not isinstance(state, State):
+            raise InputError(f"expected a State from this engine's new_state(), got a {type(state).__name__}")
+        if state.engine is not self:
+            raise InputError(f"this state was made by another engine ({state.engine.directory}, "
+                             f"{type(state.engine.backend).__name__}); make states for this engine with its "
+                             "new_state()")
+
     def _check_ids(self, ids: np.ndarray) -> np.ndarray:
         if ids.dtype.kind not in "iu":
             raise InputError(f"token ids must be integers, got an array of {ids.dtype}")
@@ -86,6 +99,7 @@ class Engine:
     def prefill(self, token_ids, state: State) -> np.ndarray:
         """Feed each row's tokens, continuing from `state`. `token_ids`: [B, T] array, or B lists of any lengths
         (rows of different lengths run one at a time). Returns each row's last-position logits [B, vocab]."""
+        self.check_state(state)
         rows = [np.asarray(r) for r in token_ids] if not isinstance(token_ids, np.ndarray) else list(token_ids)
         if len(rows) != state.batch_size:
             raise InputError(f"got {len(rows)} rows of tokens for a state of {state.batch_size} rows")
@@ -99,6 +113,7 @@ class Engine:
 
     def decode(self, next_ids, state: State) -> np.ndarray:
         """One token per row ([B] or [B, 1]) -> logits [B, vocab]."""
+        self.check_state(state)
         ids = np.asarray(next_ids)
         if ids.ndim == 2 and ids.shape[1] == 1:
             ids = ids[:, 0]

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .manifest import ArtifactError, Manifest
+from .manifest import ArtifactError, Manifest, TensorSpec
 from .slots import SlotPool
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
+             "tensor(int64)": "int64"}
 log = logging.getLogger("next_deploy.runtime")
 
 
@@ -26,6 +28,11 @@ def _import_ort():
         raise ArtifactError("the onnxruntime backend needs ONNX Runtime: pip install onnxruntime "
                             "(or onnxruntime-gpu for device='cuda')") from e
     return ort
+
+
+def _spec(arg) -> TensorSpec:
+    """An ONNX Runtime graph input or output as the manifest describes tensors."""
+    return TensorSpec(arg.name, list(arg.shape), ORT_TYPES.get(arg.type, arg.type))
 
 
 class _Slot:
@@ -76,7 +83,14 @@ class OnnxRuntimeBackend:
         if not self.cuda_graphs:
             providers = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"] if device == "cuda" else \
                 ["CPUExecutionProvider"]
-            self.session = ort.InferenceSession(path, options, providers=providers)
+            try:
+                self.session = ort.InferenceSession(path, options, providers=providers)
+            except Exception as e:  # ONNX Runtime raises its own exception types, one per status code
+                first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ArtifactError(f"{path} cannot be loaded ({first_line}); the file is damaged or incomplete, "
+                                    "rebuild the artifact with `python -m export`") from e
+        manifest.check_graph(path, [_spec(a) for a in self.session.get_inputs()],
+                             [_spec(a) for a in self.session.get_outputs()], named=True)
         # CUDA: state in slots of OrtValues on `value_device` (a test binds CPU OrtValues to check the logic)
         self.slots = SlotPool(self._new_slot) if device == "cuda" else None
         self.value_device = "cuda"

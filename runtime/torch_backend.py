@@ -2,28 +2,61 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
-from .manifest import ArtifactError, Manifest
+from .manifest import ArtifactError, Manifest, TensorSpec
+
+
+def load_program(path: Path, manifest: Manifest):
+    """An ExportedProgram whose signature is the manifest's, or an ArtifactError naming the file."""
+    import torch
+
+    log = logging.getLogger("torch.export")
+    level = log.level
+    log.setLevel(logging.CRITICAL)   # it logs a traceback before raising on a damaged file
+    try:
+        program = torch.export.load(str(path))
+    except Exception as e:  # a damaged zip surfaces as RuntimeError, BadZipFile, KeyError, ...
+        raise ArtifactError(f"{path} cannot be loaded ({type(e).__name__}); the file is damaged or incomplete, "
+                            "rebuild the artifact with `python -m export`") from e
+    finally:
+        log.setLevel(level)
+    signature = program.graph_signature
+    nodes = {n.name: n for n in program.graph.nodes}
+    output = next(n for n in program.graph.nodes if n.op == "output").args[0]
+    user_outputs = set(signature.user_outputs)
+
+    def spec(value):
+        return TensorSpec("", [d if isinstance(d, int) else None for d in value.shape],
+                          str(value.dtype).removeprefix("torch."))
+    inputs = [nodes[name].meta["val"] for name in signature.user_inputs]
+    manifest.check_graph(str(path), [spec(v) for v in inputs],
+                         [spec(n.meta["val"]) for n in output if n.name in user_outputs], named=False)
+    batch = inputs[0].shape[0]
+    largest = batch if isinstance(batch, int) else program.range_constraints[batch.node.expr].upper
+    if largest < manifest.max_batch:
+        raise ArtifactError(f"{path} takes batches of at most {largest}, but manifest.json says {manifest.max_batch}; "
+                            "the artifact was modified, rebuild it with `python -m export`")
+    return program
 
 
 class TorchExportBackend:
     def __init__(self, directory: Path, manifest: Manifest, device: str):
-        import torch
         import model.kernels.ops  # noqa: F401  (registers nextdeploy:: ops the programs call)
+        import torch
+        from model.device import torch_device
 
         target = manifest.targets.get("torch")
         if target is None:
             raise ArtifactError(f"{directory} has no torch target (built: {', '.join(manifest.targets)}); "
                                 "re-export with --target torch")
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ArtifactError("device='cuda' needs a CUDA GPU and a CUDA build of torch")
         self.torch = torch
-        self.device = torch.device(device)
+        self.device = torch_device(device)
         self.specs = manifest.state
-        self.programs = {role: torch.export.load(str(directory / name)).module()
+        self.programs = {role: load_program(directory / name, manifest).module()
                          for role, name in target["files"].items()}
 
     def new_state(self, batch: int):

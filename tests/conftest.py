@@ -1,7 +1,14 @@
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from model import Qwen3NextConfig, Qwen3NextForCausalLM
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SMALL = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
@@ -37,3 +44,23 @@ def eager_greedy(model, prompt_ids: list[int], steps: int, max_seq_len: int) -> 
             seq.append(int(logits.argmax()))
             logits = model(torch.tensor([[seq[-1]]]), state)[0, -1]
     return seq[len(prompt_ids):]
+
+
+def snapshot(directory: Path) -> dict:
+    """Every file under `directory` (hidden ones too) with its bytes' hash: compared before and after."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(directory.rglob("*"))}
+
+
+def python_m(*argv, **kw) -> subprocess.CompletedProcess:
+    """`python -m ...` as a user runs it, from the repository root."""
+    return subprocess.run([sys.executable, "-m", *map(str, argv)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300, **kw)
+
+
+def one_line_error(result: subprocess.CompletedProcess, code: int = 2) -> str:
+    """The command failed with `code`, no traceback, and its last line is the error; returns that line."""
+    assert result.returncode == code and "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ")
+    return last

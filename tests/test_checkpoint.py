@@ -86,6 +86,38 @@ def test_invalid_configs_name_the_problem(tmp_path):
         small_config(eos_token_id=500)
 
 
+@pytest.mark.parametrize("fields,problem", [
+    ({"num_attention_heads": 0}, "num_attention_heads must be at least 1"),
+    ({"linear_num_key_heads": 0}, "linear_num_key_heads must be at least 1"),
+    ({"num_hidden_layers": "4"}, "num_hidden_layers should be a whole number, got '4'"),
+    ({"hidden_size": 64.0}, "hidden_size should be a whole number"),
+    ({"tie_word_embeddings": 1}, "tie_word_embeddings should be true or false"),
+    ({"layer_types": "linear_attention"}, "layer_types should be a list of strings or null"),
+    ({"rms_norm_eps": 0}, "rms_norm_eps must be > 0"),
+    ({"num_experts": 4, "moe_intermediate_size": 0}, "moe_intermediate_size must be at least 1"),
+    ({"mlp_only_layers": [7]}, r"mlp_only_layers \[7\] are not layer indices"),
+    ({"rope_parameters": "default"}, "rope_parameters should be an object"),
+])
+def test_config_json_of_the_wrong_shape_is_named(tmp_path, fields, problem):
+    (tmp_path / "config.json").write_text(json.dumps({**small_config().to_dict(), **fields}))
+    with pytest.raises(ConfigError, match=problem):
+        Qwen3NextConfig.load(tmp_path)
+
+
+def test_config_json_must_be_an_object_and_unknown_keys_are_ignored(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="JSON object of fields, got list"):
+        Qwen3NextConfig.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**small_config().to_dict(), "transformers_version": "5.0"}))
+    assert Qwen3NextConfig.load(tmp_path) == small_config()
+
+
+def test_preset_overrides_name_an_unknown_field():
+    from model import preset
+    with pytest.raises(ConfigError, match="unknown model config field 'num_layers'; did you mean 'num_hidden_layers'"):
+        preset("tiny", num_layers=2)
+
+
 def test_mtp_weights_are_ignored(tmp_path):
     model = saved(tmp_path)
     tensors = read_safetensors(tmp_path)

@@ -120,6 +120,15 @@ def test_clone_and_restore_give_identical_continuations(random_model):
     assert snapshot.lengths.tolist() == [6]
 
 
+def test_restore_refuses_a_snapshot_of_another_batch_size(random_model):
+    engine = runtime.load(random_model[1])
+    state, other = engine.new_state(1), engine.new_state(2)
+    engine.prefill([[1, 2]], state)
+    with pytest.raises(InputError, match="the snapshot holds 2 rows and this state 1"):
+        state.restore(other.clone())
+    assert state.lengths.tolist() == [2] and state.batch_size == 1
+
+
 def test_trained_tiny_greedy_tokens_identical_for_64_steps(trained_tiny):
     ckpt, out = trained_tiny
     tok = Tokenizer.load(out)
@@ -189,6 +198,16 @@ def test_bad_artifacts(random_model, tmp_path):
         runtime.load(out, backend="tensorflow")
 
 
+def test_torch_programs_refuse_a_manifest_promising_a_larger_batch(random_model, tmp_path):
+    edited = tmp_path / "edited"
+    shutil.copytree(random_model[1], edited)
+    m = json.loads((edited / "manifest.json").read_text())
+    m["max_batch"] = 8
+    (edited / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="prefill.pt2 takes batches of at most 4, but manifest.json says 8"):
+        runtime.load(edited, backend="torch")
+
+
 def test_eager_backend_checks_the_checkpoint_hash(random_model, tmp_path):
     ckpt, out = random_model
     other = tmp_path / "other"
@@ -250,8 +269,6 @@ def test_export_option_errors(random_model, tmp_path, capsys):
     if not torch.cuda.is_available():
         assert export_main([str(ckpt), "--out", out, "--device", "cuda"]) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().err
-    assert export_main([str(ckpt), "--out", out, "--max-batch", "0"]) == 2
-    assert "--max-batch" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

@@ -39,5 +39,6 @@ def test_cli_errors_name_the_fix(checkpoint, tmp_path, capsys):
     assert "shorten the prompt" in capsys.readouterr().err
     assert main([str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert main([str(checkpoint), "--top-p", "0"]) == 2
-    assert "top_p" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:   # refused when parsed
+        main([str(checkpoint), "--top-p", "0"])
+    assert refused.value.code == 2 and "--top-p: must be in (0, 1]" in capsys.readouterr().err

@@ -27,23 +27,30 @@ from model import cli
 from model.config import PRESETS
 
 
-def parse_args(argv):
+def build_parser() -> argparse.ArgumentParser:
+    from model import cli
     from .trainer import TrainConfig
     d = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     p = argparse.ArgumentParser(prog="python -m train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("data and output")
     io.add_argument("--data", help="a text file or a directory of text files (default: the Python stdlib's source)")
-    io.add_argument("--out", required=True, help="output directory for the model and its checkpoints")
+    io.add_argument("--out", required=True, help="directory for the model and its checkpoints: a new or empty one, "
+                    "or an earlier run with --resume or --overwrite")
+    io.add_argument("--overwrite", action="store_true", help="start afresh in --out even if it holds a run (its "
+                    "checkpoints, log.jsonl and model files are deleted) or other files (left alone)")
     io.add_argument("--tokenizer", help="an existing tokenizer.json (default: train a byte-level BPE on the corpus)")
     io.add_argument("--cache-dir", default=d["cache_dir"], help="where tokenizers and token streams are cached "
                     "(default: %(default)s)")
-    io.add_argument("--val-fraction", type=float, default=d["val_fraction"], help="held-out share of sequences")
+    io.add_argument("--val-fraction", type=cli.real(0, 0.5), default=d["val_fraction"],
+                    help="held-out share of sequences, at most 0.5 (0: a single sequence; default: %(default)s)")
     m = p.add_argument_group("model")
     m.add_argument("--preset", default=d["preset"], choices=sorted(PRESETS), help="model size (default: %(default)s)")
-    m.add_argument("--model-config", metavar="JSON", help='overrides of preset fields, e.g. \'{"num_hidden_layers": 4}\'')
+    m.add_argument("--model-config", metavar="JSON", help='overrides of preset fields, e.g. \'{"num_hidden_layers": 4}\' '
+                   "(default: none)")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--steps", type=int, help=f"optimizer steps in total (default: {d['steps']})")
+    o.add_argument("--steps", type=cli.integer(1), help=f"optimizer steps in total (default: {d['steps']}, or the "
+                   "resumed run's)")
     from .trainer import CPU_BATCH, GPU_BATCH
     gpu = ", ".join(f"{name} {rows}" for name, (rows, _) in GPU_BATCH.items())
     o.add_argument("--batch-size", type=cli.integer(1), help="sequences per micro-batch, over all processes "
@@ -51,36 +58,58 @@ def parse_args(argv):
     gpu = ", ".join(f"{name} {tokens}" for name, (_, tokens) in GPU_BATCH.items())
     o.add_argument("--seq-len", type=cli.integer(2), help=f"tokens per sequence (default: {CPU_BATCH[1]} on CPU; "
                    f"on CUDA: {gpu})")
-    o.add_argument("--grad-accum", type=int, default=d["grad_accum"], help="micro-batches per optimizer step")
-    o.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate")
-    o.add_argument("--warmup-steps", type=int, default=d["warmup_steps"])
-    o.add_argument("--weight-decay", type=float, default=d["weight_decay"])
-    o.add_argument("--grad-clip", type=float, default=d["grad_clip"])
-    o.add_argument("--seed", type=int, default=d["seed"])
+    o.add_argument("--grad-accum", type=cli.integer(1), default=d["grad_accum"],
+                   help="micro-batches per optimizer step (default: %(default)s)")
+    o.add_argument("--lr", type=cli.real(0, lo_open=True), default=d["lr"], help="peak learning rate (default: "
+                   "%(default)s)")
+    o.add_argument("--warmup-steps", type=cli.integer(0), default=d["warmup_steps"],
+                   help="steps of linear warmup to --lr (0: none; default: %(default)s)")
+    o.add_argument("--weight-decay", type=cli.real(0), default=d["weight_decay"],
+                   help="AdamW weight decay (0: none; default: %(default)s)")
+    o.add_argument("--grad-clip", type=cli.real(0, lo_open=True), default=d["grad_clip"],
+                   help="largest gradient norm; larger gradients are scaled down (default: %(default)s)")
+    o.add_argument("--seed", type=cli.integer(0), default=d["seed"],
+                   help="seed for weights and data order, >= 0 (default: %(default)s)")
     r = p.add_argument_group("running")
     r.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out, with its "
                    "settings (only --steps, intervals, --device, --kernels, --compile and --parallel may change)")
     r.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     r.add_argument("--kernels", choices=["auto", "torch"], help="auto: fla/causal-conv1d on CUDA when installed; "
-                   "torch: the PyTorch reference everywhere")
+                   "torch: the PyTorch reference everywhere (default: auto)")
     r.add_argument("--compile", action=argparse.BooleanOptionalAction, help="compile each layer's training step "
                    "with torch.compile, tracing the PyTorch reference kernels (default: on for CUDA, off for CPU)")
     r.add_argument("--parallel", choices=["auto", "ddp", "fsdp"], help="under torchrun: ddp replicates the model, "
                    "fsdp (FSDP2) shards parameters, gradients and optimizer state over the processes (default: auto, "
                    "ddp below 100M parameters as for tiny, fsdp from there as for small and small-moe)")
-    r.add_argument("--eval-every", type=int, help=f"steps between validation runs (default: {d['eval_every']})")
-    r.add_argument("--save-every", type=int, help=f"steps between checkpoints (default: {d['save_every']})")
-    r.add_argument("--log-every", type=int, help=f"steps between log lines (default: {d['log_every']})")
-    r.add_argument("--sample-tokens", type=int, default=d["sample_tokens"],
-                   help="tokens to sample from the trained model at the end (0: none)")
-    return p.parse_args(argv)
+    r.add_argument("--eval-every", type=cli.integer(1),
+                   help=f"steps between validation runs (default: {d['eval_every']})")
+    r.add_argument("--save-every", type=cli.integer(1), help=f"steps between checkpoints (default: {d['save_every']})")
+    r.add_argument("--log-every", type=cli.integer(1), help=f"steps between log lines (default: {d['log_every']})")
+    r.add_argument("--sample-tokens", type=cli.integer(0), default=d["sample_tokens"],
+                   help="tokens to sample from the trained model at the end (0: none; default: %(default)s)")
+    return p
+
+
+def check_out(args) -> None:
+    """--out must not lose an earlier run: refuse it, continue it (--resume) or clear it (--overwrite)."""
+    from pathlib import Path
+    from model.io import OutputDirError, check_output_dir
+    from .trainer import is_run
+
+    out = Path(args.out)
+    if args.resume and args.overwrite:
+        raise OutputDirError("--resume continues the run in --out and --overwrite starts it afresh; pass one")
+    if not args.resume and not args.overwrite and is_run(out):
+        raise OutputDirError(f"--out {out} holds a training run; continue it with --resume, choose another --out, "
+                             "or pass --overwrite to start afresh there (deleting its checkpoints)")
+    check_output_dir(out, what="training run", ours=is_run, overwrite=args.overwrite, in_place=True,
+                     sources=[x for x in (args.data, args.tokenizer) if x])
 
 
 def build_config(args):
     from pathlib import Path
-    import torch
     from model.errors import CheckpointError, ConfigError
-    from .trainer import TRAINER_STATE, TrainConfig, latest_checkpoint
+    from .trainer import TrainConfig, latest_checkpoint, read_trainer_state
 
     runtime = {k: getattr(args, k) for k in ("steps", "eval_every", "save_every", "log_every", "device", "kernels",
                                              "compile", "parallel")
@@ -90,35 +119,46 @@ def build_config(args):
         if ckpt is None:
             raise CheckpointError(f"--resume: no checkpoint under {Path(args.out) / 'checkpoints'}; "
                                   "start without --resume or point --out at an earlier run")
-        saved = torch.load(ckpt / TRAINER_STATE, weights_only=False, map_location="cpu")["train_config"]
-        return TrainConfig(**{**saved, **runtime})
+        # --out decides where a resumed run writes, wherever the run was first written (it may have moved).
+        return TrainConfig(**{**read_trainer_state(ckpt)["train_config"], **runtime, "out": args.out})
     try:
         overrides = json.loads(args.model_config) if args.model_config else {}
     except json.JSONDecodeError as e:
         raise ConfigError(f"--model-config is not valid JSON ({e})") from e
-    return TrainConfig(out=args.out, data=args.data, preset=args.preset, model_overrides=overrides,
-                       tokenizer=args.tokenizer, cache_dir=args.cache_dir, batch_size=args.batch_size,
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"--model-config must be a JSON object of config fields, got {args.model_config}")
+
+    def absolute(path):   # a resumed run may start from another directory
+        return str(Path(path).resolve()) if path else None
+    return TrainConfig(out=args.out, data=absolute(args.data), preset=args.preset, model_overrides=overrides,
+                       tokenizer=absolute(args.tokenizer), cache_dir=args.cache_dir, batch_size=args.batch_size,
                        seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup_steps,
                        weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
                        val_fraction=args.val_fraction, sample_tokens=args.sample_tokens, **runtime)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    from model.errors import NextDeployError
+    args = build_parser().parse_args(argv)
+    from model.errors import ConfigError, NextDeployError
     from model.generate import eager_step, generate_ids
     from model.model import Qwen3NextForCausalLM
     from model.sampling import Sampler, SamplingConfig
     from . import distributed
-    from .trainer import Trainer, TrainingOutOfMemory
+    from .trainer import Trainer, TrainingOutOfMemory, clear_run
 
     processes = distributed.Processes()
     logging.basicConfig(level=logging.INFO if processes.is_main else logging.WARNING, format="%(message)s")
     say = print if processes.is_main else (lambda *_, **__: None)
     try:
+        check_out(args)
         trainer = Trainer(build_config(args))
         if args.resume:
             say(f"resumed from {trainer.resume()} at step {trainer.step}", flush=True)
+            if trainer.step >= trainer.cfg.steps:
+                raise ConfigError(f"the run is at step {trainer.step} of its {trainer.cfg.steps}; pass a larger "
+                                  "--steps to train further")
+        elif args.overwrite and processes.is_main:
+            clear_run(trainer.out)
         say(f"model: {trainer.cfg.preset}, {trainer.num_parameters / 1e6:.1f}M parameters; {trainer.describe()}; "
             f"{trainer.data.num_train} training / {trainer.data.num_val} validation sequences", flush=True)
         result = trainer.train()

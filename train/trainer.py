@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pickle
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from tqdm import tqdm
 from model import kernels
 from model.checkpoint import save_state_dict
 from model.config import Qwen3NextConfig, preset
+from model.device import torch_device
 from model.errors import CheckpointError, ConfigError, NextDeployError
 from model.io import atomic_directory
 from model.model import Qwen3NextForCausalLM
@@ -33,6 +36,10 @@ from .data import prepare
 from .moe import RouterLogits
 
 TRAINER_STATE = "trainer_state.pt"
+LOG = "log.jsonl"
+# What a run writes at the top of --out beside checkpoints/ (save_pretrained and Tokenizer.save), and the log.
+RUN_FILES = (LOG, "config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json",
+             "tokenizer_config.json")
 CPU_BATCH = (8, 128)  # sequences per process, tokens per sequence
 # Per GPU: about the most tokens per step that fit an 80 GB GPU with room to spare (compiled or not).
 GPU_BATCH = {"tiny": (128, 1024), "small": (8, 2048), "small-moe": (8, 2048)}
@@ -97,11 +104,42 @@ def sized_for(cfg: TrainConfig, device: torch.device, processes: int) -> TrainCo
     return cfg
 
 
+def is_run(out: Path) -> bool:
+    """Whether `out` holds a run of `python -m train`: a checkpoint or a training log."""
+    return (out / LOG).is_file() or any((p / TRAINER_STATE).is_file() for p in (out / "checkpoints").glob("step-*"))
+
+
+def clear_run(out: Path) -> None:
+    """Remove what an earlier run wrote in `out` (--overwrite), and nothing else."""
+    if not is_run(out):
+        return
+    for pattern in ("step-*", ".step-*"):   # checkpoints, and the temporary directories of interrupted saves
+        for checkpoint in (out / "checkpoints").glob(pattern):
+            shutil.rmtree(checkpoint)
+    if (out / "checkpoints").is_dir() and not any((out / "checkpoints").iterdir()):
+        (out / "checkpoints").rmdir()
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
+def read_trainer_state(checkpoint: Path) -> dict:
+    """The optimizer, RNG, data position and settings saved with a checkpoint."""
+    path = checkpoint / TRAINER_STATE
+    try:
+        state = torch.load(path, weights_only=False, map_location="cpu")
+        problem = None if isinstance(state, dict) and {"train_config", "step"} <= state.keys() else "not ours"
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        problem = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if problem:
+        raise CheckpointError(f"{path} is unreadable ({problem}); delete {checkpoint} to resume from the "
+                              "checkpoint before it")
+    return state
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.processes = distributed.Processes()
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
-                              else cfg.device)
+        device = torch_device(cfg.device)
         self.cfg = cfg = sized_for(cfg, device, self.processes.world_size)
         self.out = Path(cfg.out)
         self.device = self.processes.start(device)
@@ -172,11 +210,7 @@ class Trainer:
         if path is None:
             raise CheckpointError(f"--resume: no checkpoint under {self.out / 'checkpoints'}; "
                                   "start without --resume or point --out at an earlier run")
-        try:
-            state = torch.load(path / TRAINER_STATE, weights_only=False, map_location="cpu")
-        except (OSError, RuntimeError, EOFError) as e:
-            raise CheckpointError(f"{path / TRAINER_STATE} is unreadable ({e}); delete {path} to resume from the "
-                                  "checkpoint before it") from e
+        state = read_trainer_state(path)
         saved_world = state.get("world_size", 1)
         if saved_world != self.processes.world_size:
             again = "python -m" if saved_world == 1 else f"torchrun --nproc-per-node {saved_world} -m"
@@ -261,7 +295,7 @@ class Trainer:
 
     def log(self, record: dict) -> None:
         if self.processes.is_main:
-            with open(self.out / "log.jsonl", "a") as f:
+            with open(self.out / LOG, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def say(self, text: str) -> None:
