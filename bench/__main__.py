@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batches", nargs="+", type=cli.integer(1), default=d["batches"], metavar="B",
                    help=f"decode batch sizes (default: {' '.join(map(str, d['batches']))})")
     t.add_argument("--warmup", type=cli.integer(0, 1000), default=d["warmup"],
-                   help="untimed calls before each measurement (default: %(default)s)")
+                   help="untimed calls before each measurement (0: none; default: %(default)s)")
     t.add_argument("--repeats", type=cli.integer(1, 10000), default=d["repeats"],
                    help="timed prefill calls per prompt length (default: %(default)s)")
     t.add_argument("--decode-context", type=cli.integer(1), default=d["decode_context"],

@@ -18,7 +18,7 @@ from model import cli
 from model.io import OutputDirError, atomic_directory, check_output_dir, signals_deferred
 
 # Each command's module: a new command is covered by adding it here.
-CLIS = ["train.__main__", "export.__main__", "runtime.__main__", "model.generate"]
+CLIS = ["train.__main__", "export.__main__", "runtime.__main__", "model.generate", "bench.__main__", "bench.kernels.__main__"]
 
 
 def command(module: str) -> str:
