@@ -5,10 +5,12 @@ for a shape, the float64 loop its outputs are checked against, and the bytes and
 An `Impl` is one implementation of a kernel (every mode of it): a function with the kernel's contract and, when
 it cannot run everywhere, `needs(device)` returning why not (or None).
 
-    Add an implementation:  IMPLS.append(Impl("gated_delta_rule", "triton", my_gated_delta_rule, needs=cuda_only))
-    Add a fused kernel:     KERNELS.append(Kernel("gated_deltanet_decode", "decode", SHAPES, QUICK, make, loop64,
+    Add an implementation:  IMPLS.append(Impl("gated_delta_rule", "mine", my_gated_delta_rule, needs=cuda_only))
+    Add a fused kernel:     KERNELS.append(Kernel("my_fused_op", "decode", SHAPES, QUICK, make, loop64,
                                                   bytes_fn, flops_fn))
-                            IMPLS.append(Impl("gated_deltanet_decode", "reference", its_reference))
+                            IMPLS.append(Impl("my_fused_op", "reference", its_reference))
+
+A kernel that updates its state in place (the fused decode step) returns that state as its second output.
 
 Contracts (model/kernels/reference.py): gated_delta_rule(q, k, v, g, beta, state) -> (o, new state);
 causal_conv1d(x, weight, state) -> (silu(conv) , new state).
@@ -140,6 +142,50 @@ def conv_loop64(x, weight, state):
     return y, full[:, -(width - 1):].transpose(1, 2)
 
 
+# ---- the fused Gated DeltaNet decode step (the whole token mixer between the projections) -------------------
+
+
+def decode_step_inputs(s: dict, dtype: torch.dtype, device: str, gen: torch.Generator) -> tuple:
+    B, Hk, Hv, K, V = (s[k] for k in ("B", "Hk", "Hv", "K", "V"))
+    C = conv_channels(s)
+    r = lambda *shape: torch.randn(*shape, generator=gen, device=device)  # noqa: E731
+    return (r(B, 1, Hk * 2 * K + 2 * Hv * V).to(dtype), r(B, 1, 2 * Hv).to(dtype), (r(C, WIDTH) * 0.5).to(dtype),
+            torch.rand(Hv, generator=gen, device=device).log(), r(Hv), (1 + 0.1 * r(V)).to(dtype),
+            r(B, C, WIDTH - 1).to(dtype), r(B, Hv, K, V) * 0.1, torch.arange(B, dtype=torch.int32, device=device))
+
+
+def decode_step_bytes(s: dict, esize: int) -> int:
+    B, Hk, Hv, K, V = (s[k] for k in ("B", "Hk", "Hv", "K", "V"))
+    C = conv_channels(s)
+    return ((B * (2 * Hk * K + 2 * Hv * V + 2 * Hv) + C * WIDTH + 2 * B * C * (WIDTH - 1) + B * Hv * V) * esize
+            + 2 * B * Hv * K * V * 4)                     # the float32 state, read and written
+
+
+def in_place(step: Callable) -> Callable:
+    """A fused decode step as a kernel of the registry: (output, the recurrent state it updated)."""
+    return lambda *args: (step(*args, 1e-6), args[7])
+
+
+def _triton_decode_step(*args):
+    from model.kernels import triton_decode
+    return triton_decode.gated_deltanet_decode(*args)
+
+
+def _triton_chunk(*args):
+    from model.kernels import triton_chunk
+    return triton_chunk.gated_delta_rule(*args)
+
+
+def _triton_conv(*args):
+    from model.kernels import triton_conv
+    return triton_conv.causal_conv1d(*args)
+
+
+def own_triton(device: str) -> str | None:
+    """`needs` for the project's Triton kernels."""
+    return None if device == "cuda" and ops.HAVE_TRITON else "the Triton kernels run on CUDA (with triton installed)"
+
+
 # ---- the registry ----------------------------------------------------------------------------
 
 KERNELS: list[Kernel] = [
@@ -149,6 +195,8 @@ KERNELS: list[Kernel] = [
            reference.gated_delta_rule_recurrent, gdr_bytes, gdr_flops),
     Kernel("causal_conv1d", "prefill", GDR_PREFILL, QUICK_PREFILL, conv_inputs, conv_loop64, conv_bytes),
     Kernel("causal_conv1d", "update", DECODE, QUICK_DECODE, conv_inputs, conv_loop64, conv_bytes),
+    Kernel("gated_deltanet_decode", "decode", DECODE, QUICK_DECODE, decode_step_inputs,
+           in_place(reference.gated_deltanet_decode), decode_step_bytes),
 ]
 
 
@@ -167,4 +215,8 @@ IMPLS: list[Impl] = [
     Impl("gated_delta_rule", "fla", _fla, cuda_package("fla.ops.gated_delta_rule", "flash-linear-attention")),
     Impl("causal_conv1d", "reference", reference.causal_conv1d),
     Impl("causal_conv1d", "causal-conv1d", _causal_conv1d, cuda_package("causal_conv1d", "causal-conv1d")),
+    Impl("gated_delta_rule", "triton", _triton_chunk, own_triton),
+    Impl("causal_conv1d", "triton", _triton_conv, own_triton),
+    Impl("gated_deltanet_decode", "reference", in_place(reference.gated_deltanet_decode)),
+    Impl("gated_deltanet_decode", "triton", in_place(_triton_decode_step), own_triton),
 ]
