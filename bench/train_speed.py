@@ -188,17 +188,28 @@ def two_gpu(bench: Bench) -> str:
     return "\n".join(rows)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.train_speed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("plan", choices=["one-gpu", "two-gpu"])
-    parser.add_argument("--out", required=True, help="directory for the runs, their logs and the figures")
+    parser.add_argument("--out", required=True, help="directory for the runs, their logs and the figures; an "
+                        "earlier one is added to, any other non-empty directory refused")
     parser.add_argument("--budget-s", type=cli.real(0, lo_open=True), default=450,
                         help="wall-clock budget for all runs (default: %(default)s); runs that would not fit are "
                         "skipped")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def is_train_speed_dir(directory: Path) -> bool:
+    return (directory / "train_speed.json").is_file() or (directory / "runs").is_dir()
+
+
+def main(argv=None) -> int:
+    from model.io import check_output_dir
+    args = build_parser().parse_args(argv)
+    out = check_output_dir(args.out, what="training benchmark", ours=is_train_speed_dir)
     os.environ["NCCL_NVLS_ENABLE"] = "0"   # never NVLink multicast on the lent machines
-    bench = Bench(Path(args.out), args.budget_s)
+    bench = Bench(out, args.budget_s)
     bench.save((one_gpu if args.plan == "one-gpu" else two_gpu)(bench))
     return 0
 

@@ -18,7 +18,7 @@ from model import cli
 from model.io import OutputDirError, atomic_directory, check_output_dir, signals_deferred
 
 # Each command's module: a new command is covered by adding it here.
-CLIS = ["train.__main__", "export.__main__", "runtime.__main__", "model.generate", "bench.__main__", "bench.kernels.__main__"]
+CLIS = ["train.__main__", "export.__main__", "runtime.__main__", "model.generate", "bench.__main__", "bench.kernels.__main__", "bench.train_speed"]
 
 
 def command(module: str) -> str:
@@ -38,7 +38,7 @@ def required_args(parser: argparse.ArgumentParser) -> list[str]:
     argv = []
     for a in parser._actions:
         if not a.option_strings:
-            argv.append("x")
+            argv.append(a.choices[0] if a.choices else "x")
         elif a.required:
             argv += [a.option_strings[0], "x"]
     return argv
