@@ -4,10 +4,10 @@
 #     bash bench/gpu_run.sh [TINY_CHECKPOINT_DIR]
 #
 # Stages, in order of priority (STAGES="..." picks some; each builds what it needs if it is missing):
-#   tiny      train the tiny preset briefly (or take TINY_CHECKPOINT_DIR), export a bfloat16 CUDA torch artifact,
-#             bench eager / hf / torch on it (drift over 4096 decode steps)
+#   tiny      train the tiny preset briefly (or take TINY_CHECKPOINT_DIR), export a bfloat16 CUDA artifact with the
+#             torch and compiled targets, bench eager / hf / torch / compiled on it
 #   kernels   python -m bench.kernels over every shape (reference, fla, causal-conv1d)
-#   small     a random-weight `small` checkpoint, a bfloat16 CUDA torch artifact, bench eager / hf / torch
+#   small     a random-weight `small` checkpoint, a bfloat16 CUDA torch + compiled artifact, bench them all
 #   ort-tiny  with onnxruntime-gpu: a float32 CUDA onnxruntime artifact of tiny, bench onnxruntime / eager / hf
 #   ort-small with onnxruntime-gpu: a float16 CUDA onnxruntime artifact of small, bench onnxruntime / eager
 # A stage that would not finish inside BUDGET seconds (default 510) is skipped and named at the end, with the
@@ -78,7 +78,7 @@ tiny_checkpoint() {
     local data; data=$(python3 -c "import asyncio, os; print(os.path.dirname(asyncio.__file__))")
     step "train tiny (200 steps on the stdlib's asyncio sources)" train \
         python3 -m train --out "$TINY_CKPT" --data "$data" --steps 200 --batch-size 16 --seq-len 256 \
-        --eval-every 1000 --save-every 1000 --sample-tokens 0 --cache-dir "$WORK/cache"
+        --eval-every 1000 --save-every 1000 --sample-tokens 0 --cache-dir "$WORK/cache" --no-compile
 }
 
 small_checkpoint() {
@@ -105,8 +105,10 @@ bench_run() {  # bench_run NAME ARTIFACT ARGS...
         --overwrite "$@" "${BENCH_EXTRA[@]}" && keep "$name" "$WORK/reports/$name"
 }
 
+# The compiled target compiles one graph per decode bucket and prefill chunk: a few, to keep the run short.
+read -r -a COMPILED <<< "${COMPILED_ARGS:---target torch compiled --decode-buckets 1 8 32 --prefill-chunks 128 2048}"
 stage_tiny() {
-    tiny_checkpoint && export_art tiny-bf16 "$TINY_CKPT" --target torch --dtype bfloat16 --max-batch 32 \
+    tiny_checkpoint && export_art tiny-bf16 "$TINY_CKPT" "${COMPILED[@]}" --dtype bfloat16 --max-batch 32 \
         --max-seq-len 4096 && bench_run tiny-bf16 "$WORK/art/tiny-bf16" --repeats 5
 }
 stage_kernels() {
@@ -114,7 +116,7 @@ stage_kernels() {
         --overwrite "${KERNEL_EXTRA[@]}" && keep kernels "$WORK/reports/kernels"
 }
 stage_small() {
-    small_checkpoint && export_art small-bf16 "$WORK/runs/small" --target torch --dtype bfloat16 --max-batch 32 \
+    small_checkpoint && export_art small-bf16 "$WORK/runs/small" "${COMPILED[@]}" --dtype bfloat16 --max-batch 32 \
         --max-seq-len 8448 && bench_run small-bf16 "$WORK/art/small-bf16" --repeats 3 --drift-steps 512
 }
 stage_ort-tiny() {
