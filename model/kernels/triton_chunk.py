@@ -158,22 +158,23 @@ def chunk_solve_kernel(
     uk3 = tl.dot(d3, rk3 - tl.dot(a30, uk0, input_precision=PREC) - tl.dot(a31, uk1, input_precision=PREC)
                  - tl.dot(a32, uk2, input_precision=PREC), input_precision=PREC)
 
-    # U_v in columns [0, V), U_k in columns [V, V + K) of one buffer, so both share its strides.
+    # U_v in columns [0, V), U_k in columns [V, V + K) of one buffer, so both share its strides. Steps past T are
+    # written too (as zeros: their k, v and beta are zero), so the scan never reads memory nothing wrote.
     u_ptr = u + b * stride_ub + h * stride_uh
-    _store_block(u_ptr, t0, T, stride_ut, vc, V, uv0)
-    _store_block(u_ptr, t0 + 16, T, stride_ut, vc, V, uv1)
-    _store_block(u_ptr, t0 + 32, T, stride_ut, vc, V, uv2)
-    _store_block(u_ptr, t0 + 48, T, stride_ut, vc, V, uv3)
-    _store_block(u_ptr + V, t0, T, stride_ut, kc, K, uk0)
-    _store_block(u_ptr + V, t0 + 16, T, stride_ut, kc, K, uk1)
-    _store_block(u_ptr + V, t0 + 32, T, stride_ut, kc, K, uk2)
-    _store_block(u_ptr + V, t0 + 48, T, stride_ut, kc, K, uk3)
+    _store_block(u_ptr, t0, t0 + 64, stride_ut, vc, V, uv0)
+    _store_block(u_ptr, t0 + 16, t0 + 64, stride_ut, vc, V, uv1)
+    _store_block(u_ptr, t0 + 32, t0 + 64, stride_ut, vc, V, uv2)
+    _store_block(u_ptr, t0 + 48, t0 + 64, stride_ut, vc, V, uv3)
+    _store_block(u_ptr + V, t0, t0 + 64, stride_ut, kc, K, uk0)
+    _store_block(u_ptr + V, t0 + 16, t0 + 64, stride_ut, kc, K, uk1)
+    _store_block(u_ptr + V, t0 + 32, t0 + 64, stride_ut, kc, K, uk2)
+    _store_block(u_ptr + V, t0 + 48, t0 + 64, stride_ut, kc, K, uk3)
 
 
 @triton.jit
 def chunk_terms_kernel(
     q, k, g, w, decay,
-    T, Hv, scale,
+    T, Hv,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_gb, stride_gt,
     stride_wb, stride_wh, stride_wt, stride_db, stride_dh,
     GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
@@ -188,6 +189,8 @@ def chunk_terms_kernel(
     rows = chunk * 64 + steps
     live = rows < T
     k_mask = live[:, None] & (kc[None, :] < K)
+    # 1/sqrt(K) as a float32 tensor: a Python float argument reaches Inductor-compiled graphs as a float64 constant.
+    scale = tl.rsqrt(tl.full([], K, tl.float32))
     qn = _l2_normalize(tl.load(q + b * stride_qb + (h // GROUP) * stride_qh + rows[:, None] * stride_qt + kc[None, :],
                                mask=k_mask, other=0.0).to(tl.float32)) * scale
     kn = _l2_normalize(tl.load(k + b * stride_kb + (h // GROUP) * stride_kh + rows[:, None] * stride_kt + kc[None, :],
@@ -199,9 +202,11 @@ def chunk_terms_kernel(
     attn = attn * tl.exp(tl.where(causal, c[:, None] - c[None, :], float("-inf")))
     w_rows = w + b * stride_wb + h * stride_wh + rows[:, None] * stride_wt
     dtype = w.dtype.element_ty
-    tl.store(w_rows + V + K + kc[None, :], (qn * tl.exp(c)[:, None]).to(dtype), mask=k_mask)
-    tl.store(w_rows + V + 2 * K + kc[None, :], (kn * tl.exp(c_last - c)[:, None]).to(dtype), mask=k_mask)
-    tl.store(w_rows + V + 3 * K + steps[None, :], attn.to(dtype), mask=live[:, None])
+    # Every step of the chunk, past T too (zeros), like the solve kernel's columns.
+    k_cols = (kc < K)[None, :]
+    tl.store(w_rows + V + K + kc[None, :], (qn * tl.exp(c)[:, None]).to(dtype), mask=k_cols)
+    tl.store(w_rows + V + 2 * K + kc[None, :], (kn * tl.exp(c_last - c)[:, None]).to(dtype), mask=k_cols)
+    tl.store(w_rows + V + 3 * K + steps[None, :], attn.to(dtype))
     tl.store(decay + b * stride_db + h * stride_dh + chunk, tl.exp(c_last))
 
 
@@ -227,20 +232,21 @@ def chunk_scan_kernel(
 
     steps = tl.arange(0, 64)
     causal = steps[:, None] >= steps[None, :]
+    k_cols = (kc < K)[None, :]
+    v_cols = (vc < V)[None, :]
     for t0 in range(0, T, 64):
         rows = t0 + steps
-        live = rows < T
-        k_mask = live[:, None] & (kc[None, :] < K)
-        v_mask = live[:, None] & (vc[None, :] < V)
         w_rows = w_ptr + rows[:, None] * stride_wt
-        u_v = tl.load(w_rows + vc[None, :], mask=v_mask, other=0.0).to(tl.float32)
-        u_k = tl.load(w_rows + V + kc[None, :], mask=k_mask, other=0.0)
-        q_dec = tl.load(w_rows + V + K + kc[None, :], mask=k_mask, other=0.0)
-        k_end = tl.load(w_rows + V + 2 * K + kc[None, :], mask=k_mask, other=0.0)
-        attn = tl.load(w_rows + V + 3 * K + steps[None, :], mask=live[:, None] & causal, other=0.0)
+        # w holds whole chunks (zeros past T): only the column masks are needed.
+        u_v = tl.load(w_rows + vc[None, :], mask=v_cols, other=0.0).to(tl.float32)
+        u_k = tl.load(w_rows + V + kc[None, :], mask=k_cols, other=0.0)
+        q_dec = tl.load(w_rows + V + K + kc[None, :], mask=k_cols, other=0.0)
+        k_end = tl.load(w_rows + V + 2 * K + kc[None, :], mask=k_cols, other=0.0)
+        attn = tl.load(w_rows + V + 3 * K + steps[None, :], mask=causal, other=0.0)
         U = u_v - _dot(u_k, S, PREC, DOT_DTYPE)
         out = _dot(q_dec, S, PREC, DOT_DTYPE) + _dot(attn, U, PREC, DOT_DTYPE)
-        tl.store(o_ptr + rows[:, None] * stride_ot + vc[None, :], out.to(o.dtype.element_ty), mask=v_mask)
+        tl.store(o_ptr + rows[:, None] * stride_ot + vc[None, :], out.to(o.dtype.element_ty),
+                 mask=(rows < T)[:, None] & v_cols)
         S = tl.load(d_ptr + t0 // 64) * S + _dot(tl.trans(k_end), U, PREC, DOT_DTYPE)
     tl.store(final_state + b * stride_sb + h * stride_sh + s_offsets, S, mask=s_mask)
 
@@ -271,7 +277,7 @@ def gated_delta_rule(q, k, v, g, beta, initial_state, launch=None, block_v=None,
     BK, BVfull = _block(K), _block(V)
     n_chunks = triton.cdiv(T, CHUNK)
     # Everything the serial scan reads per step, in the input precision (float32 inputs keep float32).
-    w = torch.empty(B, Hv, T, V + 3 * K + CHUNK, dtype=v.dtype, device=v.device)
+    w = torch.empty(B, Hv, n_chunks * CHUNK, V + 3 * K + CHUNK, dtype=v.dtype, device=v.device)
     decay = torch.empty(B, Hv, n_chunks, dtype=torch.float32, device=v.device)
     wrap(chunk_solve_kernel)[(n_chunks, B * Hv)](
         k, v, g, beta, w, T, Hv,
@@ -279,7 +285,7 @@ def gated_delta_rule(q, k, v, g, beta, initial_state, launch=None, block_v=None,
         g.stride(0), g.stride(1), beta.stride(0), beta.stride(1), w.stride(0), w.stride(1), w.stride(2),
         GROUP=Hv // Hk, K=K, V=V, BK=BK, BV=BVfull, PREC=prec, num_warps=4)
     wrap(chunk_terms_kernel)[(n_chunks, B * Hv)](
-        q, k, g, w, decay, T, Hv, K**-0.5,
+        q, k, g, w, decay, T, Hv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), g.stride(0), g.stride(1),
         w.stride(0), w.stride(1), w.stride(2), decay.stride(0), decay.stride(1),
         GROUP=Hv // Hk, K=K, V=V, BK=BK, num_warps=4)

@@ -47,7 +47,7 @@ def _shift_conv_state(qkvz_row, stride_t, col, state_row, channel, T, mask, W: t
 @triton.jit
 def gated_deltanet_decode_kernel(
     qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, conv_state, rec_state, slots, out, arrivals,
-    T, eps, scale,
+    T, eps,
     stride_qb, stride_qt, stride_bab, stride_bat, stride_cs, stride_rs, stride_ob, stride_ot,
     HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GROUP: tl.constexpr, W: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
@@ -78,6 +78,8 @@ def gated_deltanet_decode_kernel(
         z_col = head_cols + 2 * K + GROUP * V + j * V + vc
         q_chan, k_chan = hk * K + kc, HK * K + hk * K + kc  # conv channels: [all q | all k | all v]
         v_chan = 2 * HK * K + h * V + vc
+        # 1/sqrt(K) as a float32 tensor: a Python float argument reaches Inductor-compiled graphs as float64.
+        scale = tl.rsqrt(tl.full([], K, tl.float32))
         neg_A = -tl.exp(tl.load(A_log + h).to(tl.float32))
         bias = tl.load(dt_bias + h).to(tl.float32)
         norm_w = tl.load(norm_weight + vc, mask=v_ok, other=0.0).to(tl.float32)
@@ -94,7 +96,7 @@ def gated_deltanet_decode_kernel(
             delta = beta * (v - tl.sum(S * k[:, None], axis=0))
             S = S + k[:, None] * delta[None, :]
             o = tl.sum(S * q[:, None], axis=0)
-            o = o * tl.rsqrt(tl.sum(o * o, axis=0) / V + eps)
+            o = o * tl.rsqrt(tl.sum(o * o, axis=0) / V + eps).to(tl.float32)
             z = tl.load(qkvz_row + t * stride_qt + z_col, mask=v_ok, other=0.0).to(tl.float32)
             tl.store(out_ptr + t * stride_ot, (o * norm_w * z * tl.sigmoid(z)).to(out.dtype.element_ty), mask=v_ok)
         tl.store(s_ptr, S, mask=s_mask)
@@ -130,7 +132,7 @@ def gated_deltanet_decode(qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, co
     BK, BV = triton.next_power_of_2(K), triton.next_power_of_2(V)
     kernel[(B, Hv)](
         qkvz, ba, conv_weight.contiguous(), A_log, dt_bias, norm_weight, conv_state, recurrent_state, slots, out,
-        arrivals, T, eps, K**-0.5,
+        arrivals, T, eps,
         qkvz.stride(0), qkvz.stride(1), ba.stride(0), ba.stride(1), conv_state.stride(0), recurrent_state.stride(0),
         out.stride(0), out.stride(1),
         HK=Hk, K=K, V=V, GROUP=Hv // Hk, W=W, BK=BK, BV=BV,
