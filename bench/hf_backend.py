@@ -23,9 +23,8 @@ class TransformersBackend:
         self.linear_layers = [i for i, kind in enumerate(self.model.config.layer_types) if kind == "linear_attention"]
 
     def new_state(self, batch: int):
-        from transformers import DynamicCache
         # A one-element list: the engine holds the list, the cache object inside is what each step mutates.
-        return [DynamicCache(config=self.model.config)]
+        return [new_cache(self.model.config)]
 
     def clone_state(self, tensors):
         return [copy.deepcopy(tensors[0])]
@@ -42,4 +41,17 @@ class TransformersBackend:
     def recurrent_states(self, tensors) -> dict[int, np.ndarray]:
         """Each Gated DeltaNet layer's recurrent state [B, Hv, K, V] as float64 host arrays."""
         cache = tensors[0]
-        return {i: cache.get_recurrent_state(i).double().cpu().numpy() for i in self.linear_layers}
+        # transformers >= 5.2x: DynamicCache.get_recurrent_state; earlier: Qwen3NextDynamicCache.recurrent_states.
+        get = cache.get_recurrent_state if hasattr(cache, "get_recurrent_state") else cache.recurrent_states.__getitem__
+        return {i: get(i).double().cpu().numpy() for i in self.linear_layers}
+
+
+def new_cache(config):
+    """The cache transformers' Qwen3-Next takes: its own Qwen3NextDynamicCache in earlier 5.x releases, the generic
+    DynamicCache (which learned linear-attention layers) in later ones."""
+    from transformers.models.qwen3_next import modeling_qwen3_next
+    own = getattr(modeling_qwen3_next, "Qwen3NextDynamicCache", None)
+    if own is not None:
+        return own(config)
+    from transformers import DynamicCache
+    return DynamicCache(config=config)

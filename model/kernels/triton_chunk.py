@@ -16,7 +16,7 @@ and its outputs and next state are  O = exp(c) Q S0 + (Q K^T * decay) U,  S = ex
 3. `chunk_scan_kernel`, one program per (batch row, value head, block of value columns), walks the chunks in
    order with the state in registers, doing only the four matrix products that need it: the serial chain is
    what bounds long prefills, so it holds nothing that could be computed ahead.
-The intermediates round-trip through one buffer in the input precision; the state stays float32.
+The intermediates round-trip through one float32 buffer; the state stays float32.
 """
 
 from __future__ import annotations
@@ -51,15 +51,6 @@ def _load_block(ptr, row0, T, stride_t, cols, n_cols, other):
 def _load_vec(ptr, row0, T, stride_t):
     rows = row0 + tl.arange(0, SUB)
     return tl.load(ptr + rows * stride_t, mask=rows < T, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _dot(a, b, PREC: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """a @ b with float32 accumulation: 16-bit operands for 16-bit models (tensor cores at full rate), float32
-    operands in PREC (tf32x3: about float32) for float32 models."""
-    if DOT_DTYPE == tl.float32:
-        return tl.dot(a, b, input_precision=PREC)
-    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
 
 
 @triton.jit
@@ -220,7 +211,6 @@ def chunk_scan_kernel(
     bh = tl.program_id(0)
     b = (bh // Hv).to(tl.int64)
     h = bh % Hv
-    DOT_DTYPE: tl.constexpr = o.dtype.element_ty          # the model's precision
     kc = tl.arange(0, BK)
     vc = tl.program_id(1) * BV + tl.arange(0, BV)
     w_ptr = w + b * stride_wb + h * stride_wh
@@ -243,11 +233,11 @@ def chunk_scan_kernel(
         q_dec = tl.load(w_rows + V + K + kc[None, :], mask=k_cols, other=0.0)
         k_end = tl.load(w_rows + V + 2 * K + kc[None, :], mask=k_cols, other=0.0)
         attn = tl.load(w_rows + V + 3 * K + steps[None, :], mask=causal, other=0.0)
-        U = u_v - _dot(u_k, S, PREC, DOT_DTYPE)
-        out = _dot(q_dec, S, PREC, DOT_DTYPE) + _dot(attn, U, PREC, DOT_DTYPE)
+        U = u_v - tl.dot(u_k, S, input_precision=PREC)
+        out = tl.dot(q_dec, S, input_precision=PREC) + tl.dot(attn, U, input_precision=PREC)
         tl.store(o_ptr + rows[:, None] * stride_ot + vc[None, :], out.to(o.dtype.element_ty),
                  mask=(rows < T)[:, None] & v_cols)
-        S = tl.load(d_ptr + t0 // 64) * S + _dot(tl.trans(k_end), U, PREC, DOT_DTYPE)
+        S = tl.load(d_ptr + t0 // 64) * S + tl.dot(tl.trans(k_end), U, input_precision=PREC)
     tl.store(final_state + b * stride_sb + h * stride_sh + s_offsets, S, mask=s_mask)
 
 
@@ -276,8 +266,10 @@ def gated_delta_rule(q, k, v, g, beta, initial_state, launch=None, block_v=None,
     prec = "tf32x3" if v.dtype == torch.float32 else "tf32"
     BK, BVfull = _block(K), _block(V)
     n_chunks = triton.cdiv(T, CHUNK)
-    # Everything the serial scan reads per step, in the input precision (float32 inputs keep float32).
-    w = torch.empty(B, Hv, n_chunks * CHUNK, V + 3 * K + CHUNK, dtype=v.dtype, device=v.device)
+    # Everything the serial scan reads per step. Float32 even for 16-bit models: the scan's
+    # 16-bit tensor-core path faulted on the H100 for K = 128 (Triton 3.6), and the serial chain is bound by
+    # latency, not by the products' rate.
+    w = torch.empty(B, Hv, n_chunks * CHUNK, V + 3 * K + CHUNK, dtype=torch.float32, device=v.device)
     decay = torch.empty(B, Hv, n_chunks, dtype=torch.float32, device=v.device)
     wrap(chunk_solve_kernel)[(n_chunks, B * Hv)](
         k, v, g, beta, w, T, Hv,
@@ -296,7 +288,9 @@ def gated_delta_rule(q, k, v, g, beta, initial_state, launch=None, block_v=None,
         w, decay, o, state, final, T, Hv,
         w.stride(0), w.stride(1), w.stride(2), decay.stride(0), decay.stride(1),
         o.stride(0), o.stride(1), o.stride(2), state.stride(0), state.stride(1),
-        K=K, V=V, BK=BK, BV=BV, PREC=prec, num_warps=num_warps,
+        # tf32x3 (about float32) whatever the model's precision: its operands stage through less shared memory than
+        # plain tf32's (155 KB against 262 KB at K = 128 with two stages), and the chain is latency-bound anyway.
+        K=K, V=V, BK=BK, BV=BV, PREC="tf32x3", num_warps=num_warps,
         # Software pipelining keeps a chunk's operands per stage in shared memory; two stages fit the H100's
         # 227 KB at these block sizes. (One stage faulted on the H100 with Triton 3.6.)
         num_stages=num_stages)
