@@ -40,7 +40,7 @@ def prefill_tokens(max_seq_len: int, longest: int = MAX_PREFILL_TOKENS) -> dict:
 def cannot_build() -> str | None:
     """Why engines cannot be built on this machine, or None."""
     if importlib.util.find_spec("tensorrt") is None:
-        return "TensorRT is not installed (pip install tensorrt; it needs a CUDA GPU)"
+        return "TensorRT is not installed (pip install tensorrt, with a CUDA GPU)"
     import tensorrt as trt
     if not hasattr(trt, "QuickPluginCreationRequest"):
         return f"TensorRT {trt.__version__} has no ahead-of-time Python plugins (tensorrt.plugin.aot_impl); use 10.9 or newer"
@@ -123,7 +123,10 @@ def report(directory: Path, manifest) -> None:
     if entry["engine"] != NOT_BUILT:
         print(f"tensorrt: engines built with TensorRT {entry['engine']['tensorrt']} for {entry['engine']['gpu']}")
         return
-    print(f"tensorrt: ONNX graphs written, engines not built ({entry['engine_not_built']}). Build them on a machine "
+    if "tensorrt-onnx" not in manifest.parity:
+        print(f"tensorrt: the {manifest.dtype} graphs were not run (ONNX Runtime's CPU kernels run them in float32 "
+              "only, and no engine was built)")
+    print(f"tensorrt: ONNX graphs written; engines not built: {entry['engine_not_built']}.\nBuild them on a machine "
           f"with TensorRT >= 10.9 and the GPU that will run them:")
     lines = commands(directory, manifest)
     print(f"  {lines[0]}\nor with trtexec, which cannot register Python plugins and so builds the plugin nodes from "

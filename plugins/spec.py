@@ -153,6 +153,13 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def _group(d: dict) -> int:
+    """Value heads per key head."""
+    if d["Hv"] % d["Hk"]:
+        raise PluginSpecError(f"value heads ({d['Hv']}) must be a multiple of key heads ({d['Hk']})")
+    return d["Hv"] // d["Hk"]
+
+
 def _dot_precision(model_dtype: str) -> str:
     """What the chunked kernels' matrix products run in (model/kernels/triton_chunk.py)."""
     return "tf32x3" if model_dtype == "float32" else "tf32"
@@ -183,10 +190,8 @@ CAUSAL_CONV1D = Plugin(
 # ---- the chunked gated delta rule: solve, then scan ------------------------------------------------------------
 
 def _solve_plan(d, model_dtype, attrs) -> Launch:
-    if d["Hv"] % d["Hk"]:
-        raise PluginSpecError(f"value heads ({d['Hv']}) must be a multiple of key heads ({d['Hk']})")
     K, V = d["K"], d["V"]
-    return Launch(dict(HV=d["Hv"], GROUP=d["Hv"] // d["Hk"], K=K, V=V, BK=max(16, next_power_of_2(K)),
+    return Launch(dict(HV=d["Hv"], GROUP=_group(d), K=K, V=V, BK=max(16, next_power_of_2(K)),
                        BV=max(16, next_power_of_2(V)), PREC=_dot_precision(model_dtype)),
                   num_warps=4, num_stages=3, grid=(cdiv(d["T"], CHUNK), d["B"] * d["Hv"]), args=(d["T"],))
 
@@ -204,14 +209,12 @@ GATED_DELTA_RULE_SOLVE = Plugin(
 
 
 def _scan_plan(d, model_dtype, attrs) -> Launch:
-    if d["Hv"] % d["Hk"]:
-        raise PluginSpecError(f"value heads ({d['Hv']}) must be a multiple of key heads ({d['Hk']})")
     K, V = d["K"], d["V"]
     bv = min(max(16, next_power_of_2(V)), 64 if K <= 64 else 32)
     # Two pipeline stages, as model/kernels/triton_chunk.py launches it, except where they outgrow an H100's shared
     # memory: float32 at K > 64 (270 KB at K = 128 against 227 KB; one stage takes 160 KB).
     stages = 1 if model_dtype == "float32" and K > 64 else 2
-    return Launch(dict(HV=d["Hv"], GROUP=d["Hv"] // d["Hk"], K=K, V=V, BK=max(16, next_power_of_2(K)), BV=bv,
+    return Launch(dict(HV=d["Hv"], GROUP=_group(d), K=K, V=V, BK=max(16, next_power_of_2(K)), BV=bv,
                        PREC=_dot_precision(model_dtype), SCALE=K**-0.5),
                   num_warps=4, num_stages=stages, grid=(d["B"] * d["Hv"], cdiv(V, bv)), args=(d["T"],))
 
@@ -234,10 +237,9 @@ GATED_DELTA_RULE_SCAN = Plugin(
 # ---- the fused Gated DeltaNet decode step ----------------------------------------------------------------------
 
 def _decode_plan(d, model_dtype, attrs) -> Launch:
-    if d["Hv"] % d["Hk"]:
-        raise PluginSpecError(f"value heads ({d['Hv']}) must be a multiple of key heads ({d['Hk']})")
     K, V = d["K"], d["V"]
     bk, bv = next_power_of_2(K), next_power_of_2(V)
+    _group(d)      # value heads a multiple of key heads; the kernel derives its group itself
     return Launch(dict(HK=d["Hk"], HV=d["Hv"], K=K, V=V, W=d["W"], BK=bk, BV=bv, EPS=attrs["eps"], SCALE=K**-0.5),
                   num_warps=4 if bk * bv <= 64 * 64 else 8, num_stages=3, grid=(d["B"], d["Hv"]), args=(d["T"],))
 

@@ -10,8 +10,8 @@ profile's longest), one row at a time when rows differ in length.
 In place, as TensorRT Edge-LLM does it: a DeltaNet state read only by the plugin that writes it (the manifest's
 `in_place` lists them) is bound as both the past input and the present output, with no aliasing declared to the
 builder; the plugins' kernels are written to read each value before anything overwrites it. Every other state (KV
-caches, lengths) may be read after its present output is written, so it has two buffers: decode steps alternate
-them, and prefill writes the spare and copies back the rows it ran.
+caches, lengths) may be read after its present output is written: decode steps alternate two buffers for it, and
+prefill writes it to a fresh buffer and copies back the rows it ran.
 """
 
 from __future__ import annotations
@@ -49,8 +49,9 @@ def prefill_chunks(tokens: int, longest: int) -> list[int]:
 
 
 class _Slot:
-    """One bucket's buffers: per state tensor a live buffer, and a spare one unless it is updated in place; the
-    decode input ids and logits; the CUDA graphs captured over them, per buffer parity."""
+    """One bucket's buffers: per state tensor a live buffer, and a spare one unless decode updates it in place (the
+    two swap roles at each decode step: `parity`); the decode input ids and logits; the CUDA graphs captured over
+    them, one per parity."""
 
     def __init__(self, tensors, spares, ids, logits):
         self.tensors, self.spares, self.ids, self.logits = tensors, spares, ids, logits
@@ -78,9 +79,9 @@ class TensorRTBackend:
             raise ArtifactError(f"{directory} has no tensorrt target (built: {', '.join(manifest.targets)}); "
                                 "re-export with --target tensorrt")
         if target["engine"] == NOT_BUILT and engines is None:
-            raise ArtifactError(f"{directory} holds the TensorRT ONNX graphs but no engines ({target['engine_not_built']}"
-                                f" when exported); build them on a machine with TensorRT and a GPU: "
-                                f"python -m export.tensorrt {directory}")
+            raise ArtifactError(f"{directory} holds the TensorRT ONNX graphs but no engines (not built at export: "
+                                f"{target['engine_not_built']}); build them on a machine with TensorRT >= 10.9 and a "
+                                f"GPU: python -m export.tensorrt {directory}")
         if device != "cuda":
             raise ArtifactError("the tensorrt backend runs on a CUDA GPU; load it with device='cuda'")
         trt = _import_tensorrt()
@@ -95,8 +96,8 @@ class TensorRTBackend:
         self.buckets = target["decode_buckets"]
         self.longest_prefill = target["prefill_tokens"]["max"]
         self.in_place = {role: set(names) for role, names in target["in_place"].items()}
-        shared = self.in_place["prefill"] & self.in_place["decode"]
-        self.has_spare = [name not in shared for name in self.names]
+        # Decode steps alternate two buffers for a state they do not update in place; prefill copies back instead.
+        self.has_spare = [name not in self.in_place["decode"] for name in self.names]
         self.graphs = cuda_graphs
         self.stream = torch.cuda.Stream()
         self.logger = trt.Logger(trt.Logger.WARNING)
@@ -125,11 +126,12 @@ class TensorRTBackend:
         dtypes = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
                   trt.int64: torch.int64, trt.int32: torch.int32}
         names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
-        for spec in self.specs:
-            for name in (spec.name, f"present.{spec.name}"):
-                if name not in names or dtypes.get(engine.get_tensor_dtype(name)) != getattr(torch, spec.dtype):
-                    raise ArtifactError(f"the {role} engine's {name} is not a {spec.dtype} tensor as the manifest "
-                                        "says; rebuild the engines: python -m export.tensorrt ARTIFACT")
+        expected = [("input_ids", "int64"), ("logits", "float32")] + \
+            [(name, s.dtype) for s in self.specs for name in (s.name, f"present.{s.name}")]
+        for name, dtype in expected:
+            if name not in names or dtypes.get(engine.get_tensor_dtype(name)) != getattr(torch, dtype):
+                raise ArtifactError(f"the {role} engine's {name} is not the {dtype} tensor the manifest describes; "
+                                    "rebuild the engines: python -m export.tensorrt ARTIFACT")
 
     # ---- states ----------------------------------------------------------------------------------
 

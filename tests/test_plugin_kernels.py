@@ -100,7 +100,12 @@ LAUNCH = [pytest.param("entry", marks=runs_entries), pytest.param("ptx", marks=n
 
 
 def report(what, errors):
-    print(f"\n{what}: " + ", ".join(f"{n} rel {e:.2e}" for n, e in errors.items()))
+    """Print the errors (-s), and append them to $PLUGIN_ERRORS_FILE (bench/gpu_check_tensorrt.sh's table)."""
+    line = f"{what}: " + ", ".join(f"{n} rel {e:.2e}" for n, e in errors.items())
+    print("\n" + line)
+    if os.environ.get("PLUGIN_ERRORS_FILE"):
+        with open(os.environ["PLUGIN_ERRORS_FILE"], "a") as f:
+            f.write(line + "\n")
 
 
 # ---- causal conv1d ----------------------------------------------------------------------------------------------
