@@ -25,8 +25,9 @@ from model import cli
 from runtime.tensorrt_backend import NOT_BUILT
 
 from .errors import ExportError
-from .tensorrt_onnx import DIRECTORY, GRAPHS, export_graphs
 
+DIRECTORY = "tensorrt"
+GRAPHS = {"prefill": False, "decode": True}    # role -> one token per row
 TIMING_CACHE = f"{DIRECTORY}/timing.cache"
 MAX_PREFILL_TOKENS = 512      # a longer prompt runs as chunks
 
@@ -101,6 +102,8 @@ def build(model, args, out: Path, stage) -> dict:
     import torch
 
     from model import Qwen3NextForCausalLM
+
+    from .tensorrt_onnx import export_graphs
     with stage("exporting the TensorRT ONNX graphs (plugin nodes with ONNX function bodies)"):
         # Traced from a CPU copy, as the onnxruntime target's graph (torch.onnx.ops.symbolic traces on the CPU).
         cpu_model = model if args.device == "cpu" else Qwen3NextForCausalLM.from_pretrained(
@@ -170,6 +173,7 @@ def build_engines(directory: Path, entry: dict, max_batch: int, dtype: str, stag
             cache = bytes(config.get_timing_cache().serialize())
     for role in GRAPHS:
         entry["files"][f"{role}_engine"] = f"{DIRECTORY}/{role}.plan"
+    entry["files"]["timing_cache"] = TIMING_CACHE
     major, minor = torch.cuda.get_device_capability()
     entry["engine"] = {"tensorrt": trt.__version__, "gpu": f"{torch.cuda.get_device_name()} (sm_{major}{minor})",
                        "build_seconds": round(time.perf_counter() - started, 1)}

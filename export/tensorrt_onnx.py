@@ -21,9 +21,8 @@ from plugins import NAMESPACE, PLUGINS, VERSION
 from plugins.functions import functions
 
 from . import build
+from .tensorrt import DIRECTORY, GRAPHS
 
-DIRECTORY = "tensorrt"
-GRAPHS = {"prefill": False, "decode": True}    # role -> one token per row
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "int32": torch.int32}
 

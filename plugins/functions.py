@@ -88,7 +88,7 @@ def _graph(name: str, body: _Body, inputs: dict, outputs: dict) -> onnx.GraphPro
     return helper.make_graph(body.nodes, name, [info(*i) for i in inputs.items()], [info(*o) for o in outputs.items()])
 
 
-def _function(plugin_name: str, body: _Body, outputs: list[str], opset: int, attributes=()) -> onnx.FunctionProto:
+def _function(plugin_name: str, body: _Body, outputs: list[str], opset: int) -> onnx.FunctionProto:
     plugin = PLUGINS[plugin_name]
     names = [t.name for t in plugin.outputs]
     # Bind the computed values to the declared output names.
@@ -96,7 +96,7 @@ def _function(plugin_name: str, body: _Body, outputs: list[str], opset: int, att
         body.nodes.append(helper.make_node("Identity", [value], [name]))
     return helper.make_function(NAMESPACE, plugin.name, [t.name for t in plugin.inputs], names, body.nodes,
                                 [helper.make_opsetid("", opset), helper.make_opsetid(NAMESPACE, int(VERSION))],
-                                attributes=[*PLUGIN_ATTRIBUTES, *attributes])
+                                attributes=[*PLUGIN_ATTRIBUTES, *(a.name for a in plugin.attributes)])
 
 
 def causal_conv1d(dims: dict, opset: int) -> onnx.FunctionProto:
@@ -214,7 +214,7 @@ def gated_deltanet_decode(dims: dict, opset: int) -> onnx.FunctionProto:
                       _scatter_rows(b, "conv_state", b.op("CastLike", new_conv, "conv_state"), "slots", live,
                                     pool_rows),
                       _scatter_rows(b, "recurrent_state", new_state, "slots", live, pool_rows)],
-                     opset, attributes=("eps",))
+                     opset)
 
 
 def _scatter_rows(b: _Body, pool: str, rows: str, slots: str, live: str, pool_rows: str) -> str:

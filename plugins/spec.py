@@ -273,7 +273,7 @@ PLUGINS = {p.name: p for p in (CAUSAL_CONV1D, GATED_DELTA_RULE_SOLVE, GATED_DELT
 
 def markdown(plugin: Plugin) -> str:
     """The plugin's README table."""
-    rows = [f"#### `{plugin.id}` (version {VERSION})", "", plugin.doc, "",
+    rows = [f"#### `{plugin.id}` (version {VERSION})", "", f"{plugin.doc} Contract: `{plugin.op}`.", "",
             "| | name | dims | dtype | |", "|---|---|---|---|---|"]
     for kind, tensors in (("input", plugin.inputs), ("output", plugin.outputs)):
         for t in tensors:

@@ -173,6 +173,57 @@ def test_tensorrt_registry_holds_the_described_plugins():
 
 # ---- 2. ONNX Runtime runs the very files, plugin nodes as their function bodies ---------------------------------
 
+def run_plugin_node(name, feeds, dims, attrs=None):
+    """One plugin node, in a model holding the plugins' function bodies, run by ONNX Runtime (float32)."""
+    import onnxruntime as ort
+
+    from export.tensorrt_onnx import node_attributes
+    from plugins.functions import functions
+    plugin = PLUGINS[name]
+    types = {"T": onnx.TensorProto.FLOAT, "float32": onnx.TensorProto.FLOAT, "int32": onnx.TensorProto.INT32}
+    info = lambda t: onnx.helper.make_tensor_value_info(t.name, types[t.dtype], [None] * len(t.dims))  # noqa: E731
+    node = onnx.helper.make_node(name, [t.name for t in plugin.inputs], [t.name for t in plugin.outputs],
+                                 domain=NAMESPACE, **node_attributes(plugin, attrs))
+    graph = onnx.helper.make_graph([node], name, [info(t) for t in plugin.inputs], [info(t) for t in plugin.outputs])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21),
+                                                         onnx.helper.make_opsetid(NAMESPACE, 1)],
+                                   functions=functions(dims, 21))
+    onnx.checker.check_model(model, full_check=True)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return [torch.from_numpy(x) for x in session.run(None, {k: v.numpy() for k, v in feeds.items()})]
+
+
+def test_function_bodies_compute_the_ops():
+    """Each body against model/kernels/reference.py (float64), with padding rows and a pool larger than the batch."""
+    from model.kernels import reference as ref
+    from tests.test_kernels import float64_loop, random_inputs
+    from tests.test_kernels import rel as trel
+    from tests.test_triton_kernels import decode_inputs
+    g = torch.Generator().manual_seed(0)
+    x, w, state = torch.randn(3, 37, 40, generator=g), torch.randn(40, 4, generator=g), torch.randn(3, 40, 3, generator=g)
+    dims = dict(C=40, W=4, Hk=1, Hv=1, K=1, V=1)
+    y, new_state = run_plugin_node("causal_conv1d", dict(x=x, weight=w, state=state), dims)
+    y64, new64 = ref.causal_conv1d(x.double(), w.double(), state.double())
+    assert trel(y, y64) < 1e-6 and trel(new_state, new64) < 1e-7
+    B, T, Hk, Hv, K, V = 2, 131, 2, 4, 16, 24
+    q, k, v, gate, beta, state = random_inputs(B, T, Hk, Hv, K, V, True, seed=3)
+    dims = dict(C=1, W=4, Hk=Hk, Hv=Hv, K=K, V=V)
+    u, = run_plugin_node("gated_delta_rule_solve", dict(k=k, v=v, g=gate, beta=beta), dims)
+    o, final = run_plugin_node("gated_delta_rule_scan", dict(q=q, k=k, g=gate, u=u, initial_state=state), dims)
+    o64, s64 = float64_loop(q, k, v, gate, beta, state)
+    assert trel(o, o64) < 1e-5 and trel(final, s64) < 1e-5
+    for B, T, Hk, group, K, V, pool, slots in [(4, 1, 2, 2, 16, 8, 6, [5, -1, 0, 2]), (2, 3, 1, 3, 8, 8, 2, [1, 0])]:
+        raw = decode_inputs(B, T, Hk, group, K, V, pool, seed=B)
+        slots = torch.tensor(slots, dtype=torch.int32)
+        expected = {n: t.double().clone() for n, t in raw.items()}
+        o64 = ref.gated_deltanet_decode(**expected, slots=slots, eps=1e-6)
+        feeds = {**raw, "slots": slots, "arrivals": torch.zeros(B, Hk, dtype=torch.int32)}
+        dims = dict(C=2 * Hk * K + Hk * group * V, W=4, Hk=Hk, Hv=Hk * group, K=K, V=V)
+        o, conv, rec = run_plugin_node("gated_deltanet_decode", feeds, dims, {"eps": 1e-6})
+        assert trel(o, o64) < 1e-5 and (o[slots < 0] == 0).all()
+        assert trel(conv, expected["conv_state"]) < 1e-7 and trel(rec, expected["recurrent_state"]) < 1e-5
+
+
 def test_export_checked_the_graphs_and_says_how_to_build_the_engines(exported):
     _, out, printed = exported
     m = json.loads((out / "manifest.json").read_text())
