@@ -48,7 +48,7 @@ def _register(plugin: Plugin) -> None:
                      for t, d in zip(plugin.outputs, output_dtypes))
 
     def aot_impl(*args):
-        descs, attrs, tactic = args[:n_in], args[n_in:-2], args[-1]
+        descs, attrs = args[:n_in], args[n_in:-2]           # then the output descriptors and the tactic
         shapes = [tuple(d.constant_value() if d.is_constant else d for d in desc.shape_expr) for desc in descs]
         kernel = aot_kernel(plugin, shapes, _dtype_names(descs), dict(zip((a.name for a in plugin.attributes), attrs)))
         params = trtp.KernelLaunchParams()
