@@ -5,7 +5,8 @@
 
 ARTIFACT_DIR then holds manifest.json, the targets' files (torch: prefill.pt2 + decode.pt2 with the kernels as
 nextdeploy:: custom ops; onnxruntime: model.onnx with ONNX Runtime's contrib kernels; compiled: compiled/, the step
-compiled by Inductor for each decode batch bucket and prefill chunk length) and tokenizer.json. Export
+compiled by Inductor for each decode batch bucket and prefill chunk length; tensorrt: tensorrt/, ONNX graphs with
+the nextdeploy TensorRT plugins, and engines where TensorRT and a GPU are present) and tokenizer.json. Export
 checks itself against the eager model (prefill, then teacher-forced decode) and records the figures in the
 manifest; it fails, writing nothing, when they exceed the tolerance for the dtype.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from model import cli
 
-TARGETS = ("torch", "onnxruntime", "compiled")
+TARGETS = ("torch", "onnxruntime", "compiled", "tensorrt")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ONNX Runtime node for the gated delta rule (default: LinearAttention, which runs on CPU "
                    "and CUDA; GatedDeltaNet fuses the q/k norm but runs on CUDA only)")
     p.add_argument("--decode-buckets", nargs="+", type=cli.integer(1, 1 << 16), metavar="B",
-                   help="compiled target: batch sizes decode is compiled for; a batch runs in the smallest that holds "
+                   help="compiled and tensorrt targets: batch sizes decode is built for; a batch runs in the smallest that holds "
                    "it (default: 1 2 4 ... below --max-batch, and --max-batch; 1 and --max-batch are always added)")
     p.add_argument("--prefill-chunks", nargs="+", type=cli.integer(2, 1 << 24), metavar="T",
                    help="compiled target: prompt lengths prefill is compiled for; a prompt runs as chunks, largest "
@@ -101,15 +102,19 @@ def validate(args, config):
                 raise ExportError(f"--target onnxruntime needs {package}: pip install 'next-deploy[onnx]'") from e
     from model.device import torch_device
     torch_device(args.device)
-    if "compiled" in args.target:
+    if "compiled" in args.target or "tensorrt" in args.target:
         if any(b > args.max_batch for b in args.decode_buckets or []):
             raise ExportError(f"--decode-buckets {max(args.decode_buckets)} exceeds --max-batch {args.max_batch}; "
                               "give buckets up to --max-batch")
+        buckets = args.decode_buckets or default_decode_buckets(args.max_batch)
+        args.decode_buckets = sorted({1, args.max_batch, *buckets})
+    if "tensorrt" in args.target:
+        from .tensorrt import check_options
+        check_options(args, config)
+    if "compiled" in args.target:
         if any(c > args.max_seq_len for c in args.prefill_chunks or []):
             raise ExportError(f"--prefill-chunks {max(args.prefill_chunks)} exceeds --max-seq-len "
                               f"{args.max_seq_len}; give chunks up to --max-seq-len")
-        buckets = args.decode_buckets or default_decode_buckets(args.max_batch)
-        args.decode_buckets = sorted({1, args.max_batch, *buckets})
         args.prefill_chunks = sorted(set(args.prefill_chunks or default_prefill_chunks(args.max_seq_len)))
         problem = missing_toolchain(args.device)
         if problem:
@@ -133,7 +138,7 @@ def export(args) -> Path:
     from model import Qwen3NextForCausalLM
     from model.io import atomic_directory
     from runtime.manifest import MANIFEST, Manifest, checkpoint_hash
-    from . import build, compiled, verify
+    from . import build, compiled, tensorrt, verify
     from .onnx_lowering import DEFAULT_OP
     from .graph import example_batch, tensor_specs
     from model import Qwen3NextConfig
@@ -152,7 +157,7 @@ def export(args) -> Path:
     has_tokenizer = check_tokenizer(checkpoint, config.vocab_size)
     # The compiled target shows one line per graph it compiles.
     graphs = len(args.decode_buckets) + len(args.prefill_chunks) if "compiled" in args.target else 0
-    stage = Stages(2 + 2 * len(args.target) + graphs)
+    stage = Stages(2 + sum(tensorrt.stages(args) if t == "tensorrt" else 2 for t in args.target) + graphs)
     with stage("loading the checkpoint"):
         model = Qwen3NextForCausalLM.from_pretrained(args.checkpoint, dtype=getattr(torch, args.dtype),
                                                      device=args.device)
@@ -171,6 +176,9 @@ def export(args) -> Path:
                     model, tmp, args.device, args.max_seq_len, args.decode_buckets, args.prefill_chunks,
                     manifest.state, stage)
                 continue
+            if target == "tensorrt":
+                manifest.targets[target] = tensorrt.build(model, args, tmp, stage)
+                continue
             with stage(f"building the {target} target"):
                 if target == "torch":
                     manifest.targets[target] = build.export_torch(model, tmp, args.max_batch, args.max_seq_len)
@@ -187,18 +195,19 @@ def export(args) -> Path:
         with stage("computing eager reference logits"):
             expected = verify.reference_logits(model, tokens)[:, args.verify_tokens // 2 - 1:-1]
         for target in args.target:
-            with stage(f"verifying the {target} target against the eager model"):
-                engine = runtime.load(tmp, backend=target, device=args.device)
-                got = verify.run_engine_teacher_forced(engine, tokens, args.verify_tokens // 2)
-                figures = verify.compare(got, expected)
-                figures.update(prefill_tokens=args.verify_tokens // 2, decode_steps=got.shape[1] - 1,
-                               batch=len(tokens))
-                manifest.parity[target] = figures
-                verify.check(figures, args.dtype, target)
+            runs = tensorrt.verification_runs(tmp, manifest) if target == "tensorrt" else \
+                [(target, lambda: runtime.load(tmp, backend=target, device=args.device))]
+            for name, open_engine in runs:
+                with stage(f"verifying the {name} target against the eager model"):
+                    figures = verify.parity(open_engine(), tokens, expected, args.verify_tokens // 2)
+                    manifest.parity[name] = figures
+                    verify.check(figures, args.dtype, name)
         (tmp / MANIFEST).write_text(manifest.to_json())
     for target, f in manifest.parity.items():
         print(f"{target}: relative logit error {f['rel_error']:.2e}, max abs {f['max_abs_error']:.2e}, "
               f"top-1 agreement {f['top1_agreement']:.3f}")
+    if "tensorrt" in manifest.targets:
+        tensorrt.report(out, manifest)
     if "compiled" in manifest.targets:
         c = manifest.targets["compiled"]
         print(f"compiled: {len(c['decode_buckets']) + len(c['prefill_chunks'])} graphs ({' + '.join(c['forms'])}) "

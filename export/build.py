@@ -36,26 +36,35 @@ def export_torch(model: Qwen3NextForCausalLM, out: Path, max_batch: int, max_seq
     return {"files": files, "custom_ops": ["nextdeploy::gated_delta_rule", "nextdeploy::causal_conv1d"]}
 
 
+def trace_onnx(model: Qwen3NextForCausalLM, lowering, max_batch: int, max_seq_len: int, opset: int,
+               decode: bool = False):
+    """The step as an ONNX program (dynamic batch; dynamic sequence, or one token for `decode`), with the kernels
+    emitted by `lowering` (see model.kernels.lowered_to)."""
+    step = StepModule(model).eval()
+    ids, state = example_inputs(model, example_batch(max_batch), 1 if decode else 3, max_seq_len)
+    tensors, names = state.tensors(), state.names()
+    shapes = dynamic_shapes(len(tensors), max_batch, max_seq_len, decode)
+    with torch.no_grad(), kernels.lowered_to(lowering), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        return torch.onnx.export(step, (ids, *tensors), dynamo=True, dynamic_shapes=shapes,
+                                 input_names=["input_ids", *names],
+                                 output_names=["logits", *[f"present.{n}" for n in names]],
+                                 opset_version=opset, optimize=True, verbose=False)
+
+
+def needs_external_data(model: Qwen3NextForCausalLM) -> bool:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
+
+
 def export_onnx(model: Qwen3NextForCausalLM, out: Path, gated_delta_op: str, max_batch: int, max_seq_len: int,
                 opset: int) -> dict:
     """model.onnx: one graph for prefill and decode (dynamic batch and sequence), kernels as contrib ops."""
     import onnx
     from .onnx_lowering import LOWERINGS
 
-    lowering = LOWERINGS[gated_delta_op]
-    step = StepModule(model).eval()
-    ids, state = example_inputs(model, example_batch(max_batch), 3, max_seq_len)
-    tensors, names = state.tensors(), state.names()
-    shapes = dynamic_shapes(len(tensors), max_batch, max_seq_len, decode=False)
-    with torch.no_grad(), kernels.lowered_to(lowering), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        program = torch.onnx.export(step, (ids, *tensors), dynamo=True, dynamic_shapes=shapes,
-                                    input_names=["input_ids", *names],
-                                    output_names=["logits", *[f"present.{n}" for n in names]],
-                                    opset_version=opset, optimize=True, verbose=False)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    external = weight_bytes > EXTERNAL_DATA_BYTES
+    program = trace_onnx(model, LOWERINGS[gated_delta_op], max_batch, max_seq_len, opset)
+    external = needs_external_data(model)
     program.save(str(out / "model.onnx"), external_data=external)
     onnx.checker.check_model(str(out / "model.onnx"), full_check=False)
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False)

@@ -44,6 +44,14 @@ def run_engine_teacher_forced(engine, tokens: np.ndarray, prefill_len: int) -> n
     return np.stack(out, axis=1)
 
 
+def parity(engine, tokens: np.ndarray, expected: np.ndarray, prefill_len: int) -> dict:
+    """The engine's figures against `expected` (the eager logits predicting tokens[prefill_len:])."""
+    got = run_engine_teacher_forced(engine, tokens, prefill_len)
+    figures = compare(got, expected)
+    figures.update(prefill_tokens=prefill_len, decode_steps=got.shape[1] - 1, batch=tokens.shape[0])
+    return figures
+
+
 def check(figures: dict, dtype: str, target: str) -> None:
     if not figures["rel_error"] <= TOLERANCE[dtype]:
         raise ExportError(f"{target} artifact disagrees with the eager model: relative logit error "

@@ -16,7 +16,7 @@ from pathlib import Path
 from .engine import Engine, InputError, State
 from .manifest import ArtifactError, Manifest
 
-BACKENDS = ("onnxruntime", "torch", "eager", "compiled")
+BACKENDS = ("onnxruntime", "torch", "eager", "compiled", "tensorrt")
 __all__ = ["load", "Engine", "State", "Manifest", "ArtifactError", "InputError", "BACKENDS"]
 
 
@@ -25,8 +25,8 @@ def load(directory, backend: str = "onnxruntime", device: str = "cpu", checkpoin
     """Open an artifact directory written by `python -m export`. `checkpoint` overrides where the eager
     backend finds the source checkpoint (its hash must match the manifest's). compiled backend: `form` 'aoti'
     or 'exported' (default: the AOTInductor packages where the artifact holds them and this machine matches the
-    one they were compiled on, else the exported programs, compiled here). On CUDA, the compiled and onnxruntime
-    backends replay decode steps as CUDA graphs unless `cuda_graphs` is False."""
+    one they were compiled on, else the exported programs, compiled here). On CUDA, the compiled, onnxruntime and
+    tensorrt backends replay decode steps as CUDA graphs unless `cuda_graphs` is False."""
     directory = Path(directory)
     if backend not in BACKENDS:
         raise ArtifactError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -43,6 +43,10 @@ def load(directory, backend: str = "onnxruntime", device: str = "cpu", checkpoin
     elif backend == "compiled":
         from .compiled_backend import CompiledBackend, CompiledEngine
         impl, engine = CompiledBackend(directory, manifest, device, form, cuda_graphs), CompiledEngine
+    elif backend == "tensorrt":
+        from .compiled_backend import CompiledEngine
+        from .tensorrt_backend import TensorRTBackend
+        impl, engine = TensorRTBackend(directory, manifest, device, cuda_graphs), CompiledEngine
     else:
         from .eager_backend import EagerBackend
         impl = EagerBackend(manifest, device, checkpoint)

@@ -31,7 +31,8 @@ _lowering = None  # while exporting to ONNX: an object whose methods emit the ta
 @contextmanager
 def lowered_to(lowering):
     """Within this block, exported graphs call `lowering.gated_delta_rule` / `lowering.causal_conv1d` (same
-    contracts) instead of the custom ops: how an exporter puts its own backend's nodes in the graph."""
+    contracts) instead of the custom ops: how an exporter puts its own backend's nodes in the graph. A lowering with
+    a `gated_deltanet_decode` method (same contract) also takes the fused decode step."""
     global _lowering
     previous, _lowering = _lowering, lowering
     try:
@@ -64,9 +65,10 @@ def _announce(path: str) -> None:
 
 def use_fused_decode(num_steps: int) -> bool:
     """Whether a layer with state runs `num_steps` tokens through the fused decode step: not while lowering to a
-    backend that maps the two kernels separately (ONNX), and not when fla is chosen for comparison. A symbolic
+    backend that maps only the two kernels (ONNX Runtime), and not when fla is chosen for comparison. A symbolic
     length (a graph exported for any prompt length) takes the general path."""
-    return isinstance(num_steps, int) and num_steps <= FUSED_DECODE_MAX_STEPS and _lowering is None and _choice != "fla"
+    return isinstance(num_steps, int) and num_steps <= FUSED_DECODE_MAX_STEPS and _choice != "fla" and \
+        (_lowering is None or hasattr(_lowering, "gated_deltanet_decode"))
 
 
 def _tracing() -> bool:
@@ -79,7 +81,7 @@ def gated_deltanet_decode(qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, co
     called directly (the op's dispatch costs ~100 us of host time per call)."""
     args = (qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, conv_state, recurrent_state, slots, eps)
     if _tracing():
-        return ops.gated_deltanet_decode(*args)
+        return (_lowering or ops).gated_deltanet_decode(*args)
     if ops.use_triton(qkvz, conv_state):
         from . import triton_decode
         _announce("fused decode step: Triton (CUDA)")

@@ -2,8 +2,8 @@
 
 Each program computes a [BLOCK_T, BLOCK_C] tile of the output. Inputs before the tile's first step come from x
 itself or, before x starts, from the incoming state; the program that owns the first time tile of a channel
-block also writes that block's outgoing state (the last W-1 inputs) into a separate tensor, so no program ever
-reads a value another one has overwritten.
+block also writes that block's outgoing state (the last W-1 inputs), to a separate tensor or in place: no program
+ever reads a value another one has overwritten.
 """
 
 from __future__ import annotations
@@ -44,7 +44,10 @@ def causal_conv1d_kernel(
              mask=(steps[:, None] < T) & c_ok[None, :])
 
     if t_block == 0:
-        # The outgoing state: inputs T-(W-1) .. T-1 of the sequence [state, x].
+        # The outgoing state: inputs T-(W-1) .. T-1 of the sequence [state, x]. After every thread's reads of the
+        # incoming state, so new_state may be the state's own buffer (TensorRT binds past and present state to one
+        # buffer); only this tile reads the incoming state (BLOCK_T >= W-1), and tap j reads tap j+T >= j.
+        tl.debug_barrier()
         for j in tl.static_range(W - 1):
             step = T - (W - 1) + j
             tail_x = tl.load(x_row + step * stride_xt + channels, mask=c_ok & (step >= 0), other=0.0)

@@ -4,9 +4,10 @@
 From the layer's raw projections (qkvz and ba, in the grouped-by-key-head layout of `in_proj_qkvz` /
 `in_proj_ba`) to the gated-normed output that `out_proj` takes: conv1d update + SiLU, l2-normalised q and k,
 g = -exp(A_log) * softplus(a + dt_bias), beta = sigmoid(b), decay + delta-rule update + output, gated RMSNorm.
-The conv and recurrent states live in pools addressed by a slot per batch row and are updated in place; a
-negative slot is a padding row: its output is zero and no state changes, so one CUDA graph captured at a batch
-bucket serves fewer live rows.
+The conv and recurrent states live in pools addressed by a slot per batch row: read from `conv_state` /
+`rec_state` and written to `conv_state_out` / `rec_state_out`, which may be the same buffers (the torch op updates
+in place; TensorRT binds past and present state to one buffer). A negative slot is a padding row: its output is zero
+and no state changes, so one CUDA graph captured at a batch bucket serves fewer live rows.
 
 One program per (batch row, value head), with the head's [K, V] state in registers, looping over the T steps (1
 for decode, a few for speculative steps). Its v conv channels are its own; the q and k conv channels are shared
@@ -34,19 +35,21 @@ def _conv_silu(qkvz_row, stride_t, col, state_row, channel, weight, t, n, mask, 
 
 
 @triton.jit
-def _shift_conv_state(qkvz_row, stride_t, col, state_row, channel, T, mask, W: tl.constexpr):
-    """Write the outgoing conv state (the last W-1 inputs of [state, x]) of these channels in place. Tap j takes
-    input T-(W-1)+j, from x, or from incoming tap j+T: a tap not yet overwritten, since taps go in order."""
+def _shift_conv_state(qkvz_row, stride_t, col, state_row, out_row, channel, T, mask, W: tl.constexpr):
+    """Write the outgoing conv state (the last W-1 inputs of [state, x]) of these channels to `out_row`. Tap j takes
+    input T-(W-1)+j, from x, or from incoming tap j+T: a tap not yet overwritten when out_row is state_row, since
+    taps go in order."""
     for j in tl.static_range(W - 1):
         src = T - (W - 1) + j
         x = tl.load(qkvz_row + src * stride_t + col, mask=mask & (src >= 0), other=0.0)
         s = tl.load(state_row + channel * (W - 1) + (src + (W - 1)), mask=mask & (src < 0), other=0.0)
-        tl.store(state_row + channel * (W - 1) + j, tl.where(src >= 0, x.to(s.dtype), s), mask=mask)
+        tl.store(out_row + channel * (W - 1) + j, tl.where(src >= 0, x.to(s.dtype), s), mask=mask)
 
 
 @triton.jit
 def gated_deltanet_decode_kernel(
-    qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, conv_state, rec_state, slots, out, arrivals,
+    qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, conv_state, rec_state, conv_state_out, rec_state_out, slots,
+    out, arrivals,
     T, eps,
     stride_qb, stride_qt, stride_bab, stride_bat, stride_cs, stride_rs, stride_ob, stride_ot,
     HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GROUP: tl.constexpr, W: tl.constexpr,
@@ -66,12 +69,13 @@ def gated_deltanet_decode_kernel(
         for t in range(T):
             tl.store(out_ptr + t * stride_ot, tl.zeros([BV], out.dtype.element_ty), mask=v_ok)
     else:
-        s_ptr = rec_state + slot * stride_rs + h * K * V + kc[:, None] * V + vc[None, :]
+        s_offsets = slot * stride_rs + h * K * V + kc[:, None] * V + vc[None, :]
         s_mask = k_ok[:, None] & v_ok[None, :]
-        S = tl.load(s_ptr, mask=s_mask, other=0.0)
+        S = tl.load(rec_state + s_offsets, mask=s_mask, other=0.0)
         qkvz_row = qkvz + b * stride_qb
         ba_row = ba + b * stride_bab
         state_row = conv_state + slot * stride_cs
+        out_row = conv_state_out + slot * stride_cs
         head_cols = hk * (2 * K + 2 * GROUP * V)           # the key head's [q | k | v group | z group] columns
         q_col, k_col = head_cols + kc, head_cols + K + kc
         v_col = head_cols + 2 * K + j * V + vc
@@ -99,19 +103,22 @@ def gated_deltanet_decode_kernel(
             o = o * tl.rsqrt(tl.sum(o * o, axis=0) / V + eps).to(tl.float32)
             z = tl.load(qkvz_row + t * stride_qt + z_col, mask=v_ok, other=0.0).to(tl.float32)
             tl.store(out_ptr + t * stride_ot, (o * norm_w * z * tl.sigmoid(z)).to(out.dtype.element_ty), mask=v_ok)
-        tl.store(s_ptr, S, mask=s_mask)
+        tl.store(rec_state_out + s_offsets, S, mask=s_mask)
         # The conv state last: every step above read the incoming state. The v channels are this head's alone;
         # the q and k channels are read by every value head of the key head, so the last of them to finish
-        # shifts those (the acq_rel counter orders the others' reads before its writes).
+        # shifts those (the acq_rel counter orders the others' reads before its writes) and zeroes the counter, so
+        # a buffer zeroed once serves every later launch.
         tl.debug_barrier()
-        _shift_conv_state(qkvz_row, stride_qt, v_col, state_row, v_chan, T, v_ok, W)
+        _shift_conv_state(qkvz_row, stride_qt, v_col, state_row, out_row, v_chan, T, v_ok, W)
         last = True
         if GROUP > 1:
             last = tl.atomic_add(arrivals + b * HK + hk, 1, sem="acq_rel") == GROUP - 1
         if last:
             tl.debug_barrier()
-            _shift_conv_state(qkvz_row, stride_qt, q_col, state_row, q_chan, T, k_ok, W)
-            _shift_conv_state(qkvz_row, stride_qt, k_col, state_row, k_chan, T, k_ok, W)
+            _shift_conv_state(qkvz_row, stride_qt, q_col, state_row, out_row, q_chan, T, k_ok, W)
+            _shift_conv_state(qkvz_row, stride_qt, k_col, state_row, out_row, k_chan, T, k_ok, W)
+            if GROUP > 1:
+                tl.store(arrivals + b * HK + hk, 0)
 
 
 def gated_deltanet_decode(qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, conv_state, recurrent_state, slots,
@@ -131,8 +138,8 @@ def gated_deltanet_decode(qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, co
     kernel = launch(gated_deltanet_decode_kernel) if launch else gated_deltanet_decode_kernel
     BK, BV = triton.next_power_of_2(K), triton.next_power_of_2(V)
     kernel[(B, Hv)](
-        qkvz, ba, conv_weight.contiguous(), A_log, dt_bias, norm_weight, conv_state, recurrent_state, slots, out,
-        arrivals, T, eps,
+        qkvz, ba, conv_weight.contiguous(), A_log, dt_bias, norm_weight, conv_state, recurrent_state, conv_state,
+        recurrent_state, slots, out, arrivals, T, eps,
         qkvz.stride(0), qkvz.stride(1), ba.stride(0), ba.stride(1), conv_state.stride(0), recurrent_state.stride(0),
         out.stride(0), out.stride(1),
         HK=Hk, K=K, V=V, GROUP=Hv // Hk, W=W, BK=BK, BV=BV,
