@@ -1,4 +1,4 @@
-"""Chunked gated delta rule for prefill, in three Triton kernels (reference: reference.gated_delta_rule_chunked).
+"""Chunked gated delta rule for prefill, in two Triton kernels (reference: reference.gated_delta_rule_chunked).
 
 Per value head the sequence is cut into chunks of 64 steps. With c the cumulative log-decay inside a chunk and
 S0 the state at its start, the chunk's writes U solve the unit-lower-triangular system
@@ -11,9 +11,9 @@ and its outputs and next state are  O = exp(c) Q S0 + (Q K^T * decay) U,  S = ex
    blocks and solves by block forward substitution (16-step substitution on the diagonal blocks, matrix products
    off the diagonal), storing U_v = (I + A)^-1 diag(beta) V and U_k = (I + A)^-1 diag(beta exp(c)) K, so that
    U = U_v - U_k S0 once S0 is known.
-2. `chunk_terms_kernel`, also in parallel: everything else that does not depend on S0 (normalised and decayed
-   q and k, the masked intra-chunk attention, the chunk's total decay).
-3. `chunk_scan_kernel`, one program per (batch row, value head, block of value columns), walks the chunks in
+   The same program then stores everything else that does not depend on S0 (normalised and decayed q and k, the
+   masked intra-chunk attention, the chunk's total decay).
+2. `chunk_scan_kernel`, one program per (batch row, value head, block of value columns), walks the chunks in
    order with the state in registers, doing only the four matrix products that need it: the serial chain is
    what bounds long prefills, so it holds nothing that could be computed ahead.
 The intermediates round-trip through one float32 buffer; the state stays float32.
@@ -77,13 +77,15 @@ def _diagonal(k_i, beta_i, c_i, PREC: tl.constexpr):
 
 @triton.jit
 def chunk_solve_kernel(
-    k, v, g, beta, u,
+    q, k, v, g, beta, u, decay,
     T, Hv,
-    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_gb, stride_gt, stride_bb, stride_bt, stride_ub, stride_uh, stride_ut,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_gb, stride_gt, stride_bb, stride_bt, stride_ub, stride_uh, stride_ut, stride_db, stride_dh,
     GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    """Columns of u per step: [U_v (V) | U_k (K) | q exp(c) / sqrt(K) (K) | k exp(c_last - c) (K) | attn row (64)];
+    decay: exp(c_last) per chunk."""
     chunk = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hv).to(tl.int64)
@@ -160,21 +162,17 @@ def chunk_solve_kernel(
     _store_block(u_ptr + V, t0 + 16, t0 + 64, stride_ut, kc, K, uk1)
     _store_block(u_ptr + V, t0 + 32, t0 + 64, stride_ut, kc, K, uk2)
     _store_block(u_ptr + V, t0 + 48, t0 + 64, stride_ut, kc, K, uk3)
+    _chunk_terms(q, k, g, u, decay, T, b, h, chunk, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                 stride_gb, stride_gt, stride_ub, stride_uh, stride_ut, stride_db, stride_dh, GROUP, K, V, BK)
 
 
 @triton.jit
-def chunk_terms_kernel(
-    q, k, g, w, decay,
-    T, Hv,
-    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_gb, stride_gt,
-    stride_wb, stride_wh, stride_wt, stride_db, stride_dh,
-    GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-):
-    """Columns of w per step: [U_v (V) | U_k (K) | q exp(c) / sqrt(K) (K) | k exp(c_last - c) (K) | attn row (64)]."""
-    chunk = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // Hv).to(tl.int64)
-    h = bh % Hv
+def _chunk_terms(q, k, g, w, decay, T, b, h, chunk,
+                 stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_gb, stride_gt,
+                 stride_wb, stride_wh, stride_wt, stride_db, stride_dh,
+                 GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr):
+    """What else the scan needs that does not depend on the state: normalised and decayed q and k, the masked
+    intra-chunk attention and the chunk's total decay, for the whole chunk in one block of 64 rows."""
     kc = tl.arange(0, BK)
     steps = tl.arange(0, 64)
     rows = chunk * 64 + steps
@@ -272,15 +270,11 @@ def gated_delta_rule(q, k, v, g, beta, initial_state, launch=None, block_v=None,
     w = torch.empty(B, Hv, n_chunks * CHUNK, V + 3 * K + CHUNK, dtype=torch.float32, device=v.device)
     decay = torch.empty(B, Hv, n_chunks, dtype=torch.float32, device=v.device)
     wrap(chunk_solve_kernel)[(n_chunks, B * Hv)](
-        k, v, g, beta, w, T, Hv,
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        g.stride(0), g.stride(1), beta.stride(0), beta.stride(1), w.stride(0), w.stride(1), w.stride(2),
+        q, k, v, g, beta, w, decay, T, Hv,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), g.stride(0), g.stride(1), beta.stride(0), beta.stride(1), w.stride(0), w.stride(1), w.stride(2),
+        decay.stride(0), decay.stride(1),
         GROUP=Hv // Hk, K=K, V=V, BK=BK, BV=BVfull, PREC=prec, num_warps=4)
-    wrap(chunk_terms_kernel)[(n_chunks, B * Hv)](
-        q, k, g, w, decay, T, Hv,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), g.stride(0), g.stride(1),
-        w.stride(0), w.stride(1), w.stride(2), decay.stride(0), decay.stride(1),
-        GROUP=Hv // Hk, K=K, V=V, BK=BK, num_warps=4)
     o = torch.empty(B, T, Hv, V, dtype=v.dtype, device=v.device)
     final = torch.empty(B, Hv, K, V, dtype=torch.float32, device=v.device)
     BV = block_v or min(BVfull, 64 if K <= 64 else 32)
