@@ -82,7 +82,7 @@ def check_options(args, config) -> None:
     missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
         raise ExportError(f"--target tensorrt needs {' and '.join(missing)}: pip install 'next-deploy[onnx]'")
-    dims = {**model_dims(config), "B": 1, "T": 2, "P": 1}
+    dims = {**model_dims(config), "B": 1, "T": 2, "P": 1, "N": 1}
     try:
         for plugin in PLUGINS.values():
             shapes = [tuple(evaluate(e, dims) for e in t.dims) for t in plugin.inputs]

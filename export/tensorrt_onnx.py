@@ -53,9 +53,10 @@ class TensorRTLowering:
 
     @staticmethod
     def gated_delta_rule(q, k, v, g, beta, initial_state):
-        u, = _plugin("gated_delta_rule_solve", [k, v, g, beta])
-        o, final_state = _plugin("gated_delta_rule_scan", [q, k, g, u, initial_state])
-        return o, final_state
+        u, decay = _plugin("gated_delta_rule_solve", [q, k, v, g, beta])
+        o, final_state = _plugin("gated_delta_rule_scan", [u, decay, initial_state])
+        # The scan covers whole chunks in float32: the op's output is the first T steps in v's dtype.
+        return o[:, :v.shape[1]].to(v.dtype), final_state
 
     @staticmethod
     def gated_deltanet_decode(qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, conv_state, recurrent_state,

@@ -4,9 +4,10 @@ A TensorRT ONNX file carries these next to its plugin nodes: TensorRT's parser i
 `plugin_namespace` attribute as the registered plugin, while ONNX Runtime, which knows no such plugin, inlines the
 function, so the very file TensorRT builds from also runs on CPU and can be checked against the eager model. The
 bodies follow model/kernels/reference.py in float32 (inputs are cast up, outputs back to their dtype): the conv as a
-grouped Conv over [state, x]; the gated delta rule chunked like the kernels, the unit-triangular solve by forward
-substitution (a Scan over a chunk's rows) and the chunks by a Scan carrying the state; the decode step from those
-two, with pool rows gathered by slot and scattered back. Channel and head counts are fixed per model, so the
+grouped Conv over [state, x]; the gated delta rule chunked like the kernels, the solve writing the chunk terms in
+the kernel's layout (the unit-triangular solve by forward substitution, a Scan over a chunk's rows) and the scan
+walking the chunks by a Scan carrying the state; the decode step from those two, with pool rows gathered by slot
+and scattered back. Channel and head counts are fixed per model, so the
 bodies are built for the model's dimensions.
 """
 
@@ -60,17 +61,19 @@ class _Body:
                     self.const(0.0, np.float32), self.const([2]))
         return self.op("Reshape", x, self.const([0, 0, -1, CHUNK] + ([width] if width else [])))
 
-    def padded_length(self, x: str) -> str:
-        """T rounded up to a whole number of chunks, from a [B, T, ...] tensor."""
-        steps = self.op("Gather", self.op("Shape", x), self.const(1), axis=0)
-        chunk = self.const(CHUNK)
-        return self.op("Mul", self.op("Div", self.op("Add", steps, self.const(CHUNK - 1)), chunk), chunk)
+    def steps(self, x: str) -> str:
+        """T of a [B, T, ...] value."""
+        return self.op("Gather", self.op("Shape", x), self.const(1), axis=0)
 
-    def unchunked(self, x: str, like: str, width: int) -> str:
-        """[B, H, n, CHUNK, width] -> [B, H, T, width], T the step count of `like` ([B, T, ...])."""
-        steps = self.op("Unsqueeze", self.op("Gather", self.op("Shape", like), self.const(1), axis=0), self.const([0]))
-        x = self.op("Reshape", x, self.const([0, 0, -1, width]))
-        return self.op("Slice", x, self.const([0]), steps, self.const([2]))
+    def padded_length(self, x: str) -> str:
+        """T rounded up to a whole number of chunks, from a [B, T, ...] value."""
+        chunk = self.const(CHUNK)
+        return self.op("Mul", self.op("Div", self.op("Add", self.steps(x), self.const(CHUNK - 1)), chunk), chunk)
+
+    def first_steps(self, x: str, like: str) -> str:
+        """[B, N*CHUNK, ...] cut to the T steps of `like` ([B, T, ...])."""
+        return self.op("Slice", x, self.const([0]), self.op("Unsqueeze", self.steps(like), self.const([0])),
+                       self.const([1]))
 
     def attribute_value(self, name: str) -> str:
         """A float attribute of the calling node, as a value."""
@@ -124,55 +127,61 @@ def gated_delta_rule_solve(dims: dict, opset: int) -> onnx.FunctionProto:
     Hk, Hv, K, V = dims["Hk"], dims["Hv"], dims["K"], dims["V"]
     b = _Body("solve")
     padded = b.padded_length("v")
-    k = b.chunked(b.heads_first(b.l2_normalize(b.f32("k")), Hv // Hk, Hv, K), padded, K)       # [B, Hv, n, C, K]
-    v = b.chunked(b.op("Transpose", b.f32("v"), perm=[0, 2, 1, 3]), padded, V)
+    q = b.op("Mul", b.l2_normalize(b.f32("q")), b.const(K**-0.5, np.float32))
+    q, k = (b.chunked(b.heads_first(x, Hv // Hk, Hv, K), padded, K) for x in (q, b.l2_normalize(b.f32("k"))))
+    v = b.chunked(b.op("Transpose", b.f32("v"), perm=[0, 2, 1, 3]), padded, V)            # [B, Hv, n, C, V]
     g, beta = (b.chunked(b.op("Transpose", b.f32(x), perm=[0, 2, 1]), padded, None) for x in ("g", "beta"))
     c = b.op("CumSum", g, b.const(-1))                                                  # [B, Hv, n, C]
     diff = b.op("Sub", b.op("Unsqueeze", c, b.const([-1])), b.op("Unsqueeze", c, b.const([-2])))
-    below = b.const(np.tril(np.ones((CHUNK, CHUNK), bool), -1), bool)
+    causal = np.tril(np.ones((CHUNK, CHUNK), bool))
     # Masked before exp: above the diagonal c_i - c_j is positive and could overflow.
-    decay = b.op("Exp", b.op("Where", below, diff, b.const(-np.inf, np.float32)))
-    kk = b.op("MatMul", k, b.op("Transpose", k, perm=[0, 1, 2, 4, 3]))
-    A = b.op("Mul", b.op("Mul", b.op("Unsqueeze", beta, b.const([-1])), kk), decay)
+    decay = b.op("Exp", b.op("Where", b.const(causal, bool), diff, b.const(-np.inf, np.float32)))
+    strict = b.op("Mul", decay, b.const(1 - np.eye(CHUNK), np.float32))
+    A = b.op("Mul", b.op("Mul", b.op("Unsqueeze", beta, b.const([-1])), b.op("MatMul", k, _transposed(b, k))), strict)
     rhs = b.op("Concat", b.op("Mul", b.op("Unsqueeze", beta, b.const([-1])), v),
                b.op("Mul", b.op("Unsqueeze", b.op("Mul", beta, b.op("Exp", c)), b.const([-1])), k), axis=-1)
     zeros = b.op("ConstantOfShape", b.op("Shape", rhs), value=numpy_helper.from_array(np.zeros(1, np.float32)))
-    X = b.op("Scan", zeros, A, rhs, b.const(np.eye(CHUNK, dtype=np.float32), np.float32), num_scan_inputs=3,
-             scan_input_axes=[3, 3, 0], body=_forward_substitution())
-    return _function("gated_delta_rule_solve", b, [b.op("CastLike", b.unchunked(X, "v", V + K), "v")], opset)
+    solved = b.op("Scan", zeros, A, rhs, b.const(np.eye(CHUNK, dtype=np.float32), np.float32), num_scan_inputs=3,
+                  scan_input_axes=[3, 3, 0], body=_forward_substitution())               # [U_v | U_k]
+    c_last = b.op("Slice", c, b.const([-1]), b.const([CHUNK]), b.const([-1]))           # [B, Hv, n, 1]
+    q_decayed = b.op("Mul", q, b.op("Unsqueeze", b.op("Exp", c), b.const([-1])))
+    k_to_end = b.op("Mul", k, b.op("Unsqueeze", b.op("Exp", b.op("Sub", c_last, c)), b.const([-1])))
+    attn = b.op("Mul", b.op("MatMul", q, _transposed(b, k)), decay)
+    u = b.op("Concat", solved, q_decayed, k_to_end, attn, axis=-1)                     # [B, Hv, n, C, V+3K+C]
+    u = b.op("Reshape", u, b.const([0, 0, -1, V + 3 * K + CHUNK]))
+    return _function("gated_delta_rule_solve", b, [u, b.op("Exp", b.op("Squeeze", c_last, b.const([-1])))], opset)
 
 
-def _chunk_step(K: int, V: int) -> onnx.GraphProto:
-    """Scan body over chunks: the chunk's outputs from the state S, then the state after it (reference.py)."""
+def _transposed(b: _Body, x: str) -> str:
+    """The last two dims of a [B, H, n, C, D] value swapped."""
+    return b.op("Transpose", x, perm=[0, 1, 2, 4, 3])
+
+
+def _chunk_step() -> onnx.GraphProto:
+    """Scan body over chunks: the chunk's outputs from the state S, then the state after it (reference.py), from the
+    solve's terms."""
     b = _Body("chunk")
-    U = b.op("Sub", "uv", b.op("MatMul", "uk", "S"))                                    # [B, H, C, V]
-    diff = b.op("Sub", b.op("Unsqueeze", "c", b.const([-1])), b.op("Unsqueeze", "c", b.const([-2])))
-    causal = b.const(np.tril(np.ones((CHUNK, CHUNK), bool)), bool)
-    decay = b.op("Exp", b.op("Where", causal, diff, b.const(-np.inf, np.float32)))
-    attn = b.op("Mul", b.op("MatMul", "q", b.op("Transpose", "k", perm=[0, 1, 3, 2])), decay)
-    out = b.op("Add", b.op("Mul", b.op("Unsqueeze", b.op("Exp", "c"), b.const([-1])), b.op("MatMul", "q", "S")),
-               b.op("MatMul", attn, U))
-    c_last = b.op("Slice", "c", b.const([-1]), b.const([CHUNK]), b.const([-1]))        # [B, H, 1]
-    k_to_end = b.op("Mul", "k", b.op("Unsqueeze", b.op("Exp", b.op("Sub", c_last, "c")), b.const([-1])))
-    S = b.op("Add", b.op("Mul", b.op("Unsqueeze", b.op("Exp", c_last), b.const([-1])), "S"),
-             b.op("MatMul", b.op("Transpose", k_to_end, perm=[0, 1, 3, 2]), U))
+    U = b.op("Sub", "u_v", b.op("MatMul", "u_k", "S"))                                  # [B, H, C, V]
+    out = b.op("Add", b.op("MatMul", "q_decayed", "S"), b.op("MatMul", "attn", U))
+    k_to_end = b.op("Transpose", "k_to_end", perm=[0, 1, 3, 2])
+    S = b.op("Add", b.op("Mul", b.op("Unsqueeze", "decay", b.const([-1, -2])), "S"), b.op("MatMul", k_to_end, U))
     b.nodes += [helper.make_node("Identity", [S], ["S_out"]), helper.make_node("Identity", [out], ["out"])]
-    return _graph("chunk_step", b, dict(S=4, q=4, k=4, c=3, uv=4, uk=4), dict(S_out=4, out=4))
+    return _graph("chunk_step", b, dict(S=4, u_v=4, u_k=4, q_decayed=4, k_to_end=4, attn=4, decay=2),
+                  dict(S_out=4, out=4))
 
 
 def gated_delta_rule_scan(dims: dict, opset: int) -> onnx.FunctionProto:
-    Hk, Hv, K, V = dims["Hk"], dims["Hv"], dims["K"], dims["V"]
+    K, V = dims["K"], dims["V"]
     b = _Body("scan")
-    padded = b.padded_length("q")
-    q = b.op("Mul", b.l2_normalize(b.f32("q")), b.const(K**-0.5, np.float32))
-    q, k = (b.chunked(b.heads_first(x, Hv // Hk, Hv, K), padded, K) for x in (q, b.l2_normalize(b.f32("k"))))
-    c = b.op("CumSum", b.chunked(b.op("Transpose", b.f32("g"), perm=[0, 2, 1]), padded, None), b.const(-1))
-    u = b.chunked(b.f32("u"), padded, V + K)
-    uv, uk = b.op("Split", u, b.const([V, K]), axis=-1, outputs=2)
-    S, out = b.op("Scan", b.f32("initial_state"), q, k, c, uv, uk, outputs=2, num_scan_inputs=5,
-                  scan_input_axes=[2] * 5, scan_output_axes=[2], body=_chunk_step(K, V))
-    o = b.op("Transpose", b.unchunked(out, "q", V), perm=[0, 2, 1, 3])                      # [B, T, Hv, V]
-    return _function("gated_delta_rule_scan", b, [b.op("CastLike", o, "u"), S], opset)
+    u = b.op("Reshape", "u", b.const([0, 0, -1, CHUNK, V + 3 * K + CHUNK]))               # [B, Hv, N, C, ...]
+    terms = b.op("Split", u, b.const([V, K, K, K, CHUNK]), axis=-1, outputs=5)
+    # The attention's lower triangle only, as the kernel reads it.
+    terms[-1] = b.op("Where", b.const(np.tril(np.ones((CHUNK, CHUNK), bool)), bool), terms[-1],
+                     b.const(0.0, np.float32))
+    S, out = b.op("Scan", "initial_state", *terms, "decay", outputs=2, num_scan_inputs=6,
+                  scan_input_axes=[2] * 6, scan_output_axes=[2], body=_chunk_step())
+    o = b.op("Reshape", out, b.const([0, 0, -1, V]))                                    # [B, Hv, N*C, V]
+    return _function("gated_delta_rule_scan", b, [b.op("Transpose", o, perm=[0, 2, 1, 3]), S], opset)
 
 
 def gated_deltanet_decode(dims: dict, opset: int) -> onnx.FunctionProto:
@@ -196,8 +205,9 @@ def gated_deltanet_decode(dims: dict, opset: int) -> onnx.FunctionProto:
     g = b.op("Mul", b.op("Neg", b.op("Exp", b.f32("A_log"))), b.op("Softplus", b.op("Add", b.f32(a), b.f32("dt_bias"))))
     beta = b.op("CastLike", b.op("Sigmoid", b.f32(beta_logit)), "qkvz")
     state = b.op("Gather", "recurrent_state", rows, axis=0)
-    u = b.op("gated_delta_rule_solve", k, v, g, beta, domain=NAMESPACE)
-    o, new_state = b.op("gated_delta_rule_scan", q, k, g, u, state, domain=NAMESPACE, outputs=2)
+    u, decay = b.op("gated_delta_rule_solve", q, k, v, g, beta, domain=NAMESPACE, outputs=2)
+    o, new_state = b.op("gated_delta_rule_scan", u, decay, state, domain=NAMESPACE, outputs=2)
+    o = b.op("CastLike", b.first_steps(o, "qkvz"), "qkvz")          # as the op returns it: T steps, model dtype
     # gated RMSNorm over V: x * rsqrt(mean(x^2) + eps) * w * silu(z) (reference.gated_rms_norm)
     of = b.f32(o)
     eps = b.attribute_value("eps")

@@ -46,37 +46,39 @@ def causal_conv1d_entry(x, weight, state, T, y, new_state,
 
 
 @triton.jit
-def chunk_solve_entry(k, v, g, beta, T, u,
+def chunk_solve_entry(q, k, v, g, beta, T, u, decay,
                       HV: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, PREC: tl.constexpr):
     HK: tl.constexpr = HV // GROUP
-    chunk_solve_kernel(k, v, g, beta, u, T, HV,
-                       T * HK * K, HK * K, K, T * HV * V, HV * V, V,
-                       T * HV, HV, T * HV, HV, HV * T * (V + K), T * (V + K), V + K,
+    TERMS: tl.constexpr = V + 3 * K + 64     # u's columns per step
+    N = (T + 63) // 64                       # chunks
+    chunk_solve_kernel(q, k, v, g, beta, u, decay, T, HV,
+                       T * HK * K, HK * K, K, T * HK * K, HK * K, K, T * HV * V, HV * V, V,
+                       T * HV, HV, T * HV, HV, HV * N * 64 * TERMS, N * 64 * TERMS, TERMS, HV * N, N,
                        GROUP, K, V, BK, BV, PREC)
 
 
 @triton.jit
-def chunk_scan_entry(q, k, g, u, initial_state, T, o, final_state,
-                     HV: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                     BV: tl.constexpr, PREC: tl.constexpr, SCALE: tl.constexpr):
-    HK: tl.constexpr = HV // GROUP
-    chunk_scan_kernel(q, k, g, u, o, initial_state, final_state, T, HV, SCALE,
-                      T * HK * K, HK * K, K, T * HK * K, HK * K, K, T * HV, HV,
-                      HV * T * (V + K), T * (V + K), V + K, T * HV * V, HV * V, V, HV * K * V, K * V,
-                      GROUP, K, V, BK, BV, PREC)
+def chunk_scan_entry(u, decay, initial_state, N, o, final_state,
+                     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     PREC: tl.constexpr):
+    TERMS: tl.constexpr = V + 3 * K + 64
+    # T = every step of the N chunks: o covers them all (rows past the real T come out zero).
+    chunk_scan_kernel(u, decay, o, initial_state, final_state, N * 64, HV,
+                      HV * N * 64 * TERMS, N * 64 * TERMS, TERMS, HV * N, N,
+                      N * 64 * HV * V, HV * V, V, HV * K * V, K * V,
+                      K, V, BK, BV, PREC)
 
 
 @triton.jit
 def gated_deltanet_decode_entry(qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, conv_state, recurrent_state,
                                 slots, arrivals, T, o, conv_state_out, recurrent_state_out,
                                 HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                                W: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EPS: tl.constexpr,
-                                SCALE: tl.constexpr):
+                                W: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EPS: tl.constexpr):
     WIDTH: tl.constexpr = 2 * HK * K + 2 * HV * V      # qkvz row
     CONV_DIM: tl.constexpr = 2 * HK * K + HV * V
     gated_deltanet_decode_kernel(qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, conv_state, recurrent_state,
-                                 conv_state_out, recurrent_state_out, slots, o, arrivals, T, EPS, SCALE,
+                                 conv_state_out, recurrent_state_out, slots, o, arrivals, T, EPS,
                                  T * WIDTH, WIDTH, T * 2 * HV, 2 * HV, CONV_DIM * (W - 1), HV * K * V,
                                  T * HV * V, HV * V,
                                  HK, K, V, HV // HK, W, BK, BV)

@@ -4,10 +4,10 @@ One description per plugin, read by everything that must agree on it: the `tenso
 (register.py), the ONNX nodes and function bodies the exporter writes (export/tensorrt_onnx.py, functions.py), the
 README tables and the tests, none of which need TensorRT. A plugin carries the contract of a `nextdeploy::` torch
 op (model/kernels/ops.py); the gated delta rule is two plugins, because an AOT plugin launches one kernel and the
-chunked rule is two (a solve, then a scan over the chunks), with their [B, Hv, T, V+K] intermediate a tensor between
-the two nodes.
+chunked rule is two (a solve, then a scan over the chunks), with their float32 intermediates (u [B, Hv, N*64,
+V+3*K+64] and decay [B, Hv, N] for N chunks of 64 steps) tensors between the two nodes.
 
-Dimensions are expressions over named symbols ("B", "T", "Hv*V", "W-1"). The symbols in `dynamic` vary at run time
+Dimensions are expressions over named symbols ("B", "T", "Hv*V", "W-1", "(T+63)//64"). The symbols in `dynamic` vary at run time
 (batch, tokens, pool rows); every other one is fixed when the engine is built and compiled into the kernel.
 `Plugin.launch` turns input shapes into the kernel's launch: its grid and int32 arguments are expressions of the
 dimensions, so the same code gives TensorRT's symbolic expressions in aot_impl and plain ints in the tests.
@@ -109,8 +109,9 @@ class Plugin:
         return [pick(t) for t in self.inputs], [pick(t) for t in self.outputs]
 
     def model_dtype(self, input_dtypes) -> str:
-        """The model dtype that input dtypes imply; refuses dtypes the plugin does not take."""
-        model = next(d for t, d in zip(self.inputs, input_dtypes) if t.dtype == "T")
+        """The model dtype that input dtypes imply (float32 for a plugin without model-dtype inputs, whose dtypes
+        are fixed); refuses dtypes the plugin does not take."""
+        model = next((d for t, d in zip(self.inputs, input_dtypes) if t.dtype == "T"), "float32")
         expected, _ = self.dtypes(model)
         if list(input_dtypes) != expected:
             bad = [f"{t.name}: {d} (takes {e})" for t, d, e in zip(self.inputs, input_dtypes, expected) if d != e]
@@ -160,9 +161,9 @@ def _group(d: dict) -> int:
     return d["Hv"] // d["Hk"]
 
 
-def _dot_precision(model_dtype: str) -> str:
-    """What the chunked kernels' matrix products run in (model/kernels/triton_chunk.py)."""
-    return "tf32x3" if model_dtype == "float32" else "tf32"
+def _block(n: int) -> int:
+    """A chunk kernel's block over n columns (model/kernels/triton_chunk.py)."""
+    return max(16, next_power_of_2(n))
 
 
 # ---- causal conv1d --------------------------------------------------------------------------------------------
@@ -189,48 +190,59 @@ CAUSAL_CONV1D = Plugin(
 
 # ---- the chunked gated delta rule: solve, then scan ------------------------------------------------------------
 
+# The solve's outputs cover N = (T+63)//64 whole chunks, in model/kernels/triton_chunk.py's layout.
+CHUNKS = f"(T+{CHUNK - 1})//{CHUNK}"
+TERMS = f"V+3*K+{CHUNK}"
+
+
 def _solve_plan(d, model_dtype, attrs) -> Launch:
     K, V = d["K"], d["V"]
-    return Launch(dict(HV=d["Hv"], GROUP=_group(d), K=K, V=V, BK=max(16, next_power_of_2(K)),
-                       BV=max(16, next_power_of_2(V)), PREC=_dot_precision(model_dtype)),
+    # As model/kernels/triton_chunk.gated_delta_rule launches it (num_stages: Triton's default).
+    return Launch(dict(HV=d["Hv"], GROUP=_group(d), K=K, V=V, BK=_block(K), BV=_block(V),
+                       PREC="tf32x3" if model_dtype == "float32" else "tf32"),
                   num_warps=4, num_stages=3, grid=(cdiv(d["T"], CHUNK), d["B"] * d["Hv"]), args=(d["T"],))
 
 
 GATED_DELTA_RULE_SOLVE = Plugin(
     name="gated_delta_rule_solve", op="nextdeploy::gated_delta_rule (first kernel)",
-    doc="Per chunk of 64 steps, U_v = (I+A)^-1 diag(beta) V and U_k = (I+A)^-1 diag(beta exp(c)) K, with "
-        "A_ij = beta_i exp(c_i - c_j) k_i.k_j (j < i), c the cumulative log-decay and k l2-normalised.",
-    inputs=(Tensor("k", ("B", "T", "Hk", "K"), "T", "raw keys (l2-normalised inside)"),
+    doc="Everything the chunked rule computes before it needs the state, every chunk of 64 steps in parallel: "
+        "U_v = (I+A)^-1 diag(beta) V and U_k = (I+A)^-1 diag(beta exp(c)) K, with A_ij = beta_i exp(c_i - c_j) "
+        "k_i.k_j (j < i), c the cumulative log-decay in the chunk and q, k l2-normalised; the decayed q and k, the "
+        "masked intra-chunk attention and the chunk's total decay.",
+    inputs=(Tensor("q", ("B", "T", "Hk", "K"), "T", "raw queries (l2-normalised inside)"),
+            Tensor("k", ("B", "T", "Hk", "K"), "T", "raw keys (l2-normalised inside)"),
             Tensor("v", ("B", "T", "Hv", "V"), "T", "values"),
             Tensor("g", ("B", "T", "Hv"), "float32", "log-decay per step"),
             Tensor("beta", ("B", "T", "Hv"), "T", "write strength per step")),
-    outputs=(Tensor("u", ("B", "Hv", "T", "V+K"), "T", "U_v (V columns) then U_k (K columns), per step"),),
+    outputs=(Tensor("u", ("B", "Hv", f"{CHUNKS}*{CHUNK}", TERMS), "float32",
+                    "per step of the whole chunks (zeros past T), the columns U_v (V), U_k (K), q exp(c)/sqrt(K) "
+                    "(K), k exp(c_last - c) (K) and the attention row (64: q_i.k_j exp(c_i - c_j) for j <= i, zeros "
+                    "above)"),
+             Tensor("decay", ("B", "Hv", CHUNKS), "float32", "exp(c_last) per chunk")),
     kernel="chunk_solve_entry", scalars=("T",), dynamic=("B", "T"), plan=_solve_plan)
 
 
 def _scan_plan(d, model_dtype, attrs) -> Launch:
     K, V = d["K"], d["V"]
-    bv = min(max(16, next_power_of_2(V)), 64 if K <= 64 else 32)
-    # Two pipeline stages, as model/kernels/triton_chunk.py launches it, except where they outgrow an H100's shared
-    # memory: float32 at K > 64 (270 KB at K = 128 against 227 KB; one stage takes 160 KB).
-    stages = 1 if model_dtype == "float32" and K > 64 else 2
-    return Launch(dict(HV=d["Hv"], GROUP=_group(d), K=K, V=V, BK=max(16, next_power_of_2(K)), BV=bv,
-                       PREC=_dot_precision(model_dtype), SCALE=K**-0.5),
-                  num_warps=4, num_stages=stages, grid=(d["B"] * d["Hv"], cdiv(V, bv)), args=(d["T"],))
+    # As model/kernels/triton_chunk.gated_delta_rule launches it, whatever the model's dtype: float32 operands in
+    # tf32x3, two pipeline stages (within an H100's shared memory at K = 128).
+    bv = min(_block(V), 64 if K <= 64 else 32)
+    return Launch(dict(HV=d["Hv"], K=K, V=V, BK=_block(K), BV=bv, PREC="tf32x3"),
+                  num_warps=4, num_stages=2, grid=(d["B"] * d["Hv"], cdiv(V, bv)), args=(d["N"],))
 
 
 GATED_DELTA_RULE_SCAN = Plugin(
     name="gated_delta_rule_scan", op="nextdeploy::gated_delta_rule (second kernel)",
-    doc="Walks the chunks in order with the [K, V] state in registers: U = U_v - U_k S, the chunk's outputs "
-        "exp(c) Q S + (Q K^T * decay) U and the next state, q l2-normalised and scaled by K^-0.5.",
-    inputs=(Tensor("q", ("B", "T", "Hk", "K"), "T", "raw queries (l2-normalised inside)"),
-            Tensor("k", ("B", "T", "Hk", "K"), "T", "raw keys"),
-            Tensor("g", ("B", "T", "Hv"), "float32", "log-decay per step"),
-            Tensor("u", ("B", "Hv", "T", "V+K"), "T", "gated_delta_rule_solve's output"),
+    doc="Walks the chunks in order with the [K, V] state S in registers: U = U_v - U_k S, the chunk's outputs "
+        "(q exp(c)/sqrt(K)) S + attention U and the next state exp(c_last) S + (k exp(c_last - c))^T U. Its "
+        "outputs cover the solve's whole chunks, in float32: the graph slices the first T steps and casts them to "
+        "the model's dtype (nothing here carries T or the model's dtype).",
+    inputs=(Tensor("u", ("B", "Hv", f"N*{CHUNK}", TERMS), "float32", "gated_delta_rule_solve's u"),
+            Tensor("decay", ("B", "Hv", "N"), "float32", "gated_delta_rule_solve's decay"),
             Tensor("initial_state", ("B", "Hv", "K", "V"), "float32", "state before the first step")),
-    outputs=(Tensor("o", ("B", "T", "Hv", "V"), "T", "outputs"),
+    outputs=(Tensor("o", ("B", f"N*{CHUNK}", "Hv", "V"), "float32", "outputs, whole chunks"),
              Tensor("final_state", ("B", "Hv", "K", "V"), "float32", "state after the last step")),
-    kernel="chunk_scan_entry", scalars=("T",), dynamic=("B", "T"), in_place={"final_state": "initial_state"},
+    kernel="chunk_scan_entry", scalars=("N",), dynamic=("B", "N"), in_place={"final_state": "initial_state"},
     plan=_scan_plan)
 
 
@@ -240,7 +252,7 @@ def _decode_plan(d, model_dtype, attrs) -> Launch:
     K, V = d["K"], d["V"]
     bk, bv = next_power_of_2(K), next_power_of_2(V)
     _group(d)      # value heads a multiple of key heads; the kernel derives its group itself
-    return Launch(dict(HK=d["Hk"], HV=d["Hv"], K=K, V=V, W=d["W"], BK=bk, BV=bv, EPS=attrs["eps"], SCALE=K**-0.5),
+    return Launch(dict(HK=d["Hk"], HV=d["Hv"], K=K, V=V, W=d["W"], BK=bk, BV=bv, EPS=attrs["eps"]),
                   num_warps=4 if bk * bv <= 64 * 64 else 8, num_stages=3, grid=(d["B"], d["Hv"]), args=(d["T"],))
 
 

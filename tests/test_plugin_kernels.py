@@ -22,7 +22,7 @@ pytest.importorskip("triton", reason="the plugins' kernels are Triton kernels (d
 
 from model.kernels import reference as ref  # noqa: E402
 from plugins import PLUGINS  # noqa: E402
-from tests.test_kernels import float64_loop, random_inputs, rel  # noqa: E402
+from tests.test_kernels import chunk_terms64, float64_loop, random_inputs, rel  # noqa: E402
 from tests.test_triton_kernels import INTERPRETED, TOL, decode_inputs  # noqa: E402
 
 CUDA = torch.cuda.is_available() and not INTERPRETED
@@ -129,28 +129,9 @@ def test_causal_conv1d_plugin(how, T, dtype, alias):
 
 # ---- the chunked gated delta rule: solve, then scan --------------------------------------------------------------
 
-def solve_reference(k, v, g, beta):
-    """float64 [U_v | U_k] per step, [B, Hv, T, V+K]: the chunk-local solves of reference.gated_delta_rule_chunked."""
-    B, T, Hk, K = k.shape
-    Hv, V = v.shape[2:]
-    _, kn, v, g, beta, _ = ref._prepare(k.double(), k.double(), v.double(), g.double(), beta.double(), None)
-    u = torch.empty(B, Hv, T, V + K, dtype=torch.float64)
-    for t0 in range(0, T, 64):
-        s = slice(t0, min(T, t0 + 64))
-        c = g[:, :, s].cumsum(-1)
-        n = c.shape[-1]
-        strict = torch.ones(n, n, dtype=torch.bool).tril(-1)
-        decay = (c[..., :, None] - c[..., None, :]).masked_fill(~strict, float("-inf")).exp()
-        A = beta[:, :, s, None] * (kn[:, :, s] @ kn[:, :, s].transpose(-1, -2)) * decay
-        rhs = torch.cat([beta[:, :, s, None] * v[:, :, s], (beta[:, :, s] * c.exp())[..., None] * kn[:, :, s]], -1)
-        u[:, :, s] = torch.linalg.solve_triangular(torch.eye(n, dtype=A.dtype) + A, rhs, upper=False,
-                                                   unitriangular=True)
-    return u
-
-
 CHUNK_CASES = shapes(
     [(2, 131, 2, 2, 64, 64), (1, 300, 1, 3, 128, 128), (2, 70, 2, 1, 48, 80), (1, 1, 2, 2, 128, 128)],
-    [(1, 70, 2, 2, 16, 16), (2, 19, 1, 3, 32, 16)])
+    [(1, 70, 2, 2, 16, 16), (2, 19, 1, 3, 32, 16), (1, 65, 1, 2, 24, 20)])
 
 
 @pytest.mark.parametrize("how", LAUNCH)
@@ -164,20 +145,22 @@ def test_gated_delta_rule_plugins(how, B, T, Hk, group, K, V, dtype, alias):
     q, k, v, g, beta, state = random_inputs(B, T, Hk, Hk * group, K, V, True, seed=T + K + group)
     q, k, v, beta = (t.to(dtype) for t in (q, k, v, beta))      # the model's dtype; g and the state stay float32
     o64, s64 = float64_loop(q, k, v, g, beta, state)
-    u64 = solve_reference(k, v, g, beta)
+    u64, decay64 = chunk_terms64(q, k, v, g, beta)
     dev = lambda *ts: [t.to(DEVICE).clone() for t in ts]  # noqa: E731
-    solve_in = dev(k, v, g, beta)
-    u = output_buffers("gated_delta_rule_solve", solve_in)
-    LAUNCHERS[how]("gated_delta_rule_solve", solve_in, u)
-    scan_in = dev(q, k, g, u[0], state)
+    solve_in = dev(q, k, v, g, beta)
+    solved = output_buffers("gated_delta_rule_solve", solve_in)      # NaN-filled: every element must be written
+    LAUNCHERS[how]("gated_delta_rule_solve", solve_in, solved)
+    scan_in = dev(*solved, state)
     out = output_buffers("gated_delta_rule_scan", scan_in, alias)
     LAUNCHERS[how]("gated_delta_rule_scan", scan_in, out)
-    errors = {"u": rel(u[0].cpu(), u64), "output": rel(out[0].cpu(), o64),
+    o = out[0].cpu()
+    errors = {"u": rel(solved[0].cpu(), u64), "decay": rel(solved[1].cpu(), decay64), "output": rel(o[:, :T], o64),
               "state": rel(out[1].cpu(), s64)}
     report(f"gated_delta_rule {how} {dtype} B={B} T={T} GVA={group} K={K} V={V} past {'=' if alias else '!='} "
            "present", errors)
-    assert out[0].dtype == dtype and out[1].dtype == torch.float32
+    assert all(t.dtype == torch.float32 for t in (*solved, *out))
     assert max(errors.values()) < TOL[dtype]
+    assert (o[:, T:] == 0).all(), "steps past T of the whole chunks come out zero"
 
 
 # ---- the fused decode step --------------------------------------------------------------------------------------
@@ -246,7 +229,7 @@ def test_decode_plugin_steps_reuse_one_arrivals_buffer(how):
 
 @pytest.mark.slow
 @pytest.mark.skipif(INTERPRETED, reason="compiles PTX (not under the interpreter)")
-@pytest.mark.parametrize("dtype,K", [("float32", 64), ("bfloat16", 128), ("float32", 128)])
+@pytest.mark.parametrize("dtype,K", [("float32", 64), ("bfloat16", 64), ("float32", 128), ("bfloat16", 128)])
 def test_ptx_follows_the_calling_convention(dtype, K):
     """Parameters: input pointers, int32 arguments, output pointers, then Triton's scratch pointers (null from
     TensorRT); shared memory within an H100's; the grid as aot_impl computes it."""
@@ -254,13 +237,14 @@ def test_ptx_follows_the_calling_convention(dtype, K):
 
     from plugins.kernels import aot_kernel, ptx_parameters
     from plugins.spec import evaluate
-    dims = dict(B=3, T=37, P=3, Hk=2, Hv=4, K=K, V=K, W=4, C=2 * 2 * K + 4 * K)
+    dims = dict(B=3, T=37, N=1, P=3, Hk=2, Hv=4, K=K, V=K, W=4, C=2 * 2 * K + 4 * K)
     for plugin in PLUGINS.values():
         shapes = [tuple(evaluate(e, dims) for e in t.dims) for t in plugin.inputs]
         k = aot_kernel(plugin, shapes, plugin.dtypes(dtype)[0], {"eps": 1e-6}, target=GPUTarget("cuda", 90, 32))
         params = ptx_parameters(k.ptx, k.name)
         n_in, n_out = len(plugin.inputs), len(plugin.outputs)
         assert params == ["u64"] * n_in + ["u32"] * len(k.args) + ["u64"] * n_out + ["u64", "u64"], plugin.name
-        assert k.args == (37,) and k.block[0] in (128, 256) and k.shared_mem <= 227 * 1024
+        assert k.args == tuple(dims[s] for s in plugin.scalars) and k.block[0] in (128, 256)
+        assert k.shared_mem <= 227 * 1024
         print(f"\n{plugin.name} {dtype} K=V={K}: {k.name}, grid {k.grid}, block {k.block}, "
               f"shared {k.shared_mem} B, {len(k.ptx)} B of PTX")

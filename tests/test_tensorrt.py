@@ -137,7 +137,9 @@ def test_plugin_descriptions_bind_shapes_and_refuse_what_they_cannot_run():
     with pytest.raises(PluginSpecError, match="W-1 = 3"):
         conv.bind([(3, 37, 200), (200, 4), (3, 200, 2)])
     with pytest.raises(PluginSpecError, match="dtypes do not fit"):
-        PLUGINS["gated_delta_rule_scan"].model_dtype(["bfloat16", "bfloat16", "float32", "bfloat16", "bfloat16"])
+        PLUGINS["gated_delta_rule_solve"].model_dtype(["bfloat16", "bfloat16", "bfloat16", "bfloat16", "bfloat16"])
+    with pytest.raises(PluginSpecError, match="dtypes do not fit"):     # float32 whatever the model's dtype
+        PLUGINS["gated_delta_rule_scan"].model_dtype(["bfloat16", "float32", "float32"])
     channels = object()     # a dimension known only at run time
     with pytest.raises(PluginSpecError, match="C must be fixed when the engine is built"):
         conv.bind([(3, 37, channels), (channels, 4), (3, channels, 3)])
@@ -149,6 +151,55 @@ def test_plugin_descriptions_bind_shapes_and_refuse_what_they_cannot_run():
     with pytest.raises(PluginSpecError, match="multiple of key heads"):
         decode.launch([tuple(evaluate(e, dict(B=2, T=1, P=2, Hk=3, Hv=4, K=8, V=8, W=4)) for e in t.dims)
                        for t in decode.inputs], decode.dtypes("float32")[0], {"eps": 1e-6})
+
+
+def test_chunked_rule_intermediates_pass_from_solve_to_scan():
+    """The solve's outputs cover whole chunks of 64 steps, which the scan binds as its inputs."""
+    solve, scan = PLUGINS["gated_delta_rule_solve"], PLUGINS["gated_delta_rule_scan"]
+    q, v, g = (3, 131, 2, 48), (3, 131, 4, 80), (3, 131, 4)
+    u, decay = solve.output_shapes(solve.bind([q, q, v, g, g]))
+    assert u == (3, 4, 192, 80 + 3 * 48 + 64) and decay == (3, 4, 3)
+    dims = scan.bind([u, decay, (3, 4, 48, 80)])
+    assert dims["N"] == 3 and scan.output_shapes(dims) == [(3, 192, 4, 80), (3, 4, 48, 80)]
+    with pytest.raises(PluginSpecError, match="N\\*64 = 128"):
+        scan.bind([(3, 4, 131, 288), (3, 4, 2), (3, 4, 48, 80)])
+    assert solve.launch([q, q, v, g, g], solve.dtypes("bfloat16")[0]).grid == (3, 12)
+    launch = scan.launch([u, decay, (3, 4, 48, 80)], scan.dtypes("bfloat16")[0])
+    assert launch.grid == (12, 2) and launch.args == (3,) and launch.constexprs["BV"] == 64
+
+
+class Symbol:
+    """A stand-in for a TensorRT shape expression: + and * with ints on either side and // by an int (the spec
+    turns ints to the right); anything else fails."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def _op(self, op, other):
+        if not isinstance(other, int):
+            raise TypeError(f"({self.text}) {op} {other!r}")
+        return Symbol(f"({self.text}){op}{other}")
+
+    __add__ = lambda self, other: self._op("+", other)  # noqa: E731
+    __mul__ = lambda self, other: self._op("*", other)  # noqa: E731
+    __floordiv__ = lambda self, other: self._op("//", other)  # noqa: E731
+
+
+def test_launches_and_output_shapes_take_symbolic_run_time_dims():
+    """What aot_impl and the shape descriptor compute from TensorRT's expressions, for every plugin."""
+    for plugin in PLUGINS.values():
+        static = dict(Hk=2, Hv=4, K=64, V=64, W=4, C=2 * 2 * 64 + 4 * 64)
+        dims = {**static, **{name: Symbol(name) for name in plugin.dynamic}}
+        shapes = [tuple(evaluate(e, dims) for e in t.dims) for t in plugin.inputs]
+        launch = plugin.launch(shapes, plugin.dtypes("bfloat16")[0], {"eps": 1e-6})
+        for value in (*launch.grid, *launch.args):
+            assert isinstance(value, (int, Symbol))
+        plugin.output_shapes(plugin.bind(shapes))
+    solve = PLUGINS["gated_delta_rule_solve"]
+    dims = solve.bind([(Symbol("B"), Symbol("T"), 2, 64), (Symbol("B"), Symbol("T"), 2, 64),
+                       (Symbol("B"), Symbol("T"), 4, 64), (Symbol("B"), Symbol("T"), 4), (Symbol("B"), Symbol("T"), 4)])
+    u, decay = solve.output_shapes(dims)
+    assert u[2].text == "(((T)+63)//64)*64" and decay[2].text == "((T)+63)//64"
 
 
 def test_readme_tables_are_the_plugin_descriptions():
@@ -196,7 +247,7 @@ def run_plugin_node(name, feeds, dims, attrs=None):
 def test_function_bodies_compute_the_ops():
     """Each body against model/kernels/reference.py (float64), with padding rows and a pool larger than the batch."""
     from model.kernels import reference as ref
-    from tests.test_kernels import float64_loop, random_inputs
+    from tests.test_kernels import chunk_terms64, float64_loop, random_inputs
     from tests.test_kernels import rel as trel
     from tests.test_triton_kernels import decode_inputs
     g = torch.Generator().manual_seed(0)
@@ -208,10 +259,13 @@ def test_function_bodies_compute_the_ops():
     B, T, Hk, Hv, K, V = 2, 131, 2, 4, 16, 24
     q, k, v, gate, beta, state = random_inputs(B, T, Hk, Hv, K, V, True, seed=3)
     dims = dict(C=1, W=4, Hk=Hk, Hv=Hv, K=K, V=V)
-    u, = run_plugin_node("gated_delta_rule_solve", dict(k=k, v=v, g=gate, beta=beta), dims)
-    o, final = run_plugin_node("gated_delta_rule_scan", dict(q=q, k=k, g=gate, u=u, initial_state=state), dims)
+    u, decay = run_plugin_node("gated_delta_rule_solve", dict(q=q, k=k, v=v, g=gate, beta=beta), dims)
+    u64, decay64 = chunk_terms64(q, k, v, gate, beta)      # the Triton solve kernel's layout
+    assert u.shape == u64.shape and trel(u, u64) < 1e-6 and trel(decay, decay64) < 1e-6
+    o, final = run_plugin_node("gated_delta_rule_scan", dict(u=u, decay=decay, initial_state=state), dims)
     o64, s64 = float64_loop(q, k, v, gate, beta, state)
-    assert trel(o, o64) < 1e-5 and trel(final, s64) < 1e-5
+    assert o.shape == (B, 192, Hv, V) and (o[:, T:] == 0).all()
+    assert trel(o[:, :T], o64) < 1e-5 and trel(final, s64) < 1e-5
     for B, T, Hk, group, K, V, pool, slots in [(4, 1, 2, 2, 16, 8, 6, [5, -1, 0, 2]), (2, 3, 1, 3, 8, 8, 2, [1, 0])]:
         raw = decode_inputs(B, T, Hk, group, K, V, pool, seed=B)
         slots = torch.tensor(slots, dtype=torch.int32)
