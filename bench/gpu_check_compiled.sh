@@ -14,7 +14,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$(mktemp -d /tmp/gpu_check_compiled.XXXXXX)}"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python || command -v python3)}"     # the GPU machine has python3 only
 PRESETS="${PRESETS:-tiny small}"
 mkdir -p "$OUT"
 echo "details: $OUT"

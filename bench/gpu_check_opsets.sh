@@ -5,7 +5,7 @@
 #   bash bench/gpu_check_opsets.sh            # details (each export's stderr) under $OUT when it is set
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python - <<'EOF'
+python3 - <<'EOF'
 import contextlib, io, json, os, sys, tempfile
 from pathlib import Path
 

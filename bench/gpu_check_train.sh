@@ -11,5 +11,5 @@ export NCCL_NVLS_ENABLE=0            # never NVLink multicast on these machines
 OUT="${OUT:-$(mktemp -d)}"
 mkdir -p "$OUT"
 if [ "$plan" = two-gpu ]; then budget=400 tests="-k two_gpus" limit=60; else budget=370 tests="" limit=110; fi
-python -m bench.train_speed "$plan" --out "$OUT/train_speed" --budget-s "$budget"
-timeout "$limit" python -m pytest -q -rs tests/test_train_gpu.py $tests 2>&1 | tail -n 6 | tee "$OUT/test_train_gpu.txt"
+python3 -m bench.train_speed "$plan" --out "$OUT/train_speed" --budget-s "$budget"
+timeout "$limit" python3 -m pytest -q -rs tests/test_train_gpu.py $tests 2>&1 | tail -n 6 | tee "$OUT/test_train_gpu.txt"
