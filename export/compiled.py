@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from model import Qwen3NextForCausalLM
-from runtime.compiled_backend import compile_step, compiled_shapes, fingerprint, shape_name, zeros_state
+from runtime.compiled_backend import compile_step, compiled_shapes, fingerprint, shape_name
+from runtime.torch_backend import zeros_state
 
 from .graph import InPlaceStepModule, dynamic_shapes, example_inputs
 

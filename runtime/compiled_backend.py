@@ -32,6 +32,7 @@ import numpy as np
 from .engine import Engine
 from .manifest import ArtifactError, Manifest
 from .slots import SlotPool
+from .torch_backend import zeros_state
 
 log = logging.getLogger("next_deploy.runtime")
 FORMS = ("exported", "aoti")
@@ -103,11 +104,6 @@ def missing_toolchain(device: str) -> str | None:
     if not any(shutil.which(c) for c in (os.environ.get("CC") or "cc", "gcc", "clang")):
         return "Triton needs a C compiler for its kernel launchers and none was found (install gcc, or set CC)"
     return None
-
-
-def zeros_state(specs, batch: int, device):
-    import torch
-    return [torch.zeros([batch, *s.shape[1:]], dtype=getattr(torch, s.dtype), device=device) for s in specs]
 
 
 def compile_step(program, specs, batch: int, tokens: int, device, stream=None):

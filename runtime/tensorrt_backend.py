@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from .manifest import ArtifactError, Manifest
-from .onnx_backend import NP_DTYPES, OnnxRuntimeBackend, _import_ort
+from .onnx_backend import OnnxRuntimeBackend, _import_ort
 from .slots import SlotPool
+from .torch_backend import zeros_state
 
 ALIGNMENT = 256      # bytes; TensorRT's alignment for I/O addresses
 NOT_BUILT = "not built"   # the manifest's tensorrt "engine" where the export could not build the engines
@@ -135,14 +136,9 @@ class TensorRTBackend:
 
     # ---- states ----------------------------------------------------------------------------------
 
-    def _zeros(self, batch: int):
-        torch = self.torch
-        return [torch.zeros([batch, *s.shape[1:]], dtype=getattr(torch, s.dtype), device=self.device)
-                for s in self.specs]
-
     def _new_slot(self, bucket: int) -> _Slot:
         torch = self.torch
-        tensors = self._zeros(bucket)
+        tensors = zeros_state(self.specs, bucket, self.device)
         spares = [torch.zeros_like(t) if spare else None for t, spare in zip(tensors, self.has_spare)]
         return _Slot(tensors, spares, torch.zeros(bucket, 1, dtype=torch.int64, device=self.device),
                      torch.zeros(bucket, self.vocab_size, dtype=torch.float32, device=self.device))
@@ -236,7 +232,7 @@ class TensorRTBackend:
             bind = {"input_ids": slot.ids, "logits": slot.logits}
             for i, name in enumerate(self.names):
                 bind[name] = slot.live(i)
-                bind[f"present.{name}"] = slot.live(i) if name in self.in_place["decode"] else slot.spare(i)
+                bind[f"present.{name}"] = slot.spare(i)     # the live buffer itself for an in-place state
             self._enqueue(context, bind)
             if self.graphs:
                 # Captured after that first enqueue at these shapes and addresses; capturing runs nothing.
@@ -273,4 +269,4 @@ class OnnxFunctionBackend(OnnxRuntimeBackend):
         return outputs[0], outputs[1:]
 
 
-__all__ = ["TensorRTBackend", "OnnxFunctionBackend", "NP_DTYPES"]
+__all__ = ["TensorRTBackend", "OnnxFunctionBackend"]

@@ -43,6 +43,12 @@ def load_program(path: Path, manifest: Manifest):
     return program
 
 
+
+def zeros_state(specs, batch: int, device):
+    """A zero state of `batch` rows for the manifest's state specs."""
+    import torch
+    return [torch.zeros([batch, *s.shape[1:]], dtype=getattr(torch, s.dtype), device=device) for s in specs]
+
 class TorchExportBackend:
     def __init__(self, directory: Path, manifest: Manifest, device: str):
         import model.kernels.ops  # noqa: F401  (registers nextdeploy:: ops the programs call)
@@ -60,9 +66,7 @@ class TorchExportBackend:
                          for role, name in target["files"].items()}
 
     def new_state(self, batch: int):
-        torch = self.torch
-        return [torch.zeros([batch, *s.shape[1:]], dtype=getattr(torch, s.dtype), device=self.device)
-                for s in self.specs]
+        return zeros_state(self.specs, batch, self.device)
 
     def clone_state(self, tensors):
         return [t.clone() for t in tensors]
