@@ -28,8 +28,8 @@ from model.config import PRESETS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from model import cli
-    from .trainer import TrainConfig
+    from .distributed import PARALLEL_CHOICES
+    from .trainer import CPU_BATCH, GPU_BATCH, TrainConfig
     d = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     p = argparse.ArgumentParser(prog="python -m train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,7 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=cli.integer(1), help=f"optimizer steps in total (default: {d['steps']}, or the "
                    "resumed run's)")
-    from .trainer import CPU_BATCH, GPU_BATCH
     gpu = ", ".join(f"{name} {rows}" for name, (rows, _) in GPU_BATCH.items())
     o.add_argument("--batch-size", type=cli.integer(1), help="sequences per micro-batch, over all processes "
                    f"(default: {CPU_BATCH[0]} per process on CPU; per GPU: {gpu})")
@@ -78,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "torch: the PyTorch reference everywhere (default: auto)")
     r.add_argument("--compile", action=argparse.BooleanOptionalAction, help="compile each layer's training step "
                    "with torch.compile, tracing the PyTorch reference kernels (default: on for CUDA, off for CPU)")
-    r.add_argument("--parallel", choices=["auto", "ddp", "fsdp"], help="under torchrun: ddp replicates the model, "
+    r.add_argument("--parallel", choices=PARALLEL_CHOICES, help="under torchrun: ddp replicates the model, "
                    "fsdp (FSDP2) shards parameters, gradients and optimizer state over the processes (default: auto, "
                    "ddp below 100M parameters as for tiny, fsdp from there as for small and small-moe)")
     r.add_argument("--eval-every", type=cli.integer(1),
@@ -171,8 +170,8 @@ def main(argv=None) -> int:
     distributed.stop()
     say(f"saved {result['checkpoint']} (and the model at the top of {args.out})")
     if result["interrupted"]:
-        launcher = f"torchrun --nproc-per-node {processes.world_size} -m" if processes.distributed else "python -m"
-        say(f"interrupted at step {trainer.step}; continue with: {launcher} train --out {args.out} --resume")
+        say(f"interrupted at step {trainer.step}; continue with: {distributed.launcher(processes.world_size)} train "
+            f"--out {args.out} --resume")
         return 130
     if trainer.cfg.sample_tokens and processes.is_main:
         # The model just saved, as one plain module: the trained one may be sharded or compiled for training.

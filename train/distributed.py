@@ -105,6 +105,11 @@ class Processes:
             dist.barrier()
 
 
+def launcher(world_size: int) -> str:
+    """How to start a run of `world_size` processes, up to the module name."""
+    return "python -m" if world_size == 1 else f"torchrun --nproc-per-node {world_size} -m"
+
+
 def stop() -> None:
     """Leave the process group (after a run that ended the same way on every process)."""
     if dist.is_available() and dist.is_initialized():

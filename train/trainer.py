@@ -213,10 +213,9 @@ class Trainer:
         state = read_trainer_state(path)
         saved_world = state.get("world_size", 1)
         if saved_world != self.processes.world_size:
-            again = "python -m" if saved_world == 1 else f"torchrun --nproc-per-node {saved_world} -m"
             raise CheckpointError(f"{path} was written by a run of {saved_world} process(es) and this run has "
                                   f"{self.processes.world_size}; a resume is exact only with the same number: "
-                                  f"{again} train --out {self.out} --resume (or start a new --out)")
+                                  f"{distributed.launcher(saved_world)} train --out {self.out} --resume (or start a new --out)")
         saved = Qwen3NextForCausalLM.from_pretrained(path)
         if saved.config.to_dict() != self.model_config.to_dict():
             raise ConfigError(f"the checkpoint at {path} was trained with a different model config; resume with "
