@@ -160,7 +160,7 @@ def step_bytes(config, dtype_bytes: int, batch: int, context: int) -> dict:
 
 def capacity_bytes(config, dtype_bytes: int, max_batch: int, max_seq_len: int) -> dict:
     """Weights plus the whole state at the target's capacity: what memory must hold at the least."""
-    weights = sum(p.numel() for p in _meta_model(config).parameters()) * dtype_bytes
+    weights = config.num_parameters() * dtype_bytes
     state = state_bytes(config, dtype_bytes, max_batch, max_seq_len)
     return {"weights": weights, "state": sum(state.values()), "total": weights + sum(state.values()),
             "batch": max_batch, "seq_len": max_seq_len}

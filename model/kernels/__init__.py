@@ -138,11 +138,12 @@ def run_gated_delta_rule(q, k, v, g, beta, initial_state=None):
 
 def run_causal_conv1d(x, weight, state=None):
     """x: [B,T,C]; weight: [C,W]; state: [B,C,W-1] or None. Returns (silu(conv) [B,T,C], new state)."""
+    training = _needs_grad(x, weight)
     if x.is_cuda and fast.HAVE_CAUSAL_CONV1D and x.dtype != torch.float64 and \
-            (_choice == "fla" or (_choice == "auto" and _needs_grad(x, weight))):
+            (_choice == "fla" or (_choice == "auto" and training)):
         _announce("causal conv1d: causal-conv1d (CUDA)")
         return fast.causal_conv1d(x, weight, state)
-    if not _needs_grad(x, weight) and ops.use_triton(x, weight):
+    if not training and ops.use_triton(x, weight):
         _announce("causal conv1d: Triton (CUDA)")
         if state is None:
             state = x.new_zeros(x.shape[0], x.shape[2], weight.shape[-1] - 1)
