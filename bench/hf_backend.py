@@ -41,8 +41,13 @@ class TransformersBackend:
     def recurrent_states(self, tensors) -> dict[int, np.ndarray]:
         """Each Gated DeltaNet layer's recurrent state [B, Hv, K, V] as float64 host arrays."""
         cache = tensors[0]
-        # transformers >= 5.2x: DynamicCache.get_recurrent_state; earlier: Qwen3NextDynamicCache.recurrent_states.
-        get = cache.get_recurrent_state if hasattr(cache, "get_recurrent_state") else cache.recurrent_states.__getitem__
+        if hasattr(cache, "get_recurrent_state"):          # transformers >= 5.2x: DynamicCache
+            get = cache.get_recurrent_state
+        elif hasattr(cache, "recurrent_states"):           # early 5.x: Qwen3NextDynamicCache
+            get = cache.recurrent_states.__getitem__
+        else:                                              # 5.1x: DynamicCache's linear-attention layers
+            def get(i):
+                return cache.layers[i].recurrent_states[0]
         return {i: get(i).double().cpu().numpy() for i in self.linear_layers}
 
 
