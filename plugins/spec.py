@@ -252,8 +252,9 @@ def _decode_plan(d, model_dtype, attrs) -> Launch:
     K, V = d["K"], d["V"]
     bk, bv = next_power_of_2(K), next_power_of_2(V)
     _group(d)      # value heads a multiple of key heads; the kernel derives its group itself
+    # Warps as triton_decode.gated_deltanet_decode picks them (this module stays importable without Triton).
     return Launch(dict(HK=d["Hk"], HV=d["Hv"], K=K, V=V, W=d["W"], BK=bk, BV=bv, EPS=attrs["eps"]),
-                  num_warps=4 if bk * bv <= 64 * 64 else 8, num_stages=3, grid=(d["B"], d["Hv"]), args=(d["T"],))
+                  num_warps=2 if bk * bv <= 64 * 64 else 4, num_stages=3, grid=(d["B"], d["Hv"]), args=(d["T"],))
 
 
 CONV_DIM = "2*Hk*K+Hv*V"
