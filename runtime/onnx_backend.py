@@ -1,7 +1,8 @@
 """ONNX Runtime backend. CPU: state as NumPy arrays fed each step. CUDA: state stays on the GPU, bound with
 IOBinding into two fixed sets of buffers that alternate as input and output (no host round trip per token), and
 decode steps replay CUDA graphs: one per state set, since a step reads one set and writes the other (ONNX Runtime
-GenAI found that updating shared buffers in place under capture biased the logits). A graph keeps the addresses it
+GenAI found that updating shared buffers in place under capture biased the logits), in a session per batch size
+whose batch and sequence dims are fixed (capture needs every node on the GPU; see _graph_session). A graph keeps the addresses it
 was captured with, so a state's buffers, input ids and logits live in a slot that is reused, never reallocated
 (runtime/slots.py)."""
 
@@ -66,29 +67,20 @@ class OnnxRuntimeBackend:
         self.names = [s.name for s in self.specs]
         self.vocab_size = manifest.model_config["vocab_size"]
         self.ort = ort
-        path = str(directory / target["files"]["model"])
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
+        self.path = path = str(directory / target["files"]["model"])
         # ONNX Runtime's CUDA provider multiplies float32 matrices in TF32 unless told not to (~1e-4 logit error).
-        cuda = {"use_tf32": int(dtype != "float32")}
-        self.cuda_graphs = False
-        if device == "cuda" and cuda_graphs:
-            try:
-                self.session = ort.InferenceSession(path, options, providers=[
-                    ("CUDAExecutionProvider", {**cuda, "enable_cuda_graph": 1}), "CPUExecutionProvider"])
-                self.cuda_graphs = True
-            except Exception as e:   # ONNX Runtime refuses capture when a compute node runs on the CPU
-                log.warning("note: ONNX Runtime cannot run %s as CUDA graphs (%s); decoding without them", path,
-                            str(e).strip().splitlines()[-1])
-        if not self.cuda_graphs:
-            providers = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"] if device == "cuda" else \
-                ["CPUExecutionProvider"]
-            try:
-                self.session = ort.InferenceSession(path, options, providers=providers)
-            except Exception as e:  # ONNX Runtime raises its own exception types, one per status code
-                first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise ArtifactError(f"{path} cannot be loaded ({first_line}); the file is damaged or incomplete, "
-                                    "rebuild the artifact with `python -m export`") from e
+        self.cuda_options = {"use_tf32": int(dtype != "float32")}
+        providers = [("CUDAExecutionProvider", self.cuda_options), "CPUExecutionProvider"] if device == "cuda" else \
+            ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(path, self._session_options(), providers=providers)
+        except Exception as e:  # ONNX Runtime raises its own exception types, one per status code
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ArtifactError(f"{path} cannot be loaded ({first_line}); the file is damaged or incomplete, "
+                                "rebuild the artifact with `python -m export`") from e
+        # Decode steps replay CUDA graphs in sessions of their own, one per batch size, made at its first step.
+        self.cuda_graphs = device == "cuda" and cuda_graphs
+        self.graph_sessions = {}
         manifest.check_graph(path, [_spec(a) for a in self.session.get_inputs()],
                              [_spec(a) for a in self.session.get_outputs()], named=True)
         # CUDA: state in slots of OrtValues on `value_device` (a test binds CPU OrtValues to check the logic)
@@ -100,13 +92,38 @@ class OnnxRuntimeBackend:
     def _zeros(self, batch: int) -> list[np.ndarray]:
         return [np.zeros([batch, *s.shape[1:]], dtype=NP_DTYPES[s.dtype]) for s in self.specs]
 
+    def _session_options(self, batch: int | None = None):
+        options = self.ort.SessionOptions()
+        options.log_severity_level = 3
+        if batch is not None:
+            options.add_free_dimension_override_by_name("batch", batch)
+            options.add_free_dimension_override_by_name("sequence", 1)
+        return options
+
+    def _graph_session(self, batch: int):
+        """The session whose decode steps at this batch size are CUDA graphs, or None where ONNX Runtime refuses
+        capture. A graph needs every node on the GPU; with the batch and sequence dims free, the CUDA provider leaves
+        the shape arithmetic (Shape, Range, Concat into Reshape ...) on the CPU. Fixed, they fold into constants at
+        load. Each such session holds its own copy of the weights on the GPU."""
+        if batch not in self.graph_sessions:
+            providers = [("CUDAExecutionProvider", {**self.cuda_options, "enable_cuda_graph": 1}),
+                         "CPUExecutionProvider"] if self.device == "cuda" else ["CPUExecutionProvider"]
+            try:
+                self.graph_sessions[batch] = self.ort.InferenceSession(self.path, self._session_options(batch),
+                                                                       providers=providers)
+            except Exception as e:   # ONNX Runtime refuses capture when a compute node runs on the CPU
+                log.warning("note: ONNX Runtime cannot run %s as CUDA graphs at batch %d (%s); decoding without them",
+                            self.path, batch, str(e).strip().splitlines()[-1])
+                self.cuda_graphs = False
+                return None
+        return self.graph_sessions[batch]
+
     def _run_host(self, ids, arrays):
-        outputs = self.session.run(None, {"input_ids": ids, **dict(zip(self.names, arrays))},
-                                   self._options(-1) if self.cuda_graphs else None)
+        outputs = self.session.run(None, {"input_ids": ids, **dict(zip(self.names, arrays))})
         return outputs[0], outputs[1:]
 
     def _options(self, graph_id: int):
-        """Run options naming the CUDA graph to capture or replay (-1: run without one)."""
+        """Run options naming the CUDA graph to capture or replay."""
         if graph_id not in self.run_options:
             options = self.run_options[graph_id] = self.ort.RunOptions()
             options.add_run_config_entry("gpu_graph_id", str(graph_id))
@@ -168,8 +185,8 @@ class OnnxRuntimeBackend:
                     a[rows] = n
             return logits
         slot = tensors.slot
-        if whole and ids.shape[1] == 1 and self.cuda_graphs:
-            return self._decode_graph(slot, ids)
+        if whole and ids.shape[1] == 1 and self.cuda_graphs and self._graph_session(batch) is not None:
+            return self._decode_graph(slot, ids, self.graph_sessions[batch])
         if whole:
             return self._step_bound(slot, ids)
         # Rows of different lengths prefill one at a time; that path goes through the host.
@@ -191,23 +208,20 @@ class OnnxRuntimeBackend:
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_output("logits", "cpu")
         self._bind_state(binding, slot)
-        if self.cuda_graphs:
-            self.session.run_with_iobinding(binding, self._options(-1))
-        else:
-            self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding)
         slot.current = 1 - slot.current
         return binding.copy_outputs_to_cpu()[0]
 
-    def _decode_graph(self, slot: _Slot, ids: np.ndarray) -> np.ndarray:
+    def _decode_graph(self, slot: _Slot, ids: np.ndarray, session) -> np.ndarray:
         """ONNX Runtime runs a graph id normally a few times, then captures it, then replays it; every binding
         (ids, logits, both state sets) stays at its address throughout."""
         slot.ids.update_inplace(np.ascontiguousarray(ids, dtype=np.int64))
         side = slot.current
         if slot.bindings[side] is None:
-            binding = slot.bindings[side] = self.session.io_binding()
+            binding = slot.bindings[side] = session.io_binding()
             binding.bind_ortvalue_input("input_ids", slot.ids)
             binding.bind_ortvalue_output("logits", slot.logits)
             self._bind_state(binding, slot)
-        self.session.run_with_iobinding(slot.bindings[side], self._options(slot.graph_ids[side]))
+        session.run_with_iobinding(slot.bindings[side], self._options(slot.graph_ids[side]))
         slot.current = 1 - side
         return slot.logits.numpy().copy()   # (a CPU OrtValue's numpy() is a view of the bound buffer)

@@ -149,13 +149,14 @@ def test_onnxruntime_cuda_graphs_match_the_plain_path(checkpoint, tmp_path, dtyp
                         "onnxruntime", "--onnx-gated-delta-op", op, "--max-seq-len", "128"]) == 0
     graphs = runtime.load(out, device="cuda")
     plain = runtime.load(out, device="cuda", cuda_graphs=False)
-    assert graphs.backend.cuda_graphs, "ONNX Runtime refused CUDA graphs (see the note above)"
     ids = np.random.default_rng(2).integers(0, CONFIG["vocab_size"], size=(2, 90))
     a, b = graphs.new_state(2), plain.new_state(2)
     got = [[e.prefill(ids[:, :16], s)] for e, s in ((graphs, a), (plain, b))]
     for t in range(16, 60):                                   # past ONNX Runtime's warm-up runs and the capture
         got[0].append(graphs.decode(ids[:, t], a))
         got[1].append(plain.decode(ids[:, t], b))
+    assert graphs.backend.cuda_graphs and list(graphs.backend.graph_sessions) == [2], \
+        "ONNX Runtime refused CUDA graphs (see the note above)"
     snapshot = a.clone()
     after = [graphs.decode(ids[:, t], a) for t in range(60, 70)]
     a.restore(snapshot)

@@ -311,6 +311,7 @@ def test_onnxruntime_bound_state_logic_with_cpu_values(random_model):
     states[1].restore(snapshot)
     np.testing.assert_array_equal(bound.decode(ids[:, 18], states[1]), after)
     assert slot.bindings == first and None not in first     # bindings made once per set, then reused
+    assert list(b.graph_sessions) == [3] and b.cuda_graphs   # one session for batch 3's graphs, shapes fixed
     del states, snapshot, slot
     gc.collect()
     made = b.graph_ids
