@@ -126,7 +126,8 @@ def read_trainer_state(checkpoint: Path) -> dict:
     """The optimizer, RNG, data position and settings saved with a checkpoint."""
     path = checkpoint / TRAINER_STATE
     try:
-        state = torch.load(path, weights_only=False, map_location="cpu")
+        # Mapped, not read: resuming looks at the settings first, and the optimizer state can be gigabytes.
+        state = torch.load(path, weights_only=False, map_location="cpu", mmap=True)
         problem = None if isinstance(state, dict) and {"train_config", "step"} <= state.keys() else "not ours"
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         problem = (str(e).strip().splitlines() or [type(e).__name__])[0]
