@@ -22,8 +22,11 @@ def fixed_tokens(vocab_size: int, length: int) -> np.ndarray:
 
 
 def reference_logits(model: Qwen3NextForCausalLM, tokens: np.ndarray) -> np.ndarray:
-    reference = Qwen3NextForCausalLM(model.config).eval()
-    reference.load_state_dict({k: v.float().cpu() for k, v in model.state_dict().items()})
+    """The logits of a float32 CPU model with `model`'s weights: `model` itself when it is one, else a copy."""
+    reference = model
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in model.state_dict().values()):
+        reference = Qwen3NextForCausalLM(model.config).eval()
+        reference.load_state_dict({k: v.float().cpu() for k, v in model.state_dict().items()})
     with torch.no_grad():
         return reference(torch.from_numpy(tokens)).numpy()
 
