@@ -24,7 +24,7 @@ PREFILL = 32
 def reference_kernels():
     """The plain PyTorch kernels: fla has no float64 path, and its float32 one multiplies in TF32."""
     from model import kernels
-    previous = kernels._choice
+    previous = kernels.selected()
     kernels.use_kernels("torch")
     try:
         yield
