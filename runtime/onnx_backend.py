@@ -72,6 +72,8 @@ class OnnxRuntimeBackend:
         self.cuda_options = {"use_tf32": int(dtype != "float32")}
         providers = [("CUDAExecutionProvider", self.cuda_options), "CPUExecutionProvider"] if device == "cuda" else \
             ["CPUExecutionProvider"]
+        self.shared_weights = None
+        self.value_device = "cuda"
         try:
             self.session = ort.InferenceSession(path, self._session_options(), providers=providers)
         except Exception as e:  # ONNX Runtime raises its own exception types, one per status code
@@ -85,7 +87,6 @@ class OnnxRuntimeBackend:
                              [_spec(a) for a in self.session.get_outputs()], named=True)
         # CUDA: state in slots of OrtValues on `value_device` (a test binds CPU OrtValues to check the logic)
         self.slots = SlotPool(self._new_slot) if device == "cuda" else None
-        self.value_device = "cuda"
         self.graph_ids = 0
         self.run_options = {}
 
@@ -98,13 +99,31 @@ class OnnxRuntimeBackend:
         if batch is not None:
             options.add_free_dimension_override_by_name("batch", batch)
             options.add_free_dimension_override_by_name("sequence", 1)
+        if batch is not None or self.device == "cuda":
+            for name, value in self._shared_weights().items():
+                options.add_initializer(name, value)
         return options
+
+    def _shared_weights(self) -> dict:
+        """The weight matrices as OrtValues on `value_device`, read from the file once and handed to every session
+        on CUDA: ONNX Runtime uses an initializer supplied on the device it planned for in place, so the plain
+        session and the graph sessions share one copy. (Small and integer constants stay each session's own: shape
+        folding needs them.)"""
+        if self.shared_weights is None:
+            import onnx
+            from onnx import numpy_helper
+            model = onnx.load(self.path)
+            self.shared_weights = {
+                t.name: self.ort.OrtValue.ortvalue_from_numpy(numpy_helper.to_array(t), self.value_device, 0)
+                for t in model.graph.initializer
+                if len(t.dims) >= 2 and t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
+        return self.shared_weights
 
     def _graph_session(self, batch: int):
         """The session whose decode steps at this batch size are CUDA graphs, or None where ONNX Runtime refuses
         capture. A graph needs every node on the GPU; with the batch and sequence dims free, the CUDA provider leaves
         the shape arithmetic (Shape, Range, Concat into Reshape ...) on the CPU. Fixed, they fold into constants at
-        load. Each such session holds its own copy of the weights on the GPU."""
+        load. They share the weight matrices with the plain session (_shared_weights)."""
         if batch not in self.graph_sessions:
             providers = [("CUDAExecutionProvider", {**self.cuda_options, "enable_cuda_graph": 1}),
                          "CPUExecutionProvider"] if self.device == "cuda" else ["CPUExecutionProvider"]

@@ -312,6 +312,11 @@ def test_onnxruntime_bound_state_logic_with_cpu_values(random_model):
     np.testing.assert_array_equal(bound.decode(ids[:, 18], states[1]), after)
     assert slot.bindings == first and None not in first     # bindings made once per set, then reused
     assert list(b.graph_sessions) == [3] and b.cuda_graphs   # one session for batch 3's graphs, shapes fixed
+    import onnx    # ... given the file's weight matrices, to use in place
+    model = onnx.load(out / "model.onnx", load_external_data=False)
+    matrices = {t.name for t in model.graph.initializer if len(t.dims) >= 2 and t.name.startswith("model.")}
+    assert matrices and matrices <= set(b.shared_weights)
+    assert {v.data_type() for v in b.shared_weights.values()} <= {"tensor(float)", "tensor(float16)"}
     del states, snapshot, slot
     gc.collect()
     made = b.graph_ids
