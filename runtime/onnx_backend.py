@@ -2,9 +2,9 @@
 IOBinding into two fixed sets of buffers that alternate as input and output (no host round trip per token), and
 decode steps replay CUDA graphs: one per state set, since a step reads one set and writes the other (ONNX Runtime
 GenAI found that updating shared buffers in place under capture biased the logits), in a session per batch size
-whose batch and sequence dims are fixed (capture needs every node on the GPU; see _graph_session). A graph keeps the addresses it
-was captured with, so a state's buffers, input ids and logits live in a slot that is reused, never reallocated
-(runtime/slots.py)."""
+whose batch and sequence dims are fixed (capture needs every node on the GPU; see _graph_session). A graph keeps
+the addresses it was captured with, so a state's buffers, input ids and logits live in a slot that is reused,
+never reallocated (runtime/slots.py)."""
 
 from __future__ import annotations
 
