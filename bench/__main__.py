@@ -225,7 +225,7 @@ def main(argv=None) -> int:
     if s["accuracy_steps"] or s["drift_steps"]:
         print("computing the float32 and float64 references ...", file=sys.stderr)
         ref = Reference(target.checkpoint, config.vocab_size, min(2, target.manifest.max_batch),
-                        s["accuracy_steps"], s["drift_steps"], device)
+                        s["accuracy_steps"], s["drift_steps"], device, target.manifest.dtype)
     with tqdm(names, desc="backends", unit="backend", disable=None) as bar:
         for name in bar:
             bar.set_postfix_str(name)

@@ -7,6 +7,10 @@ DeltaNet layer's recurrent state, against a float64 run of the eager model (plai
 the same steps. A backend whose Engine state does not expose its recurrent states reports logits drift only.
 The model computes its norms and gates in float32 whatever its dtype (model/layers.py), so the float64 run is
 exact only to ~1e-8 relative: figures near that are at the reference's floor.
+A backend of a bfloat16 or float16 target returns logits in that dtype, and rounding alone costs accuracy: the
+float32 reference's logits rounded to the dtype (`output_rounding`) show how much, and so what is left to the
+backend's arithmetic (on the CPU, a briefly trained `tiny` in bfloat16 loses ~1.7e-3 relative and up to 1% of
+top-1 agreement this way, of ~2.2e-3 in all).
 """
 
 from __future__ import annotations
@@ -36,6 +40,15 @@ def rel_error(got: np.ndarray, expected: np.ndarray) -> float:
     return float(np.linalg.norm(got.astype(np.float64) - expected) / np.linalg.norm(expected))
 
 
+def output_rounding(logits: np.ndarray, dtype: str) -> dict | None:
+    """The error of the float32 `logits` rounded to `dtype` and nothing else (None for float32)."""
+    import torch
+    if dtype == "float32":
+        return None
+    rounded = torch.from_numpy(logits).to(getattr(torch, dtype)).float().numpy()
+    return {**verify.compare(rounded, logits), "dtype": dtype}
+
+
 def checkpoints(steps: int) -> list[int]:
     """1, 2, 4, ... and `steps` itself."""
     return sorted({1 << k for k in range(steps.bit_length()) if 1 << k <= steps} | {steps})
@@ -44,7 +57,8 @@ def checkpoints(steps: int) -> list[int]:
 class Reference:
     """The expected figures, computed once per run and shared by every backend."""
 
-    def __init__(self, checkpoint, vocab_size: int, batch: int, accuracy_steps: int, drift_steps: int, device: str):
+    def __init__(self, checkpoint, vocab_size: int, batch: int, accuracy_steps: int, drift_steps: int, device: str,
+                 dtype: str = "float32"):
         import torch
         from model import Qwen3NextForCausalLM
 
@@ -54,6 +68,7 @@ class Reference:
         if accuracy_steps:
             expected = verify.reference_logits(model, self.tokens[:batch, :PREFILL + accuracy_steps + 1])
             self.logits = expected[:, PREFILL - 1:-1]
+            self.rounding = output_rounding(self.logits, dtype)
         if drift_steps:
             model = model.to(device=device, dtype=torch.float64)
             self.drift_logits, self.drift_states = self._drift(model, torch, device)
@@ -82,7 +97,8 @@ class Reference:
         got = verify.run_engine_teacher_forced(engine, self.tokens[:self.batch, :PREFILL + self.accuracy_steps + 1],
                                                PREFILL)
         return {**verify.compare(got, self.logits), "steps": self.accuracy_steps, "prefill": PREFILL,
-                "batch": self.batch, "reference": "float32 eager model, one forward on the CPU"}
+                "batch": self.batch, "reference": "float32 eager model, one forward on the CPU",
+                "output_rounding": self.rounding}
 
     def drift(self, engine) -> dict:
         state = engine.new_state(1)

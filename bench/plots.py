@@ -58,11 +58,14 @@ def backend_plots(report: dict, out: Path) -> list[str]:
     ax.legend()
     files.append(_save(plt, fig, out / "prefill.png"))
 
-    baselines = [base for base in report["baselines"] if base in measured]
+    # A chart per baseline that some other measured backend has a speedup against (none when eager ran alone).
+    compared = {base: [n for n in measured if n != base and f"vs_{base}" in measured[n]["speedup"]]
+                for base in report["baselines"] if base in measured}
+    baselines = [base for base, others in compared.items() if others]
     if baselines:
         fig, axes = plt.subplots(1, len(baselines), figsize=(7 * len(baselines), 4.5), squeeze=False)
         for ax, base in zip(axes[0], baselines):
-            others = [n for n in measured if n != base and f"vs_{base}" in measured[n]["speedup"]]
+            others = compared[base]
             groups = _speedup_groups(measured, others, base)
             width = 0.8 / max(1, len(others))
             for i, name in enumerate(others):

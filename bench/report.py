@@ -131,6 +131,12 @@ def backends_markdown(report: dict) -> str:
                      else "not exposed"])
     out.append(table(["backend", "rel logit error", "max abs", "top-1 agreement", "drift: logits", "drift: state"],
                      rows))
+    floor = next((b["accuracy"]["output_rounding"] for b in ok.values()
+                  if (b["accuracy"] or {}).get("output_rounding")), None)
+    if floor:
+        out.append(f"\nThe float32 reference's own logits rounded to {floor['dtype']}, and nothing else: rel error "
+                   f"{num(floor['rel_error'])}, top-1 agreement {num(floor['top1_agreement'], 4)}: the part of each "
+                   "backend's error that returning logits in that dtype costs.\n")
     missing = {n: b for n, b in report["backends"].items() if b["status"] != "ok"}
     if missing:
         out.append("\n## Not measured\n\n" + "".join(f"- **{n}** ({b['status']}): {b['reason']}\n"

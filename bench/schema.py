@@ -32,7 +32,10 @@ kind "backends":
                       recurrent_and_conv, kv_cache, total}, gb_per_s, fraction_of_copy_bandwidth}]
       generate        {prompt_tokens, new_tokens, how, <timing> per whole generation, tokens_per_s} or null
       memory          {peak_bytes (null if not measured), method}
-      accuracy        {max_abs_error, rel_error, top1_agreement, steps, prefill, batch, reference} or null
+      accuracy        {max_abs_error, rel_error, top1_agreement, steps, prefill, batch, reference,
+                      output_rounding: null for float32, else {max_abs_error, rel_error, top1_agreement, dtype} of
+                      the float32 reference's logits rounded to the target's dtype (the part of the error that
+                      returning logits in that dtype costs)} or null
       drift           {steps, logits_rel_error, logits_rel_error_by_step {step: error}, state_rel_error (null
                       when the backend does not expose its state), state_note, reference} or null
       speedup         {"vs_eager"|"vs_hf": {prefill {prompt_length: x}, decode {batch: x}, generate: x}}:

@@ -113,6 +113,7 @@ def test_accuracy_equals_a_direct_comparison(bench_report, checkpoint, artifact)
     assert acc["max_abs_error"] == pytest.approx(np.abs(got - expected).max(), rel=1e-6)
     assert acc["top1_agreement"] == (got.argmax(-1) == expected.argmax(-1)).mean()
     assert 0 < acc["rel_error"] < 1e-4
+    assert acc["output_rounding"] is None          # a float32 artifact returns its logits unrounded
 
     # Drift: the float64 model (recurrent states float64 too) takes the same steps as the backend.
     model64 = Qwen3NextForCausalLM.from_pretrained(checkpoint, dtype=torch.float64)
@@ -159,6 +160,28 @@ def test_checkpoint_target_without_matplotlib(checkpoint, tmp_path, monkeypatch,
     # An earlier report is replaced without --overwrite.
     assert bench_main([str(checkpoint), "--out", str(out), "--backends", "eager", *QUICK]) == 0
     assert list(json.loads((out / "report.json").read_text())["backends"]) == ["eager"]
+
+
+def test_bfloat16_accuracy_names_what_rounding_the_logits_costs(checkpoint, tmp_path):
+    """A bfloat16 target: beside each backend's error, that of the float32 logits merely rounded to bfloat16."""
+    out = tmp_path / "bf16"
+    argv = [str(checkpoint), "--out", str(out), "--dtype", "bfloat16", "--backends", "eager", *QUICK[:-4],
+            "--accuracy-steps", str(ACCURACY_STEPS), "--drift-steps", "0"]
+    assert bench_main(argv) == 0
+    rep = json.loads((out / "report.json").read_text())
+    acc = rep["backends"]["eager"]["accuracy"]
+    model = Qwen3NextForCausalLM.from_pretrained(checkpoint).float().eval()
+    rows = verify.fixed_tokens(300, 32 + ACCURACY_STEPS + 1)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(rows)).numpy()[:, 31:-1]
+    rounded = torch.from_numpy(expected).bfloat16().double().numpy()
+    floor = acc["output_rounding"]
+    assert floor["dtype"] == "bfloat16" and floor["rel_error"] > 0
+    assert floor["rel_error"] == pytest.approx(np.linalg.norm(rounded - expected) / np.linalg.norm(expected), rel=1e-6)
+    assert floor["top1_agreement"] == (rounded.argmax(-1) == expected.argmax(-1)).mean()
+    assert acc["rel_error"] >= floor["rel_error"] / 2    # bfloat16 arithmetic on top of the rounding
+    assert f"rounded to bfloat16, and nothing else: rel error {floor['rel_error']:.3g}" in (out / "report.md").read_text()
+    assert rep["plots"] == ["decode.png", "prefill.png"]      # no speedup chart: eager ran alone
 
 
 def test_bad_inputs(artifact, checkpoint, tmp_path, capsys):
