@@ -11,7 +11,7 @@ import torch
 from model import Qwen3NextForCausalLM, kernels
 
 from .errors import ExportError
-from .graph import StepModule, dynamic_shapes, example_batch, example_inputs
+from .graph import StepModule, dynamic_shapes, example_batch, example_inputs, export_steps
 
 # The opsets that export, pass onnx's checker and match the eager model in ONNX Runtime, tried with torch 2.13,
 # onnx 1.23 and ONNX Runtime 1.32 (bench/gpu_check_opsets.sh tries them again): torch.onnx writes at least
@@ -23,16 +23,7 @@ EXTERNAL_DATA_BYTES = 1 << 30   # protobuf's 2 GiB ceiling, with room to spare
 
 def export_torch(model: Qwen3NextForCausalLM, out: Path, max_batch: int, max_seq_len: int) -> dict:
     """prefill.pt2 (dynamic batch and sequence) and decode.pt2 (dynamic batch, one token)."""
-    step = StepModule(model).eval()
-    files = {}
-    for name, seq, decode in (("prefill", 3, False), ("decode", 1, True)):
-        ids, state = example_inputs(model, example_batch(max_batch), seq, max_seq_len)
-        tensors = state.tensors()
-        with torch.no_grad():
-            program = torch.export.export(step, (ids, *tensors),
-                                          dynamic_shapes=dynamic_shapes(len(tensors), max_batch, max_seq_len, decode))
-        torch.export.save(program, out / f"{name}.pt2")
-        files[name] = f"{name}.pt2"
+    files = export_steps(StepModule(model).eval(), model, max_batch, max_seq_len, out)
     return {"files": files, "custom_ops": ["nextdeploy::gated_delta_rule", "nextdeploy::causal_conv1d"]}
 
 

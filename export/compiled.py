@@ -24,7 +24,7 @@ from model import Qwen3NextForCausalLM
 from runtime.compiled_backend import compile_step, compiled_shapes, fingerprint, shape_name
 from runtime.torch_backend import zeros_state
 
-from .graph import InPlaceStepModule, dynamic_shapes, example_inputs
+from .graph import InPlaceStepModule, export_steps
 
 DIRECTORY = "compiled"
 
@@ -34,17 +34,10 @@ def build(model: Qwen3NextForCausalLM, out: Path, device: str, max_seq_len: int,
     """Write ART/compiled/ and return the manifest's target entry. `stage` prints one line per step."""
     started = time.perf_counter()
     (out / DIRECTORY).mkdir()
-    step = InPlaceStepModule(model).eval()
-    files = {}
     with stage("exporting the in-place step for the compiled target"):
-        for role, tokens, decode in (("prefill", 3, False), ("decode", 1, True)):
-            ids, state = example_inputs(model, 2, tokens, max_seq_len)
-            tensors = state.tensors()
-            shapes = dynamic_shapes(len(tensors), max(2, buckets[-1]), max_seq_len, decode)
-            with torch.no_grad():
-                program = torch.export.export(step, (ids, *tensors), dynamic_shapes=shapes)
-            files[role] = f"{DIRECTORY}/{role}.pt2"
-            torch.export.save(program, out / files[role])
+        # A dynamic batch even for a batch-1 artifact: the decode buckets share one program.
+        files = export_steps(InPlaceStepModule(model).eval(), model, max(2, buckets[-1]), max_seq_len, out,
+                             DIRECTORY)
     # Compiled from the saved programs, as the runtime will: the same graphs give the same cache keys.
     programs = {role: torch.export.load(str(out / files[role])) for role in ("prefill", "decode")}
     if device == "cuda":

@@ -9,6 +9,8 @@ each row's own position, so one graph serves every length and a CUDA graph can r
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -62,6 +64,22 @@ def dynamic_shapes(num_state: int, max_batch: int, max_seq_len: int, decode: boo
     batch = {0: torch.export.Dim("batch", min=1, max=max_batch)} if max_batch > 1 else {}
     ids = batch if decode else {**batch, 1: torch.export.Dim("sequence", min=2, max=max_seq_len)}
     return ids, tuple(batch for _ in range(num_state))
+
+
+def export_steps(step: nn.Module, model: Qwen3NextForCausalLM, max_batch: int, max_seq_len: int, out: Path,
+                 directory: str = "") -> dict[str, str]:
+    """`step` as out/directory/prefill.pt2 (dynamic batch and sequence) and decode.pt2 (dynamic batch, one token);
+    returns {"prefill": path, "decode": path}, relative to `out`."""
+    files = {}
+    for role, tokens, decode in (("prefill", 3, False), ("decode", 1, True)):
+        ids, state = example_inputs(model, example_batch(max_batch), tokens, max_seq_len)
+        tensors = state.tensors()
+        with torch.no_grad():
+            program = torch.export.export(step, (ids, *tensors),
+                                          dynamic_shapes=dynamic_shapes(len(tensors), max_batch, max_seq_len, decode))
+        files[role] = f"{directory}/{role}.pt2" if directory else f"{role}.pt2"
+        torch.export.save(program, out / files[role])
+    return files
 
 
 def tensor_specs(model: Qwen3NextForCausalLM, max_seq_len: int, sequence: str | int):
