@@ -145,6 +145,7 @@ class CompiledBackend:
                  cuda_graphs: bool = True):
         import torch
         import model.kernels.ops  # noqa: F401  (registers the nextdeploy:: ops the programs call)
+        from model.device import torch_device
 
         target = manifest.targets.get("compiled")
         if target is None:
@@ -153,10 +154,8 @@ class CompiledBackend:
         if device != manifest.device:
             raise ArtifactError(f"{directory} was compiled for {manifest.device}; load it with "
                                 f"device='{manifest.device}', or re-export with --device {device}")
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ArtifactError("device='cuda' needs a CUDA GPU and a CUDA build of torch")
         self.torch = torch
-        self.device = torch.device(device)
+        self.device = torch_device(device)
         self.specs = manifest.state
         self.buckets, self.chunks = target["decode_buckets"], target["prefill_chunks"]
         self.graphs = cuda_graphs and device == "cuda"

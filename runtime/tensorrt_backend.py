@@ -87,10 +87,9 @@ class TensorRTBackend:
             raise ArtifactError("the tensorrt backend runs on a CUDA GPU; load it with device='cuda'")
         trt = _import_tensorrt()
         import torch
-        if not torch.cuda.is_available():
-            raise ArtifactError("device='cuda' needs a CUDA GPU and a CUDA build of torch")
+        from model.device import torch_device
+        self.device = torch_device("cuda")
         self.trt, self.torch = trt, torch
-        self.device = torch.device("cuda")
         self.specs = manifest.state
         self.names = [s.name for s in self.specs]
         self.vocab_size = manifest.model_config["vocab_size"]
