@@ -17,6 +17,7 @@ import torch
 from torch.onnx.ops import symbolic_multi_out
 
 from model import Qwen3NextForCausalLM
+from model.kernels.reference import decode_heads
 from plugins import NAMESPACE, PLUGINS, VERSION
 from plugins.functions import functions
 
@@ -61,8 +62,7 @@ class TensorRTLowering:
     @staticmethod
     def gated_deltanet_decode(qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, conv_state, recurrent_state,
                               slots, eps):
-        Hv, V, K = A_log.shape[0], norm_weight.shape[0], recurrent_state.shape[2]
-        Hk = (conv_weight.shape[0] - Hv * V) // (2 * K)
+        Hk = decode_heads(conv_weight, A_log, norm_weight, recurrent_state)[0]
         # The kernel's arrival counters: zero here, and every launch leaves them zero.
         arrivals = torch.zeros(qkvz.shape[0], Hk, dtype=torch.int32, device=qkvz.device)
         o, new_conv, new_state = _plugin("gated_deltanet_decode", [qkvz, ba, conv_weight, A_log, dt_bias, norm_weight,
@@ -114,8 +114,6 @@ def export_graphs(model: Qwen3NextForCausalLM, out: Path, max_batch: int, max_se
     for role, decode in GRAPHS.items():
         proto = build.trace_onnx(model, TensorRTLowering, max_batch, max_seq_len, opset, decode).model_proto
         used = sorted({n.op_type for n in proto.graph.node if n.domain == NAMESPACE})
-        if "gated_deltanet_decode" in used:
-            used = sorted({*used, "causal_conv1d", "gated_delta_rule_solve", "gated_delta_rule_scan"})  # its body's
         proto.functions.extend(functions(model_dims(model.config), opset, used))
         if not any(o.domain == NAMESPACE for o in proto.opset_import):
             proto.opset_import.append(onnx.helper.make_opsetid(NAMESPACE, int(VERSION)))

@@ -240,5 +240,12 @@ BUILDERS = {"causal_conv1d": causal_conv1d, "gated_delta_rule_solve": gated_delt
 
 
 def functions(dims: dict, opset: int, names=None) -> list[onnx.FunctionProto]:
-    """Function bodies for a model's dimensions: C (conv channels), W, Hk, Hv, K, V."""
-    return [BUILDERS[n](dims, opset) for n in (names or BUILDERS)]
+    """Function bodies for a model's dimensions (C conv channels, W, Hk, Hv, K, V): those of the plugins `names`
+    (default: all) and of every plugin their bodies call (the decode step's calls the other three)."""
+    wanted, built = list(names or BUILDERS), {}
+    while wanted:
+        name = wanted.pop()
+        if name not in built:
+            built[name] = BUILDERS[name](dims, opset)
+            wanted += [node.op_type for node in built[name].node if node.domain == NAMESPACE]
+    return [built[n] for n in BUILDERS if n in built]

@@ -27,23 +27,13 @@ def _dtype_names(descs) -> list[str]:
     return [DTYPE_NAMES.get(d.dtype, str(d.dtype)) for d in descs]
 
 
-def _symbols(plugin: Plugin, descs) -> dict:
-    """Each dimension symbol's expression, from the first input dimension it names (TensorRT shape expressions,
-    which are placeholders while TensorRT asks only for dtypes)."""
-    symbols = {}
-    for t, desc in zip(plugin.inputs, descs):
-        for expr, value in zip(t.dims, desc.shape_expr):
-            if expr.isidentifier():
-                symbols.setdefault(expr, value)
-    return symbols
-
-
 def _register(plugin: Plugin) -> None:
     n_in = len(plugin.inputs)
 
     def describe(*descs, **attrs):
         _, output_dtypes = plugin.dtypes(plugin.model_dtype(_dtype_names(descs)))
-        symbols = _symbols(plugin, descs)
+        # TensorRT shape expressions; placeholders while it asks only for dtypes, so no more than ranks is checked.
+        symbols = plugin.symbols([tuple(desc.shape_expr) for desc in descs])
         return tuple(trtp.from_shape_expr(tuple(evaluate(e, symbols) for e in t.dims), dtype=TRT_DTYPES[d])
                      for t, d in zip(plugin.outputs, output_dtypes))
 

@@ -20,10 +20,12 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from model.kernels.launch import (CHUNK, chunk_block, chunk_scan_block_v, chunk_solve_precision, decode_warps,
+                                  next_power_of_2)
+
 NAMESPACE = "nextdeploy"
 VERSION = "1"
 MODEL_DTYPES = ("float32", "float16", "bfloat16")
-CHUNK = 64          # steps per chunk of the chunked gated delta rule (model/kernels/triton_chunk.py)
 
 
 class PluginSpecError(ValueError):
@@ -74,9 +76,9 @@ class Plugin:
     def id(self) -> str:
         return f"{NAMESPACE}::{self.name}"
 
-    def bind(self, shapes) -> dict:
-        """Symbol values from the input shapes (ints, or symbolic expressions for dynamic dimensions); checks that
-        every dimension written as an expression agrees and that the static ones are ints."""
+    def symbols(self, shapes) -> dict:
+        """Each dimension symbol's value (or expression) from the first input dimension it names, checking ranks
+        only: what TensorRT's shape placeholders allow while it asks for output shapes."""
         if len(shapes) != len(self.inputs):
             raise PluginSpecError(f"{self.name} takes {len(self.inputs)} inputs, got {len(shapes)}")
         dims: dict[str, Any] = {}
@@ -85,8 +87,14 @@ class Plugin:
                 raise PluginSpecError(f"{self.name} input {t.name} has rank {len(t.dims)} ({', '.join(t.dims)}), "
                                       f"got shape {tuple(shape)}")
             for expr, value in zip(t.dims, shape):
-                if expr.isidentifier() and expr not in dims:
-                    dims[expr] = value
+                if expr.isidentifier():
+                    dims.setdefault(expr, value)
+        return dims
+
+    def bind(self, shapes) -> dict:
+        """Symbol values from the input shapes (ints, or symbolic expressions for dynamic dimensions); checks that
+        every dimension written as an expression agrees and that the static ones are ints."""
+        dims = self.symbols(shapes)
         for name, value in dims.items():
             if name not in self.dynamic and not isinstance(value, int):
                 raise PluginSpecError(f"{self.name}: dimension {name} must be fixed when the engine is built")
@@ -150,20 +158,11 @@ def cdiv(a, b: int):
     return (a + (b - 1)) // b
 
 
-def next_power_of_2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
 def _group(d: dict) -> int:
     """Value heads per key head."""
     if d["Hv"] % d["Hk"]:
         raise PluginSpecError(f"value heads ({d['Hv']}) must be a multiple of key heads ({d['Hk']})")
     return d["Hv"] // d["Hk"]
-
-
-def _block(n: int) -> int:
-    """A chunk kernel's block over n columns (model/kernels/triton_chunk.py)."""
-    return max(16, next_power_of_2(n))
 
 
 # ---- causal conv1d --------------------------------------------------------------------------------------------
@@ -198,8 +197,8 @@ TERMS = f"V+3*K+{CHUNK}"
 def _solve_plan(d, model_dtype, attrs) -> Launch:
     K, V = d["K"], d["V"]
     # As model/kernels/triton_chunk.gated_delta_rule launches it (num_stages: Triton's default).
-    return Launch(dict(HV=d["Hv"], GROUP=_group(d), K=K, V=V, BK=_block(K), BV=_block(V),
-                       PREC="tf32x3" if model_dtype == "float32" else "tf32"),
+    return Launch(dict(HV=d["Hv"], GROUP=_group(d), K=K, V=V, BK=chunk_block(K), BV=chunk_block(V),
+                       PREC=chunk_solve_precision(model_dtype)),
                   num_warps=4, num_stages=3, grid=(cdiv(d["T"], CHUNK), d["B"] * d["Hv"]), args=(d["T"],))
 
 
@@ -225,9 +224,9 @@ GATED_DELTA_RULE_SOLVE = Plugin(
 def _scan_plan(d, model_dtype, attrs) -> Launch:
     K, V = d["K"], d["V"]
     # As model/kernels/triton_chunk.gated_delta_rule launches it, whatever the model's dtype: float32 operands in
-    # tf32x3, two pipeline stages (within an H100's shared memory at K = 128).
-    bv = min(_block(V), 64 if K <= 64 else 32)
-    return Launch(dict(HV=d["Hv"], K=K, V=V, BK=_block(K), BV=bv, PREC="tf32x3"),
+    # tf32x3, two pipeline stages.
+    bv = chunk_scan_block_v(K, V)
+    return Launch(dict(HV=d["Hv"], K=K, V=V, BK=chunk_block(K), BV=bv, PREC="tf32x3"),
                   num_warps=4, num_stages=2, grid=(d["B"] * d["Hv"], cdiv(V, bv)), args=(d["N"],))
 
 
@@ -252,9 +251,8 @@ def _decode_plan(d, model_dtype, attrs) -> Launch:
     K, V = d["K"], d["V"]
     bk, bv = next_power_of_2(K), next_power_of_2(V)
     _group(d)      # value heads a multiple of key heads; the kernel derives its group itself
-    # Warps as triton_decode.gated_deltanet_decode picks them (this module stays importable without Triton).
     return Launch(dict(HK=d["Hk"], HV=d["Hv"], K=K, V=V, W=d["W"], BK=bk, BV=bv, EPS=attrs["eps"]),
-                  num_warps=2 if bk * bv <= 64 * 64 else 4, num_stages=3, grid=(d["B"], d["Hv"]), args=(d["T"],))
+                  num_warps=decode_warps(K, V), num_stages=3, grid=(d["B"], d["Hv"]), args=(d["T"],))
 
 
 CONV_DIM = "2*Hk*K+Hv*V"

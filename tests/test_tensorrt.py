@@ -99,6 +99,9 @@ def test_graphs_pass_the_checker_and_plugin_nodes_carry_what_the_plugins_registe
                                                                                          plugin.attributes)}
     assert used == {"prefill": {"causal_conv1d", "gated_delta_rule_solve", "gated_delta_rule_scan"},
                     "decode": {"gated_deltanet_decode"}}
+    # Each file holds the bodies of its plugins and of the plugins those bodies call (decode's calls the others).
+    assert {role: {f.name for f in model.functions} for role, model in graphs(out).items()} == {
+        "prefill": used["prefill"], "decode": {*used["decode"], *used["prefill"]}}
     m = json.loads((out / "manifest.json").read_text())["targets"]["tensorrt"]
     assert m["plugins"] == {name: f"{NAMESPACE}::{name}" for name in PLUGINS}
     assert m["plugin_nodes"] == {"prefill": 3 * 3, "decode": 3}        # three DeltaNet layers

@@ -163,6 +163,12 @@ def _write_live_rows(pool: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor
     pool.copy_(torch.where(keep, pool, candidates[owner]))
 
 
+def decode_heads(conv_weight, A_log, norm_weight, recurrent_state) -> tuple[int, int, int, int]:
+    """(Hk, Hv, K, V) of a fused decode step's arguments: the conv channels are all q, all k (Hk*K each), all v."""
+    Hv, V, K = A_log.shape[0], norm_weight.shape[0], recurrent_state.shape[2]
+    return (conv_weight.shape[0] - Hv * V) // (2 * K), Hv, K, V
+
+
 def gated_deltanet_decode(qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, conv_state, recurrent_state, slots,
                           eps: float):
     """A whole Gated DeltaNet token mixer for a few steps, between in_proj_{qkvz,ba} and out_proj.
@@ -173,9 +179,7 @@ def gated_deltanet_decode(qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, co
     rows (output zero, no state touched). Returns o [B,T,Hv*V] in qkvz's dtype.
     """
     B, T, _ = qkvz.shape
-    Hv, V = A_log.shape[0], norm_weight.shape[0]
-    K = recurrent_state.shape[2]
-    Hk = (conv_weight.shape[0] - Hv * V) // (2 * K)
+    Hk, Hv, K, V = decode_heads(conv_weight, A_log, norm_weight, recurrent_state)
     q, k, v, z, b, a = split_projections(qkvz, ba, Hk, K, V)
     rows = slots.clamp(min=0).long()
     mixed = torch.cat([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], dim=-1)

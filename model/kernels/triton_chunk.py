@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-CHUNK = 64
+from .launch import CHUNK, chunk_block, chunk_scan_block_v, chunk_solve_precision
+
 SUB = tl.constexpr(16)   # block size of the triangular solve
 
 
@@ -246,10 +247,6 @@ def _store_block(ptr, row0, T, stride_t, cols, n_cols, value):
              mask=(rows[:, None] < T) & (cols[None, :] < n_cols))
 
 
-def _block(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
 def gated_delta_rule(q, k, v, g, beta, initial_state, launch=None, block_v=None, num_warps=4, num_stages=2):
     """The contract of reference.gated_delta_rule_chunked with the state given: q, k [B,T,Hk,K]; v [B,T,Hv,V];
     g, beta [B,T,Hv]; initial_state [B,Hv,K,V] float32. Inputs may be strided views (last dim contiguous).
@@ -261,8 +258,8 @@ def gated_delta_rule(q, k, v, g, beta, initial_state, launch=None, block_v=None,
     g = g.float()
     state = initial_state.float().contiguous()
     wrap = launch or (lambda kernel: kernel)
-    prec = "tf32x3" if v.dtype == torch.float32 else "tf32"
-    BK, BVfull = _block(K), _block(V)
+    prec = chunk_solve_precision(str(v.dtype).removeprefix("torch."))
+    BK, BVfull = chunk_block(K), chunk_block(V)
     n_chunks = triton.cdiv(T, CHUNK)
     # Everything the serial scan reads per step. Float32 even for 16-bit models: the scan's
     # 16-bit tensor-core path faulted on the H100 for K = 128 (Triton 3.6), and the serial chain is bound by
@@ -277,7 +274,7 @@ def gated_delta_rule(q, k, v, g, beta, initial_state, launch=None, block_v=None,
         GROUP=Hv // Hk, K=K, V=V, BK=BK, BV=BVfull, PREC=prec, num_warps=4)
     o = torch.empty(B, T, Hv, V, dtype=v.dtype, device=v.device)
     final = torch.empty(B, Hv, K, V, dtype=torch.float32, device=v.device)
-    BV = block_v or min(BVfull, 64 if K <= 64 else 32)
+    BV = block_v or chunk_scan_block_v(K, V)
     wrap(chunk_scan_kernel)[(B * Hv, triton.cdiv(V, BV))](
         w, decay, o, state, final, T, Hv,
         w.stride(0), w.stride(1), w.stride(2), decay.stride(0), decay.stride(1),

@@ -20,6 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import decode_warps
+from .reference import decode_heads
+
 
 @triton.jit
 def _conv_silu(qkvz_row, stride_t, col, state_row, channel, weight, t, n, mask, W: tl.constexpr):
@@ -125,15 +128,11 @@ def gated_deltanet_decode(qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, co
                           eps: float, launch=None, num_warps: int | None = None):
     """See reference.gated_deltanet_decode for the contract. Returns o [B, T, Hv*V] in qkvz's dtype; updates
     conv_state [P, conv_dim, W-1] and recurrent_state [P, Hv, K, V] (float32) in place at rows `slots`.
-    One program per (batch row, value head). The default warps are the fastest measured on an H100 (bf16, one CUDA
-    graph per call): 2 for a 64 x 64 state (tiny: 3.4 us per layer at batch 1, 3.8 at 32; 4 warps 4.5, 8 warps 6.5),
-    4 for 128 x 128 (Qwen3-Next heads: 7.8 us at batch 1, 62 at 32; 8 warps 12.9 and 104). Splitting V over several
-    programs per head (tried: 2, 4, 8) was no faster at 128 x 128 and twice as slow at 64 x 64."""
+    One program per (batch row, value head), with launch.decode_warps warps unless told. Splitting V over several
+    programs per head (tried: 2, 4, 8) was no faster at 128 x 128 and twice as slow at 64 x 64 on an H100."""
     B, T, _ = qkvz.shape
-    Hv, V = A_log.shape[0], norm_weight.shape[0]
-    K = recurrent_state.shape[2]
+    Hk, Hv, K, V = decode_heads(conv_weight, A_log, norm_weight, recurrent_state)
     W = conv_weight.shape[-1]
-    Hk = (conv_weight.shape[0] - Hv * V) // (2 * K)
     qkvz, ba = (x if x.stride(-1) == 1 else x.contiguous() for x in (qkvz, ba))
     out = torch.empty(B, T, Hv * V, dtype=qkvz.dtype, device=qkvz.device)
     # Per (row, key head): how many of its value heads have finished reading the q/k conv state.
@@ -146,5 +145,5 @@ def gated_deltanet_decode(qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, co
         qkvz.stride(0), qkvz.stride(1), ba.stride(0), ba.stride(1), conv_state.stride(0), recurrent_state.stride(0),
         out.stride(0), out.stride(1),
         HK=Hk, K=K, V=V, GROUP=Hv // Hk, W=W, BK=BK, BV=BV,
-        num_warps=num_warps or (2 if BK * BV <= 64 * 64 else 4))
+        num_warps=num_warps or decode_warps(K, V))
     return out

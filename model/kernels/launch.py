@@ -1,0 +1,34 @@
+"""How the Triton kernels are launched, in plain Python (no Triton needed): the kernels' wrappers (triton_*.py)
+and the TensorRT plugins (plugins/spec.py) both take their blocks, warps and precisions from here, so an engine's
+plugins launch the very programs the torch ops run."""
+
+from __future__ import annotations
+
+CHUNK = 64   # steps per chunk of the chunked gated delta rule
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def chunk_block(n: int) -> int:
+    """A chunk kernel's block over n columns: tl.dot takes at least 16."""
+    return max(16, next_power_of_2(n))
+
+
+def chunk_solve_precision(dtype: str) -> str:
+    """The solve's tl.dot precision: about float32 (tf32x3) for float32 models, tf32 for 16-bit ones."""
+    return "tf32x3" if dtype == "float32" else "tf32"
+
+
+def chunk_scan_block_v(K: int, V: int) -> int:
+    """Columns of V per scan program: the scan's operands, in two pipeline stages, must fit an H100's shared
+    memory (227 KB) at K = 128."""
+    return min(chunk_block(V), 64 if K <= 64 else 32)
+
+
+def decode_warps(K: int, V: int) -> int:
+    """Warps of the fused decode step: the fastest measured on an H100 (bf16, one CUDA graph per call). 2 for a
+    64 x 64 state (tiny: 3.4 us per layer at batch 1, 3.8 at 32; 4 warps 4.5, 8 warps 6.5), 4 for 128 x 128
+    (Qwen3-Next heads: 7.8 us at batch 1, 62 at 32; 8 warps 12.9 and 104)."""
+    return 2 if next_power_of_2(K) * next_power_of_2(V) <= 64 * 64 else 4
