@@ -74,19 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_backends(requested: list[str] | None) -> tuple[list[str], bool]:
-    from .backends import BenchError, known_backends
-    known = known_backends()
-    if requested is None:
-        return known, False
-    unknown = [b for b in requested if b not in known]
-    if unknown:
-        raise BenchError(f"unknown backend {unknown[0]!r}; known: {', '.join(known)} (onnxruntime needs pip install "
-                         "onnxruntime or onnxruntime-gpu, hf needs pip install transformers, and further backends "
-                         "come with newer versions of the runtime package)")
-    return list(dict.fromkeys(requested)), True
-
-
 def plan(args, target) -> tuple[dict, list[str]]:
     """Settings clipped to the target's capacity, and notes on what was clipped or skipped."""
     from .accuracy import PREFILL
@@ -181,26 +168,26 @@ def main(argv=None) -> int:
     from model.io import check_output_dir
     from runtime.manifest import is_artifact
 
-    from . import environment, measure, plots, report, schema
+    from . import measure, plots, report, schema
     from .accuracy import Reference
-    from .backends import BenchError, describe, open_target, why_unavailable
-    from .timing import copy_bandwidth
+    from .backends import BenchError, describe, known_backends, open_target, why_unavailable
+    from .run import check_device, header, pick, publish
 
-    names, explicit = check_backends(args.backends)
+    names = pick(args.backends, known_backends(), "backend", " (onnxruntime needs pip install onnxruntime or "
+                 "onnxruntime-gpu, hf needs pip install transformers, and further backends come with newer versions "
+                 "of the runtime package)")
     device = args.device
     if device is None:
         device = "cpu"
         if is_artifact(Path(args.target)):
             from runtime.manifest import Manifest
             device = Manifest.load(args.target).device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda needs a CUDA GPU and a CUDA build of torch; none is visible here "
-                         "(use --device cpu)")
+    check_device(device)
     target = open_target(args.target, device, args.dtype, args.checkpoint, max(args.batches),
                          checkpoint_capacity(args))
     out = check_output_dir(args.out, what="bench report", ours=schema.is_report, overwrite=args.overwrite,
                            sources=[target.path, *([target.checkpoint] if target.checkpoint else [])])
-    if explicit:
+    if args.backends is not None:   # named ones must run
         for name in names:
             reason = why_unavailable(name, target)
             if reason:
@@ -213,10 +200,7 @@ def main(argv=None) -> int:
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
 
-    rep = {"schema": schema.SCHEMA, "schema_version": schema.SCHEMA_VERSION, "kind": "backends",
-           "command": ["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)],
-           "environment": environment.environment(device), "settings": {**s, "device": device, "notes": notes},
-           "copy_bandwidth": copy_bandwidth(device, (1 << 30) if device == "cuda" else (64 << 20)),
+    rep = {**header("backends", "bench", argv, device), "settings": {**s, "device": device, "notes": notes},
            "target": describe(target),
            "capacity_bytes": measure.capacity_bytes(config, dtype_bytes, target.manifest.max_batch,
                                                     target.manifest.max_seq_len),
@@ -236,9 +220,7 @@ def main(argv=None) -> int:
             tqdm.write(f"{name}: {entry['status']}{': ' + entry['reason'] if entry['reason'] else ''} "
                        f"({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
     speedups(rep["backends"], rep["baselines"])
-    report.write(out, rep, report.backends_markdown, plots.backend_plots)
-    print((out / "report.md").read_text())
-    print(f"report written to {out}", file=sys.stderr)
+    publish(out, rep, report.backends_markdown, plots.backend_plots)
     return 1 if any(b["status"] == "failed" for b in rep["backends"].values()) else 0
 
 

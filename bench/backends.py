@@ -133,7 +133,6 @@ def open_engine(name: str, target: Target, device: str) -> runtime.Engine:
 
 
 def _engine(name: str, target: Target, device: str) -> runtime.Engine:
-    from model.tokenizer import Tokenizer
     m = target.manifest
     if name == "hf":
         from .hf_backend import TransformersBackend
@@ -141,9 +140,7 @@ def _engine(name: str, target: Target, device: str) -> runtime.Engine:
     else:
         from runtime.eager_backend import EagerBackend
         impl = EagerBackend(m, device, str(target.checkpoint))
-    tokenizer_dir = target.path if target.kind == "artifact" else target.checkpoint
-    tokenizer = Tokenizer.load(tokenizer_dir / m.tokenizer) if m.tokenizer and \
-        (tokenizer_dir / m.tokenizer).is_file() else None
+    tokenizer = runtime.load_tokenizer(target.path if target.kind == "artifact" else target.checkpoint, m)
     return runtime.Engine(target.path, m, impl, tokenizer)
 
 

@@ -17,7 +17,7 @@ from .engine import Engine, InputError, State
 from .manifest import ArtifactError, Manifest
 
 BACKENDS = ("onnxruntime", "torch", "eager", "compiled", "tensorrt")
-__all__ = ["load", "Engine", "State", "Manifest", "ArtifactError", "InputError", "BACKENDS"]
+__all__ = ["load", "load_tokenizer", "Engine", "State", "Manifest", "ArtifactError", "InputError", "BACKENDS"]
 
 
 def load(directory, backend: str = "onnxruntime", device: str = "cpu", checkpoint: str | None = None, *,
@@ -50,8 +50,13 @@ def load(directory, backend: str = "onnxruntime", device: str = "cpu", checkpoin
     else:
         from .eager_backend import EagerBackend
         impl = EagerBackend(manifest, device, checkpoint)
-    tokenizer = None
-    if manifest.tokenizer and (directory / manifest.tokenizer).is_file():
-        from model.tokenizer import Tokenizer
-        tokenizer = Tokenizer.load(directory / manifest.tokenizer)
-    return engine(directory, manifest, impl, tokenizer)
+    return engine(directory, manifest, impl, load_tokenizer(directory, manifest))
+
+
+def load_tokenizer(directory: Path, manifest: Manifest):
+    """The manifest's tokenizer file in `directory`, or None when it names none or the file is not there (the
+    engine then takes and returns token ids only)."""
+    if not manifest.tokenizer or not (directory / manifest.tokenizer).is_file():
+        return None
+    from model.tokenizer import Tokenizer
+    return Tokenizer.load(directory / manifest.tokenizer)

@@ -15,7 +15,6 @@ REPORT_DIR receives report.json (schema: bench/schema.py), report.md and one cha
 from __future__ import annotations
 
 import argparse
-import sys
 
 from model import cli
 
@@ -37,16 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed calls per shape (default: %(default)s)")
     p.add_argument("--seed", type=cli.integer(0), default=0, help="seed of the random inputs, >= 0 (default: %(default)s)")
     return p
-
-
-def _pick(requested, known: list[str], what: str) -> list[str]:
-    from bench.backends import BenchError
-    if requested is None:
-        return known
-    unknown = [r for r in requested if r not in known]
-    if unknown:
-        raise BenchError(f"unknown {what} {unknown[0]!r}; known: {', '.join(known)}")
-    return list(dict.fromkeys(requested))
 
 
 def rel(a, b) -> float:
@@ -86,20 +75,18 @@ def main(argv=None) -> int:
     import torch
     from tqdm import tqdm
 
-    from bench import environment, plots, report, schema
+    from bench import plots, report, schema
     from bench.backends import BenchError
     from bench.kernels import IMPLS, KERNELS
-    from bench.timing import copy_bandwidth
+    from bench.run import check_device, header, pick, publish
     from model.io import check_output_dir
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda needs a CUDA GPU and a CUDA build of torch; none is visible here "
-                         "(use --device cpu)")
+    check_device(device)
     dtype_name = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     dtype = getattr(torch, dtype_name)
-    kernel_names = _pick(args.kernels, list(dict.fromkeys(k.name for k in KERNELS)), "kernel")
-    impl_names = _pick(args.impls, list(dict.fromkeys(i.name for i in IMPLS)), "implementation")
+    kernel_names = pick(args.kernels, list(dict.fromkeys(k.name for k in KERNELS)), "kernel")
+    impl_names = pick(args.impls, list(dict.fromkeys(i.name for i in IMPLS)), "implementation")
     impls = [i for i in IMPLS if i.name in impl_names and i.kernel in kernel_names]
     if args.impls:
         for impl in impls:
@@ -132,16 +119,11 @@ def main(argv=None) -> int:
         base = reference.get((r["kernel"], r["mode"], r["label"]))
         if base and r["status"] == "ok":
             r["speedup_vs_reference"] = base["median_ms"] / r["median_ms"]
-    rep = {"schema": schema.SCHEMA, "schema_version": schema.SCHEMA_VERSION, "kind": "kernels",
-           "command": ["python", "-m", "bench.kernels", *(sys.argv[1:] if argv is None else argv)],
-           "environment": environment.environment(device),
+    rep = {**header("kernels", "bench.kernels", argv, device),
            "settings": {"device": device, "quick": args.quick, "warmup": args.warmup, "repeats": args.repeats,
                         "seed": args.seed, "kernels": kernel_names, "impls": impl_names, "notes": []},
-           "copy_bandwidth": copy_bandwidth(device, (1 << 30) if device == "cuda" else (64 << 20)),
            "dtype": dtype_name, "results": results}
-    report.write(out, rep, report.kernels_markdown, plots.kernel_plots)
-    print((out / "report.md").read_text())
-    print(f"report written to {out}", file=sys.stderr)
+    publish(out, rep, report.kernels_markdown, plots.kernel_plots)
     return 1 if any(r["status"] == "failed" for r in results) else 0
 
 
