@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import Qwen3NextConfig
-from .kernels.reference import gated_rms_norm
+from .kernels.reference import decode_attention, gated_rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -109,15 +109,11 @@ class Attention(nn.Module):
             rows = torch.arange(B, device=x.device)[:, None]
             key_cache[rows, :, positions] = k.transpose(1, 2).to(key_cache.dtype)
             value_cache[rows, :, positions] = v.transpose(1, 2).to(value_cache.dtype)
-            k, v = key_cache[:, :, :attend_len].to(q.dtype), value_cache[:, :, :attend_len].to(q.dtype)
-            S = k.shape[2]
-            mask = torch.arange(S, device=x.device)[None, None, :] <= positions[:, :, None]     # [B, T, S]
             # The query heads sharing a KV head (head h uses KV head h // groups) become more query rows of that
             # head, so the cache is read as it is rather than copied once per query head.
             q = q.contiguous().view(B, self.num_kv_heads, groups * T, self.head_dim)
-            mask = mask[:, None, None].expand(B, 1, groups, T, S).reshape(B, 1, groups * T, S)
             with sdpa_kernel(SDPA_BACKENDS):
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                out = decode_attention(q, key_cache[:, :, :attend_len], value_cache[:, :, :attend_len], positions)
             out = out.unflatten(2, (groups, T)).permute(0, 3, 1, 2, 4)              # [B, T, Hkv, groups, D]
         out = out.reshape(B, T, -1) * torch.sigmoid(gate)
         return self.o_proj(out)

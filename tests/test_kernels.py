@@ -122,3 +122,21 @@ def test_dispatch_uses_reference_on_cpu():
     torch.testing.assert_close(s, s_ref)
     with pytest.raises(ValueError, match="kernels must be one of"):
         kernels.use_kernels("triton")
+
+
+def test_decode_attention_reference_is_a_per_query_softmax():
+    """reference.decode_attention (the model's masked cache attention) against one softmax per query row, over the
+    slots at or before that row's step."""
+    g = torch.Generator().manual_seed(3)
+    B, Hkv, group, T, D, S = 2, 2, 3, 2, 8, 11
+    q = torch.randn(B, Hkv, group * T, D, generator=g, dtype=torch.float64)
+    kc = torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64)
+    vc = torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64)
+    positions = torch.tensor([[3, 4], [9, 10]])
+    got = ref.decode_attention(q, kc, vc, positions)
+    for b in range(B):
+        for h in range(Hkv):
+            for r in range(group * T):
+                n = int(positions[b, r % T]) + 1
+                weights = torch.softmax(kc[b, h, :n] @ q[b, h, r] / D ** 0.5, dim=0)
+                assert torch.allclose(got[b, h, r], weights @ vc[b, h, :n], atol=1e-12)

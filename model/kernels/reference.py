@@ -192,3 +192,17 @@ def gated_deltanet_decode(qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, co
     _write_live_rows(recurrent_state, slots, new_state)
     o = gated_rms_norm(o, z, norm_weight, eps).reshape(B, T, Hv * V)
     return torch.where((slots >= 0)[:, None, None], o, torch.zeros((), dtype=o.dtype, device=o.device))
+
+
+def decode_attention(q, key_cache, value_cache, positions):
+    """Attention of new tokens over a KV cache, as the model's cached attention computes it.
+
+    q [B, Hkv, R, D]: the query heads sharing KV head h, then the T steps (row r is query head r // T of the group at
+    step r % T); key_cache, value_cache [B, Hkv, S, D]; positions [B, T]: each step's slot, which sees the slots at or
+    before it. Returns [B, Hkv, R, D] in q's dtype, softmax scale 1/sqrt(D).
+    """
+    B, Hkv, R, D = q.shape
+    T, S = positions.shape[1], key_cache.shape[2]
+    visible = torch.arange(S, device=q.device)[None, None, :] <= positions[:, :, None]        # [B, T, S]
+    mask = visible[:, None, None].expand(B, 1, R // T, T, S).reshape(B, 1, R, S)
+    return F.scaled_dot_product_attention(q, key_cache.to(q.dtype), value_cache.to(q.dtype), attn_mask=mask)
