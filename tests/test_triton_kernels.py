@@ -175,3 +175,32 @@ def test_fused_decode_step(B, T, Hk, group, K, V, pool, slots, dtype):
     for p in set(range(pool)) - set(slots.tolist()):      # pool rows no live slot names: bit for bit unchanged
         for n in before:
             assert torch.equal(got[n][p], before[n][p])
+
+
+# ---- decode attention over the slots in use -----------------------------------------------------------------
+
+ATTENTION_CASES = shapes(
+    # (batch, KV heads, query heads per KV head, steps, head dim, cache slots, first position of each row)
+    [(1, 2, 4, 1, 256, 8448, [127]), (32, 2, 4, 1, 256, 1024, list(range(0, 1024, 33))[:32]),
+     (3, 1, 4, 1, 64, 4096, [0, 4095, 700]), (2, 2, 2, 3, 128, 777, [5, 600]), (5, 4, 1, 1, 80, 300, [1, 2, 3, 250, 299])],
+    [(2, 2, 4, 1, 64, 300, [1, 104]), (3, 1, 3, 2, 48, 130, [3, 12, 98]), (1, 1, 2, 3, 16, 4096, [5]),
+     (2, 2, 2, 1, 32, 200, [0, 199])])
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,Hkv,group,T,D,S,first", ATTENTION_CASES)
+def test_decode_attention(B, Hkv, group, T, D, S, first, dtype):
+    """Against the model's own masked attention over the whole cache, in float64. Slots past a row's position hold
+    random values, which must not leak in."""
+    from model.kernels import triton_attention
+    g = torch.Generator().manual_seed(B * 31 + D + S)
+    q = torch.randn(B, Hkv, group * T, D, generator=g)
+    key_cache, value_cache = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, D, generator=g)
+    positions = torch.tensor([[min(p + t, S - 1) for t in range(T)] for p in first])
+    rounded = [t.to(dtype) for t in (q, key_cache, value_cache)]
+    want = ref.decode_attention(*(t.double() for t in rounded), positions)
+    got = triton_attention.decode_attention(*on_device(*rounded), positions.to(DEVICE))
+    err = rel(got.cpu(), want)
+    print(f"\ndecode attention {dtype} B={B} Hkv={Hkv} group={group} T={T} D={D} S={S}: rel {err:.2e}")
+    assert got.dtype == dtype and got.shape == q.shape and err < TOL[dtype]
