@@ -23,8 +23,8 @@ EXTERNAL_DATA_BYTES = 1 << 30   # protobuf's 2 GiB ceiling, with room to spare
 
 def export_torch(model: Qwen3NextForCausalLM, out: Path, max_batch: int, max_seq_len: int) -> dict:
     """prefill.pt2 (dynamic batch and sequence) and decode.pt2 (dynamic batch, one token)."""
-    files = export_steps(StepModule(model).eval(), model, max_batch, max_seq_len, out)
-    return {"files": files, "custom_ops": ["nextdeploy::gated_delta_rule", "nextdeploy::causal_conv1d"]}
+    files, custom_ops = export_steps(StepModule(model).eval(), model, max_batch, max_seq_len, out)
+    return {"files": files, "custom_ops": custom_ops}
 
 
 def trace_onnx(model: Qwen3NextForCausalLM, lowering, max_batch: int, max_seq_len: int, opset: int,

@@ -36,8 +36,8 @@ def build(model: Qwen3NextForCausalLM, out: Path, device: str, max_seq_len: int,
     (out / DIRECTORY).mkdir()
     with stage("exporting the in-place step for the compiled target"):
         # A dynamic batch even for a batch-1 artifact: the decode buckets share one program.
-        files = export_steps(InPlaceStepModule(model).eval(), model, max(2, buckets[-1]), max_seq_len, out,
-                             DIRECTORY)
+        files, custom_ops = export_steps(InPlaceStepModule(model).eval(), model, max(2, buckets[-1]), max_seq_len,
+                                         out, DIRECTORY)
     # Compiled from the saved programs, as the runtime will: the same graphs give the same cache keys.
     programs = {role: torch.export.load(str(out / files[role])) for role in ("prefill", "decode")}
     if device == "cuda":
@@ -67,5 +67,5 @@ def build(model: Qwen3NextForCausalLM, out: Path, device: str, max_seq_len: int,
                     torch._inductor.aoti_compile_and_package(
                         static, package_path=str(out / files[f"aoti:{name}"]),
                         inductor_configs={"aot_inductor.package_constants_in_so": False})
-    return {"files": files, "forms": forms, "decode_buckets": buckets, "prefill_chunks": chunks,
+    return {"files": files, "forms": forms, "custom_ops": custom_ops, "decode_buckets": buckets, "prefill_chunks": chunks,
             "compiled_with": fingerprint(device), "compile_seconds": round(time.perf_counter() - started, 1)}

@@ -67,10 +67,10 @@ def dynamic_shapes(num_state: int, max_batch: int, max_seq_len: int, decode: boo
 
 
 def export_steps(step: nn.Module, model: Qwen3NextForCausalLM, max_batch: int, max_seq_len: int, out: Path,
-                 directory: str = "") -> dict[str, str]:
-    """`step` as out/directory/prefill.pt2 (dynamic batch and sequence) and decode.pt2 (dynamic batch, one token);
-    returns {"prefill": path, "decode": path}, relative to `out`."""
-    files = {}
+                 directory: str = "") -> tuple[dict[str, str], list[str]]:
+    """`step` as out/directory/prefill.pt2 (dynamic batch and sequence) and decode.pt2 (dynamic batch, one token).
+    Returns ({"prefill": path, "decode": path} relative to `out`, the nextdeploy:: ops the programs call)."""
+    files, ops = {}, set()
     for role, tokens, decode in (("prefill", 3, False), ("decode", 1, True)):
         ids, state = example_inputs(model, example_batch(max_batch), tokens, max_seq_len)
         tensors = state.tensors()
@@ -79,7 +79,9 @@ def export_steps(step: nn.Module, model: Qwen3NextForCausalLM, max_batch: int, m
                                           dynamic_shapes=dynamic_shapes(len(tensors), max_batch, max_seq_len, decode))
         files[role] = f"{directory}/{role}.pt2" if directory else f"{role}.pt2"
         torch.export.save(program, out / files[role])
-    return files
+        ops |= {n.target.name() for n in program.graph.nodes
+                if n.op == "call_function" and str(n.target).startswith("nextdeploy.")}
+    return files, sorted(op.removesuffix(".default") for op in ops)
 
 
 def tensor_specs(model: Qwen3NextForCausalLM, max_seq_len: int, sequence: str | int):

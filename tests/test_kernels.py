@@ -1,5 +1,7 @@
 """Reference kernels: chunked vs token-by-token vs an independent float64 loop; conv1d with state."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -140,3 +142,24 @@ def test_decode_attention_reference_is_a_per_query_softmax():
                 n = int(positions[b, r % T]) + 1
                 weights = torch.softmax(kc[b, h, :n] @ q[b, h, r] / D ** 0.5, dim=0)
                 assert torch.allclose(got[b, h, r], weights @ vc[b, h, :n], atol=1e-12)
+
+
+def test_decode_attention_dispatch_in_exported_graphs():
+    """Exported graphs call the nextdeploy::decode_attention op for the shapes its kernel takes; an ONNX lowering,
+    or too many query rows for the kernel, keep the plain masked attention."""
+    class Attend(torch.nn.Module):
+        def forward(self, q, key_cache, value_cache, positions):
+            return kernels.decode_attention(q, key_cache, value_cache, positions)
+
+    def ops_in(rows, head_dim=16, lowering=None):
+        args = (torch.randn(2, 2, rows, head_dim), torch.randn(2, 2, 40, head_dim), torch.randn(2, 2, 40, head_dim),
+                torch.tensor([[5], [30]]))
+        context = kernels.lowered_to(lowering) if lowering else contextlib.nullcontext()
+        with context:
+            program = torch.export.export(Attend(), args)
+        assert torch.allclose(program.module()(*args), ref.decode_attention(*args), atol=1e-6)
+        return {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+
+    assert "nextdeploy.decode_attention.default" in ops_in(4)
+    assert "nextdeploy.decode_attention.default" not in ops_in(4, lowering=object())
+    assert "nextdeploy.decode_attention.default" not in ops_in(32, head_dim=256)   # beyond the kernel's registers

@@ -10,10 +10,12 @@ it cannot run everywhere, `needs(device)` returning why not (or None).
                                                   bytes_fn, flops_fn))
                             IMPLS.append(Impl("my_fused_op", "reference", its_reference))
 
-A kernel that updates its state in place (the fused decode step) returns that state as its second output.
+A kernel that updates its state in place (the fused decode step) returns that state as its second output; one
+without state (decode attention) returns None there.
 
 Contracts (model/kernels/reference.py): gated_delta_rule(q, k, v, g, beta, state) -> (o, new state);
-causal_conv1d(x, weight, state) -> (silu(conv) , new state).
+causal_conv1d(x, weight, state) -> (silu(conv) , new state); decode_attention(q, key_cache, value_cache,
+positions) -> (out, None).
 """
 
 from __future__ import annotations
@@ -181,6 +183,47 @@ def _triton_conv(*args):
     return triton_conv.causal_conv1d(*args)
 
 
+# ---- decode attention over a fixed-capacity KV cache ----------------------------------------------------------
+
+# Attention heads: Hq query heads sharing Hkv KV heads, of dimension D; a cache of S slots per row, `context` of them
+# in use (the new token sits at slot `context`).
+ATTENTION_HEADS = {"tiny": dict(Hq=4, Hkv=1, D=64, S=4096), "small": dict(Hq=8, Hkv=2, D=256, S=8448),
+                   "qwen3-next": dict(Hq=16, Hkv=2, D=256, S=8448)}
+
+
+def _attention_shape(model: str, B: int, context: int) -> dict:
+    return {"model": model, "B": B, "context": context, **ATTENTION_HEADS[model]}
+
+
+ATTENTION = [_attention_shape("tiny", 1, 128), _attention_shape("tiny", 32, 1024), _attention_shape("small", 1, 128),
+             _attention_shape("small", 1, 8192), _attention_shape("small", 32, 128), _attention_shape("small", 32, 2048),
+             _attention_shape("qwen3-next", 1, 4096), _attention_shape("qwen3-next", 8, 8192)]
+QUICK_ATTENTION = [dict(model="quick", B=1, context=20, Hq=4, Hkv=2, D=16, S=64),
+                   dict(model="quick", B=3, context=100, Hq=6, Hkv=2, D=32, S=160)]
+
+
+def attention_inputs(s: dict, dtype: torch.dtype, device: str, gen: torch.Generator) -> tuple:
+    B, Hq, Hkv, D, S = (s[k] for k in ("B", "Hq", "Hkv", "D", "S"))
+    r = lambda *shape: torch.randn(*shape, generator=gen, device=device).to(dtype)  # noqa: E731
+    positions = torch.full((B, 1), s["context"], dtype=torch.long, device=device)
+    return r(B, Hkv, Hq // Hkv, D), r(B, Hkv, S, D), r(B, Hkv, S, D), positions
+
+
+def attention_bytes(s: dict, esize: int) -> int:
+    """What must be read: the keys and values in use (not the whole capacity), the queries, the output."""
+    B, Hq, Hkv, D = (s[k] for k in ("B", "Hq", "Hkv", "D"))
+    return (2 * B * Hkv * (s["context"] + 1) * D + 2 * B * Hq * D) * esize
+
+
+def without_state(attention: Callable) -> Callable:
+    return lambda *args: (attention(*args), None)
+
+
+def _triton_attention(*args):
+    from model.kernels import triton_attention
+    return triton_attention.decode_attention(*args)
+
+
 def own_triton(device: str) -> str | None:
     """`needs` for the project's Triton kernels."""
     return None if device == "cuda" and ops.HAVE_TRITON else "the Triton kernels run on CUDA (with triton installed)"
@@ -197,6 +240,8 @@ KERNELS: list[Kernel] = [
     Kernel("causal_conv1d", "update", DECODE, QUICK_DECODE, conv_inputs, conv_loop64, conv_bytes),
     Kernel("gated_deltanet_decode", "decode", DECODE, QUICK_DECODE, decode_step_inputs,
            in_place(reference.gated_deltanet_decode), decode_step_bytes),
+    Kernel("decode_attention", "decode", ATTENTION, QUICK_ATTENTION, attention_inputs,
+           without_state(reference.decode_attention), attention_bytes),
 ]
 
 
@@ -219,4 +264,7 @@ IMPLS: list[Impl] = [
     Impl("causal_conv1d", "triton", _triton_conv, own_triton),
     Impl("gated_deltanet_decode", "reference", in_place(reference.gated_deltanet_decode)),
     Impl("gated_deltanet_decode", "triton", in_place(_triton_decode_step), own_triton),
+    # The reference is the model's masked attention over the whole cache: what the Triton kernel replaces.
+    Impl("decode_attention", "reference", without_state(reference.decode_attention)),
+    Impl("decode_attention", "triton", without_state(_triton_attention), own_triton),
 ]

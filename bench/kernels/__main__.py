@@ -56,7 +56,8 @@ def measure(kernel, impl, shape, dtype, device, args) -> dict:
             want_out, want_state = kernel.loop64(*[x.double() if x.is_floating_point() else x.clone()
                                                    for x in inputs])
             out, state = impl.run(*inputs)
-            row.update(rel_error=rel(out, want_out), state_rel_error=rel(state, want_state))
+            row.update(rel_error=rel(out, want_out),
+                       state_rel_error=None if want_state is None else rel(state, want_state))
             del out, state, want_out, want_state
             stats = time_calls(lambda _: impl.run(*inputs), device, args.warmup, args.repeats, cuda_events=True)
     except Exception as e:  # a shape an implementation refuses (or runs out of memory on) is recorded, not fatal

@@ -1,12 +1,11 @@
-"""The one dispatch point for the model's recurrent kernels.
+"""The one dispatch point for the model's kernels.
 
-`gated_delta_rule`, `causal_conv1d` and the fused decode step `gated_deltanet_decode` keep one contract (see
-reference.py) whichever implementation runs: the plain PyTorch reference on CPU (or when forced), the project's
-own Triton kernels on CUDA (ops.py: torch.library.triton_ops, visible to torch.export and Inductor), or, for
-comparison, fla / causal-conv1d. Select with `use_kernels("auto" | "torch" | "fla")` or the environment variable
-NEXT_DEPLOY_KERNELS. Training (autograd) runs the reference, or fla where its backward works; the Triton kernels
-are forward-only.
-"""
+`gated_delta_rule`, `causal_conv1d`, the fused decode step `gated_deltanet_decode` and `decode_attention` (new
+tokens over the KV cache) keep one contract (see reference.py) whichever implementation runs: the plain PyTorch
+reference on CPU (or when forced), the project's own Triton kernels on CUDA (ops.py: torch.library.triton_ops,
+visible to torch.export and Inductor), or, for comparison, fla / causal-conv1d. Select with
+`use_kernels("auto" | "torch" | "fla")` or the environment variable NEXT_DEPLOY_KERNELS. Training (autograd) runs
+the reference, or fla where its backward works; the Triton kernels are forward-only."""
 
 from __future__ import annotations
 
@@ -17,6 +16,7 @@ from contextlib import contextmanager
 import torch
 
 from . import fast, ops, reference
+from .launch import decode_attention_fits
 
 log = logging.getLogger("next_deploy.kernels")
 
@@ -88,6 +88,23 @@ def gated_deltanet_decode(qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, co
         return triton_decode.gated_deltanet_decode(*args)
     _announce("fused decode step: torch reference")
     return reference.gated_deltanet_decode(*args)
+
+
+def decode_attention(q, key_cache, value_cache, positions):
+    """Attention of a few new tokens over a KV cache (reference.decode_attention's contract). The Triton kernel, which
+    reads only the slots in use, runs for the shapes it takes (launch.decode_attention_fits) on CUDA and, as the
+    `nextdeploy::decode_attention` op, in exported and compiled graphs; ONNX lowerings and everything else take the
+    plain masked attention over the given cache, as does a graph exported for any prompt length (symbolic rows)."""
+    rows = q.shape[2]
+    fits = isinstance(rows, int) and decode_attention_fits(rows, q.shape[3]) and _choice != "fla"
+    if _tracing():
+        if fits and _lowering is None:
+            return ops.decode_attention(q, key_cache, value_cache, positions)
+    elif fits and ops.use_triton(q, key_cache, value_cache) and not _needs_grad(q, key_cache, value_cache):
+        from . import triton_attention
+        _announce("decode attention: Triton (CUDA)")
+        return triton_attention.decode_attention(q, key_cache, value_cache, positions)
+    return reference.decode_attention(q, key_cache, value_cache, positions)
 
 
 def gated_delta_rule(q, k, v, g, beta, initial_state=None):

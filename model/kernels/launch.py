@@ -32,3 +32,9 @@ def decode_warps(K: int, V: int) -> int:
     64 x 64 state (tiny: 3.4 us per layer at batch 1, 3.8 at 32; 4 warps 4.5, 8 warps 6.5), 4 for 128 x 128
     (Qwen3-Next heads: 7.8 us at batch 1, 62 at 32; 8 warps 12.9 and 104)."""
     return 2 if next_power_of_2(K) * next_power_of_2(V) <= 64 * 64 else 4
+
+
+def decode_attention_fits(rows: int, head_dim: int) -> bool:
+    """Whether the decode attention kernel takes `rows` query rows of `head_dim`: its [rows, head_dim] float32
+    accumulator stays in registers (four warps) up to 4096 elements, e.g. 16 rows at D = 256, 64 at D = 64."""
+    return max(16, next_power_of_2(rows)) * max(16, next_power_of_2(head_dim)) <= 4096

@@ -1,9 +1,10 @@
 """The kernels as registered torch ops, so exported graphs hold one node per kernel call.
 
-`nextdeploy::gated_delta_rule`, `nextdeploy::causal_conv1d` and the fused decode step
-`nextdeploy::gated_deltanet_decode` (which updates its state pools in place) have fake implementations for
-shape propagation; every lowering (ONNX Runtime contrib ops, TensorRT plugins, compiled engines) maps these nodes
-to its own kernels. They are `torch.library.triton_op`s: eagerly they run their body, and Inductor traces through
+`nextdeploy::gated_delta_rule`, `nextdeploy::causal_conv1d`, the fused decode step
+`nextdeploy::gated_deltanet_decode` (which updates its state pools in place) and `nextdeploy::decode_attention`
+(a few new tokens attending to the KV cache's slots in use) have fake implementations for shape propagation;
+every lowering (ONNX Runtime contrib ops, TensorRT plugins, compiled engines) maps the recurrent ones to its own
+kernels, and the ONNX lowerings export decode attention as plain attention. They are `torch.library.triton_op`s: eagerly they run their body, and Inductor traces through
 the body instead of calling opaque Python, so compiled graphs and AOTInductor packages hold the kernels
 themselves. The body launches the Triton kernels (triton_*.py) on CUDA and runs the plain reference elsewhere
 (traceable for a fixed sequence length). The contracts are those of reference.py, with the state always given.
@@ -86,3 +87,17 @@ def gated_deltanet_decode(qkvz: torch.Tensor, ba: torch.Tensor, conv_weight: tor
 def _(qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, conv_state, recurrent_state, slots, eps):
     B, T, _ = qkvz.shape
     return qkvz.new_empty(B, T, A_log.shape[0] * norm_weight.shape[0])
+
+
+@triton_op(f"{NAMESPACE}::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                     positions: torch.Tensor) -> torch.Tensor:
+    if use_triton(q, key_cache, value_cache):
+        from . import triton_attention
+        return triton_attention.decode_attention(q, key_cache, value_cache, positions, launch=wrap_triton)
+    return reference.decode_attention(q, key_cache, value_cache, positions).contiguous()
+
+
+@decode_attention.register_fake
+def _(q, key_cache, value_cache, positions):
+    return torch.empty_like(q)

@@ -10,8 +10,8 @@ Split over the sequence (flash-decoding): program (row and KV head, split) cover
 blocks with an online softmax and writes its unnormalised output, running max and sum; the wrapper combines the
 splits. The query heads that share a KV head are the program's query rows, so each KV block is read once.
 
-Status: checked against the reference in Triton's interpreter (float32); the model calls it once the GPU tests
-(bfloat16 included) and a timing against the whole-cache attention have run on an H100.
+Checked against the reference in Triton's interpreter (float32); bfloat16 and the timing against the whole-cache
+attention (bench.kernels, decode_attention) are for the GPU.
 """
 
 from __future__ import annotations
