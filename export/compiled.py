@@ -67,5 +67,6 @@ def build(model: Qwen3NextForCausalLM, out: Path, device: str, max_seq_len: int,
                     torch._inductor.aoti_compile_and_package(
                         static, package_path=str(out / files[f"aoti:{name}"]),
                         inductor_configs={"aot_inductor.package_constants_in_so": False})
-    return {"files": files, "forms": forms, "custom_ops": custom_ops, "decode_buckets": buckets, "prefill_chunks": chunks,
+    return {"files": files, "forms": forms, "custom_ops": custom_ops, "decode_buckets": buckets,
+            "prefill_chunks": chunks,
             "compiled_with": fingerprint(device), "compile_seconds": round(time.perf_counter() - started, 1)}

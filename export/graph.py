@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from model import InferenceState, Qwen3NextForCausalLM
+from model.kernels.ops import NAMESPACE
 from runtime.manifest import TensorSpec
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int64: "int64"}
@@ -80,7 +81,7 @@ def export_steps(step: nn.Module, model: Qwen3NextForCausalLM, max_batch: int, m
         files[role] = f"{directory}/{role}.pt2" if directory else f"{role}.pt2"
         torch.export.save(program, out / files[role])
         ops |= {n.target.name() for n in program.graph.nodes
-                if n.op == "call_function" and str(n.target).startswith("nextdeploy.")}
+                if n.op == "call_function" and getattr(n.target, "namespace", None) == NAMESPACE}
     return files, sorted(op.removesuffix(".default") for op in ops)
 
 

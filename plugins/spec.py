@@ -20,7 +20,7 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from model.kernels.launch import (CHUNK, chunk_block, chunk_scan_block_v, chunk_solve_precision, decode_warps,
+from model.kernels.launch import (CHUNK, chunk_scan_block_v, chunk_solve_precision, decode_warps, dot_block,
                                   next_power_of_2)
 
 NAMESPACE = "nextdeploy"
@@ -197,7 +197,7 @@ TERMS = f"V+3*K+{CHUNK}"
 def _solve_plan(d, model_dtype, attrs) -> Launch:
     K, V = d["K"], d["V"]
     # As model/kernels/triton_chunk.gated_delta_rule launches it (num_stages: Triton's default).
-    return Launch(dict(HV=d["Hv"], GROUP=_group(d), K=K, V=V, BK=chunk_block(K), BV=chunk_block(V),
+    return Launch(dict(HV=d["Hv"], GROUP=_group(d), K=K, V=V, BK=dot_block(K), BV=dot_block(V),
                        PREC=chunk_solve_precision(model_dtype)),
                   num_warps=4, num_stages=3, grid=(cdiv(d["T"], CHUNK), d["B"] * d["Hv"]), args=(d["T"],))
 
@@ -226,7 +226,7 @@ def _scan_plan(d, model_dtype, attrs) -> Launch:
     # As model/kernels/triton_chunk.gated_delta_rule launches it, whatever the model's dtype: float32 operands in
     # tf32x3, two pipeline stages.
     bv = chunk_scan_block_v(K, V)
-    return Launch(dict(HV=d["Hv"], K=K, V=V, BK=chunk_block(K), BV=bv, PREC="tf32x3"),
+    return Launch(dict(HV=d["Hv"], K=K, V=V, BK=dot_block(K), BV=bv, PREC="tf32x3"),
                   num_warps=4, num_stages=2, grid=(d["B"] * d["Hv"], cdiv(V, bv)), args=(d["N"],))
 
 

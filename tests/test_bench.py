@@ -180,7 +180,8 @@ def test_bfloat16_accuracy_names_what_rounding_the_logits_costs(checkpoint, tmp_
     assert floor["rel_error"] == pytest.approx(np.linalg.norm(rounded - expected) / np.linalg.norm(expected), rel=1e-6)
     assert floor["top1_agreement"] == (rounded.argmax(-1) == expected.argmax(-1)).mean()
     assert acc["rel_error"] >= floor["rel_error"] / 2    # bfloat16 arithmetic on top of the rounding
-    assert f"rounded to bfloat16, and nothing else: rel error {floor['rel_error']:.3g}" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert f"rounded to bfloat16, and nothing else: rel error {floor['rel_error']:.3g}" in md
     assert rep["plots"] == ["decode.png", "prefill.png"]      # no speedup chart: eager ran alone
 
 

@@ -196,8 +196,9 @@ def _attention_shape(model: str, B: int, context: int) -> dict:
 
 
 ATTENTION = [_attention_shape("tiny", 1, 128), _attention_shape("tiny", 32, 1024), _attention_shape("small", 1, 128),
-             _attention_shape("small", 1, 8192), _attention_shape("small", 32, 128), _attention_shape("small", 32, 2048),
-             _attention_shape("qwen3-next", 1, 4096), _attention_shape("qwen3-next", 8, 8192)]
+             _attention_shape("small", 1, 8192), _attention_shape("small", 32, 128),
+             _attention_shape("small", 32, 2048), _attention_shape("qwen3-next", 1, 4096),
+             _attention_shape("qwen3-next", 8, 8192)]
 QUICK_ATTENTION = [dict(model="quick", B=1, context=20, Hq=4, Hkv=2, D=16, S=64),
                    dict(model="quick", B=3, context=100, Hq=6, Hkv=2, D=32, S=160)]
 

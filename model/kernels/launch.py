@@ -11,8 +11,8 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def chunk_block(n: int) -> int:
-    """A chunk kernel's block over n columns: tl.dot takes at least 16."""
+def dot_block(n: int) -> int:
+    """A block over n columns that tl.dot takes: a power of two, at least 16."""
     return max(16, next_power_of_2(n))
 
 
@@ -24,7 +24,7 @@ def chunk_solve_precision(dtype: str) -> str:
 def chunk_scan_block_v(K: int, V: int) -> int:
     """Columns of V per scan program: the scan's operands, in two pipeline stages, must fit an H100's shared
     memory (227 KB) at K = 128."""
-    return min(chunk_block(V), 64 if K <= 64 else 32)
+    return min(dot_block(V), 64 if K <= 64 else 32)
 
 
 def decode_warps(K: int, V: int) -> int:
@@ -37,4 +37,4 @@ def decode_warps(K: int, V: int) -> int:
 def decode_attention_fits(rows: int, head_dim: int) -> bool:
     """Whether the decode attention kernel takes `rows` query rows of `head_dim`: its [rows, head_dim] float32
     accumulator stays in registers (four warps) up to 4096 elements, e.g. 16 rows at D = 256, 64 at D = 64."""
-    return max(16, next_power_of_2(rows)) * max(16, next_power_of_2(head_dim)) <= 4096
+    return dot_block(rows) * dot_block(head_dim) <= 4096

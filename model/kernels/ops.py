@@ -4,10 +4,11 @@
 `nextdeploy::gated_deltanet_decode` (which updates its state pools in place) and `nextdeploy::decode_attention`
 (a few new tokens attending to the KV cache's slots in use) have fake implementations for shape propagation;
 every lowering (ONNX Runtime contrib ops, TensorRT plugins, compiled engines) maps the recurrent ones to its own
-kernels, and the ONNX lowerings export decode attention as plain attention. They are `torch.library.triton_op`s: eagerly they run their body, and Inductor traces through
-the body instead of calling opaque Python, so compiled graphs and AOTInductor packages hold the kernels
-themselves. The body launches the Triton kernels (triton_*.py) on CUDA and runs the plain reference elsewhere
-(traceable for a fixed sequence length). The contracts are those of reference.py, with the state always given.
+kernels, and the ONNX lowerings export decode attention as plain attention. They are `torch.library.triton_op`s:
+eagerly they run their body, and Inductor traces through the body instead of calling opaque Python, so compiled
+graphs and AOTInductor packages hold the kernels themselves. The body launches the Triton kernels (triton_*.py) on
+CUDA and runs the plain reference elsewhere (traceable for a fixed sequence length). The contracts are those of
+reference.py, with the state always given.
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import dot_block
+
 BLOCK_S = 64     # cache slots per step of a program's loop
 
 
@@ -92,7 +94,7 @@ def decode_attention(q, key_cache, value_cache, positions, launch=None):
     B, Hkv, R, D = q.shape
     T = positions.shape[1]
     q = q if q.stride(-1) == 1 else q.contiguous()
-    BM, BD = max(16, triton.next_power_of_2(R)), max(16, triton.next_power_of_2(D))
+    BM, BD = dot_block(R), dot_block(D)
     nsplit = splits(B * Hkv, key_cache.shape[2])
     acc = torch.empty(B * Hkv, nsplit, BM, BD, dtype=torch.float32, device=q.device)
     run_max = torch.empty(B * Hkv, nsplit, BM, dtype=torch.float32, device=q.device)

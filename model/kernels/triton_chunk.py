@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import CHUNK, chunk_block, chunk_scan_block_v, chunk_solve_precision
+from .launch import CHUNK, chunk_scan_block_v, chunk_solve_precision, dot_block
 
 SUB = tl.constexpr(16)   # block size of the triangular solve
 
@@ -259,7 +259,7 @@ def gated_delta_rule(q, k, v, g, beta, initial_state, launch=None, block_v=None,
     state = initial_state.float().contiguous()
     wrap = launch or (lambda kernel: kernel)
     prec = chunk_solve_precision(str(v.dtype).removeprefix("torch."))
-    BK, BVfull = chunk_block(K), chunk_block(V)
+    BK, BVfull = dot_block(K), dot_block(V)
     n_chunks = triton.cdiv(T, CHUNK)
     # Everything the serial scan reads per step. Float32 even for 16-bit models: the scan's
     # 16-bit tensor-core path faulted on the H100 for K = 128 (Triton 3.6), and the serial chain is bound by
