@@ -10,6 +10,8 @@ ART/compiled/ then holds
   aoti/<shape>.pt2          (CPU) an AOTInductor package per shape, code only (the weights are the exported
                             program's), which loads without compiling and without a compiler.
 Shapes: decode at each batch bucket, one-row prefill at each chunk length (runtime/compiled_backend.py runs them).
+The programs compute each layer's projections over one input as one product (model/fusion.py); their weights are
+stored stacked, so the programs' parameter names differ from the checkpoint's there.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 
 from model import Qwen3NextForCausalLM
+from model.fusion import fuse_projections
 from runtime.compiled_backend import compile_step, compiled_shapes, fingerprint, shape_name
 from runtime.torch_backend import zeros_state
 
@@ -35,9 +38,10 @@ def build(model: Qwen3NextForCausalLM, out: Path, device: str, max_seq_len: int,
     started = time.perf_counter()
     (out / DIRECTORY).mkdir()
     with stage("exporting the in-place step for the compiled target"):
-        # A dynamic batch even for a batch-1 artifact: the decode buckets share one program.
-        files, custom_ops = export_steps(InPlaceStepModule(model).eval(), model, max(2, buckets[-1]), max_seq_len,
-                                         out, DIRECTORY)
+        # A dynamic batch even for a batch-1 artifact: the decode buckets share one program. Projections that
+        # share an input run as one product (model/fusion.py): fewer launches per decode step.
+        step = InPlaceStepModule(fuse_projections(model)).eval()
+        files, custom_ops = export_steps(step, model, max(2, buckets[-1]), max_seq_len, out, DIRECTORY)
     # Compiled from the saved programs, as the runtime will: the same graphs give the same cache keys.
     programs = {role: torch.export.load(str(out / files[role])) for role in ("prefill", "decode")}
     if device == "cuda":

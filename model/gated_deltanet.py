@@ -26,6 +26,7 @@ class GatedDeltaNet(nn.Module):
                                 padding=self.conv_kernel_size - 1, bias=False)
         self.in_proj_qkvz = nn.Linear(config.hidden_size, 2 * self.key_dim + 2 * self.value_dim, bias=False)
         self.in_proj_ba = nn.Linear(config.hidden_size, 2 * self.num_v_heads, bias=False)
+        self.fused = None   # both projections as one product, in exported copies (model/fusion.py)
         self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
         self.A_log = nn.Parameter(torch.empty(self.num_v_heads).uniform_(0.01, 16).log())
         self.norm = GatedRMSNorm(self.head_v_dim, eps=config.rms_norm_eps)
@@ -35,7 +36,7 @@ class GatedDeltaNet(nn.Module):
         """x: [B,T,hidden]. conv_state [B,conv_dim,W-1] and recurrent_state [B,Hv,K,V] (float32), when given, are
         the states before x and are overwritten in place with the states after it (rows `slots`, default 0..B-1)."""
         B, T, _ = x.shape
-        qkvz, ba = self.in_proj_qkvz(x), self.in_proj_ba(x)
+        qkvz, ba = self.fused(x) if self.fused is not None else (self.in_proj_qkvz(x), self.in_proj_ba(x))
         if conv_state is not None and kernels.use_fused_decode(T):
             if slots is None:
                 slots = torch.arange(B, dtype=torch.int32, device=x.device)

@@ -75,6 +75,11 @@ def test_manifest_describes_the_compiled_target(artifact):
     assert set(c["files"]) == {"prefill", "decode", "aoti:decode-b1", "aoti:decode-b4", "aoti:prefill-t4"}
     assert c["compiled_with"]["torch"] == torch.__version__ and c["compile_seconds"] > 0
     assert m["parity"]["compiled"]["rel_error"] < 1e-4 and m["parity"]["compiled"]["top1_agreement"] == 1.0
+    # The programs compute projections over one input as one product (model/fusion.py).
+    weights = torch.export.load(str(out / c["files"]["decode"])).state_dict
+    assert {"model.model.layers.0.linear_attn.fused.weight", "model.model.layers.1.self_attn.fused.weight",
+            "model.model.layers.1.mlp.fused.weight"} <= weights.keys()
+    assert not any(k.endswith(("in_proj_ba.weight", "k_proj.weight", "up_proj.weight")) for k in weights)
 
 
 def test_prefill_decode_handoff_matches_eager(artifact, engine):
