@@ -12,6 +12,8 @@
 #   small     a random-weight `small` checkpoint, a bfloat16 CUDA torch + compiled artifact, bench them all
 #   ort-tiny  with onnxruntime-gpu: a float32 CUDA onnxruntime artifact of tiny, bench onnxruntime / eager / hf
 #   ort-small with onnxruntime-gpu: a float16 CUDA onnxruntime artifact of small, bench onnxruntime / eager
+#   tiny-autotune  tiny's compiled target again with --autotune (Inductor's Triton matmuls against cuBLAS), bench
+#             compiled: compare its decode with the tiny stage's compiled row
 # A stage that would not finish inside BUDGET seconds (default 580) is skipped and named at the end, with the
 # command that runs it. Logs, report.md / report.json and a chart or two per run go to $OUT (or $WORK/out);
 # the Markdown tables are printed last. fla / causal-conv1d / onnxruntime-gpu are found on PYTHONPATH (the
@@ -20,7 +22,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 TINY_CKPT=${1:-}
-STAGES=${STAGES:-"tiny kernels small ort-tiny ort-small"}
+STAGES=${STAGES:-"tiny kernels small ort-tiny ort-small tiny-autotune"}
 BUDGET=${BUDGET:-580}
 WORK=${WORK:-/tmp/nd-bench}
 DEVICE=${DEVICE:-cuda}
@@ -51,7 +53,7 @@ EOF
 ORT_GPU=$(python3 -c "import onnxscript, onnxruntime as o; print(int('CUDAExecutionProvider' in o.get_available_providers()))" 2>/dev/null || echo 0)
 
 skipped=()
-declare -A ESTIMATE=([tiny]=450 [kernels]=150 [small]=550 [ort-tiny]=350 [ort-small]=450)   # seconds seen on an H100
+declare -A ESTIMATE=([tiny]=450 [kernels]=150 [small]=550 [ort-tiny]=350 [ort-small]=450 [tiny-autotune]=450)   # seconds seen on an H100 (tiny-autotune: guessed)
 reports=()
 
 step() {  # step NAME LOG CMD...: run, log, print one line
@@ -112,6 +114,12 @@ read -r -a COMPILED <<< "${COMPILED_ARGS:---target torch compiled --decode-bucke
 stage_tiny() {
     tiny_checkpoint && export_art tiny-bf16 "$TINY_CKPT" "${COMPILED[@]}" --dtype bfloat16 --max-batch 32 \
         --max-seq-len 4096 && bench_run tiny-bf16 "$WORK/art/tiny-bf16" --repeats 5 --drift-steps 1024
+}
+stage_tiny-autotune() {
+    tiny_checkpoint && export_art tiny-bf16-autotune "$TINY_CKPT" --target compiled --decode-buckets 1 8 32 \
+        --prefill-chunks 128 2048 --autotune --dtype bfloat16 \
+        --max-batch 32 --max-seq-len 4096 && bench_run tiny-bf16-autotune "$WORK/art/tiny-bf16-autotune" --repeats 5 \
+        --drift-steps 1024 --backends compiled eager
 }
 stage_kernels() {
     step "bench.kernels" kernels python3 -m bench.kernels --out "$WORK/reports/kernels" --device "$DEVICE" --repeats 10 \

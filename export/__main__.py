@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunks", nargs="+", type=cli.integer(2, 1 << 24), metavar="T",
                    help="compiled target: prompt lengths prefill is compiled for; a prompt runs as chunks, largest "
                    "first, then token by token (default: 2 4 8 ... 512, up to --max-seq-len)")
+    p.add_argument("--autotune", action="store_true",
+                   help="compiled target on CUDA: let Inductor time its own Triton matrix-product kernels against "
+                   "cuBLAS for every product and keep the faster, fusing neighbouring work into them where it can "
+                   "(max-autotune; compiling takes several times longer)")
     p.add_argument("--verify-tokens", type=cli.integer(2), default=48,
                    help="tokens per row in the parity check, below --max-seq-len (default: %(default)s)")
     return p
@@ -111,6 +115,10 @@ def validate(args, config):
     if "tensorrt" in args.target:
         from .tensorrt import check_options
         check_options(args, config)
+    if args.autotune and ("compiled" not in args.target or args.device != "cuda"):
+        raise ExportError("--autotune applies to the compiled target on CUDA (on the CPU, Inductor's templates "
+                          "fold the weights into code that the artifact keeps apart from them); use --target "
+                          "compiled --device cuda, or drop --autotune")
     if "compiled" in args.target:
         if any(c > args.max_seq_len for c in args.prefill_chunks or []):
             raise ExportError(f"--prefill-chunks {max(args.prefill_chunks)} exceeds --max-seq-len "
@@ -174,7 +182,7 @@ def export(args) -> Path:
             if target == "compiled":
                 manifest.targets[target] = compiled.build(
                     model, tmp, args.device, args.max_seq_len, args.decode_buckets, args.prefill_chunks,
-                    manifest.state, stage)
+                    manifest.state, stage, args.autotune)
                 continue
             if target == "tensorrt":
                 manifest.targets[target] = tensorrt.build(model, args, tmp, stage)

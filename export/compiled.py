@@ -33,8 +33,9 @@ DIRECTORY = "compiled"
 
 
 def build(model: Qwen3NextForCausalLM, out: Path, device: str, max_seq_len: int, buckets: list[int],
-          chunks: list[int], specs, stage) -> dict:
-    """Write ART/compiled/ and return the manifest's target entry. `stage` prints one line per step."""
+          chunks: list[int], specs, stage, autotune: bool = False) -> dict:
+    """Write ART/compiled/ and return the manifest's target entry. `stage` prints one line per step; `autotune`
+    (CUDA) compiles with Inductor's max-autotune (runtime/compiled_backend.compile_mode), recorded for the runtime."""
     started = time.perf_counter()
     (out / DIRECTORY).mkdir()
     with stage("exporting the in-place step for the compiled target"):
@@ -48,7 +49,8 @@ def build(model: Qwen3NextForCausalLM, out: Path, device: str, max_seq_len: int,
         forms = ["exported", "inductor_cache"]
         for batch, tokens in compiled_shapes(buckets, chunks):
             with stage(f"compiling {shape_name(batch, tokens)} with Inductor"):
-                compile_step(programs["decode" if tokens == 1 else "prefill"], specs, batch, tokens, device)
+                compile_step(programs["decode" if tokens == 1 else "prefill"], specs, batch, tokens, device,
+                             autotune=autotune)
         recorded = torch.compiler.save_cache_artifacts()
         if recorded is None:
             forms.remove("inductor_cache")   # caches are turned off here (TORCHINDUCTOR_FORCE_DISABLE_CACHES)
@@ -72,5 +74,5 @@ def build(model: Qwen3NextForCausalLM, out: Path, device: str, max_seq_len: int,
                         static, package_path=str(out / files[f"aoti:{name}"]),
                         inductor_configs={"aot_inductor.package_constants_in_so": False})
     return {"files": files, "forms": forms, "custom_ops": custom_ops, "decode_buckets": buckets,
-            "prefill_chunks": chunks,
+            "prefill_chunks": chunks, "autotune": autotune,
             "compiled_with": fingerprint(device), "compile_seconds": round(time.perf_counter() - started, 1)}

@@ -106,7 +106,14 @@ def missing_toolchain(device: str) -> str | None:
     return None
 
 
-def compile_step(program, specs, batch: int, tokens: int, device, stream=None):
+def compile_mode(autotune: bool) -> str | None:
+    """torch.compile's mode: with `autotune` (CUDA artifacts), Inductor times its own Triton matrix-product
+    templates, which can take neighbouring pointwise work into the same kernel, against cuBLAS for every product
+    and keeps the faster. CUDA graphs stay off: the backend captures its own over fixed buffers."""
+    return "max-autotune-no-cudagraphs" if autotune else None
+
+
+def compile_step(program, specs, batch: int, tokens: int, device, stream=None, autotune: bool = False):
     """torch.compile one shape of an exported step and run it once on scratch buffers, so that compiling (or
     loading it from the cache) happens now. Export and runtime both compile through here: identical graphs and
     options are what make the runtime's cache lookups hit."""
@@ -114,7 +121,7 @@ def compile_step(program, specs, batch: int, tokens: int, device, stream=None):
     module = program.module()
     for p in module.parameters():
         p.requires_grad_(False)
-    step = torch.compile(module, dynamic=False, fullgraph=True)
+    step = torch.compile(module, dynamic=False, fullgraph=True, mode=compile_mode(autotune))
     ids = torch.zeros(batch, tokens, dtype=torch.long, device=device)
     with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):
         step(ids, *zeros_state(specs, batch, device))
@@ -214,7 +221,7 @@ class CompiledBackend:
                         "(minutes)", directory, len(shapes))
         programs = self._programs(directory, target, built)
         return {(b, t): compile_step(programs["decode" if t == 1 else "prefill"], self.specs, b, t, self.device,
-                                     self.stream) for b, t in shapes}
+                                     self.stream, target.get("autotune", False)) for b, t in shapes}
 
     def _load_aoti(self, directory: Path, target: dict) -> dict:
         torch = self.torch

@@ -72,6 +72,7 @@ def test_manifest_describes_the_compiled_target(artifact):
     m = json.loads((out / "manifest.json").read_text())
     c = m["targets"]["compiled"]
     assert c["forms"] == ["exported", "aoti"] and c["decode_buckets"] == [1, 4] and c["prefill_chunks"] == [4]
+    assert c["autotune"] is False
     assert set(c["files"]) == {"prefill", "decode", "aoti:decode-b1", "aoti:decode-b4", "aoti:prefill-t4"}
     assert c["compiled_with"]["torch"] == torch.__version__ and c["compile_seconds"] > 0
     assert m["parity"]["compiled"]["rel_error"] < 1e-4 and m["parity"]["compiled"]["top1_agreement"] == 1.0
@@ -204,4 +205,8 @@ def test_export_option_errors(artifact, tmp_path, capsys):
     with pytest.raises(SystemExit):
         export_main([str(ckpt), "--out", out, "--target", "compiled", "--prefill-chunks", "1"])
     assert "--prefill-chunks" in capsys.readouterr().err
+    assert export_main([str(ckpt), "--out", out, "--target", "compiled", "--autotune"]) == 2
+    assert "--autotune applies to the compiled target on CUDA" in capsys.readouterr().err
+    assert export_main([str(ckpt), "--out", out, "--target", "torch", "--autotune"]) == 2
+    assert "--autotune applies to the compiled target on CUDA" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
