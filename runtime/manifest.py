@@ -14,8 +14,9 @@ from model.fields import type_problems
 
 # A reader refuses a newer major version. Minor versions only add fields, which older readers ignore.
 # 1.1: format_minor itself; the ONNX opset is the one model.onnx holds.
+# 1.2: the compiled target's "autotune" (absent: false).
 FORMAT_VERSION = 1
-FORMAT_MINOR = 1
+FORMAT_MINOR = 2
 MANIFEST = "manifest.json"
 DTYPES = ("float32", "float16", "bfloat16")
 
