@@ -32,7 +32,7 @@ import numpy as np
 from .engine import Engine
 from .manifest import ArtifactError, Manifest
 from .slots import SlotPool
-from .torch_backend import zeros_state
+from .torch_backend import share_weights, zeros_state
 
 log = logging.getLogger("next_deploy.runtime")
 FORMS = ("exported", "aoti")
@@ -199,7 +199,7 @@ class CompiledBackend:
     def _programs(self, directory: Path, target: dict, built: dict, roles=("prefill", "decode")) -> dict:
         torch = self.torch
         try:
-            return {role: torch.export.load(str(directory / target["files"][role])) for role in roles}
+            return share_weights({role: torch.export.load(str(directory / target["files"][role])) for role in roles})
         except Exception as e:
             raise ArtifactError(f"{directory} was exported with torch {built['torch']}, and this torch "
                                 f"({torch.__version__}) cannot load its programs ({type(e).__name__}: {e}); "

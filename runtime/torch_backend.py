@@ -44,6 +44,20 @@ def load_program(path: Path, manifest: Manifest):
 
 
 
+def share_weights(programs: dict) -> dict:
+    """Make every program use the first one's weight tensors, in place, and return `programs`. Prefill and decode
+    are exported from one model and each file holds its own copy of the weights, which would otherwise sit twice
+    in device memory. Tensors are shared by name where shape and dtype agree."""
+    first, *rest = programs.values()
+    for program in rest:
+        for mine, theirs in ((program.state_dict, first.state_dict), (program.constants, first.constants)):
+            for name, t in mine.items():
+                other = theirs.get(name)
+                if other is not None and other.shape == t.shape and other.dtype == t.dtype:
+                    mine[name] = other
+    return programs
+
+
 def zeros_state(specs, batch: int, device):
     """A zero state of `batch` rows for the manifest's state specs."""
     import torch
@@ -62,8 +76,9 @@ class TorchExportBackend:
         self.torch = torch
         self.device = torch_device(device)
         self.specs = manifest.state
-        self.programs = {role: load_program(directory / name, manifest).module()
-                         for role, name in target["files"].items()}
+        programs = share_weights({role: load_program(directory / name, manifest)
+                                  for role, name in target["files"].items()})
+        self.programs = {role: program.module() for role, program in programs.items()}
 
     def new_state(self, batch: int):
         return zeros_state(self.specs, batch, self.device)

@@ -83,6 +83,17 @@ def test_manifest_describes_the_compiled_target(artifact):
     assert not any(k.endswith(("in_proj_ba.weight", "k_proj.weight", "up_proj.weight")) for k in weights)
 
 
+def test_compiled_shapes_share_one_copy_of_the_weights(engine):
+    """Every compiled shape runs on the same weight tensors: prefill and decode programs each hold a copy on disk,
+    shared once loaded."""
+    backend = engine.backend
+    if backend.form == "aoti":
+        pytest.skip("AOTInductor packages hold no weights: every runner is given the one decode program's")
+    modules = [getattr(step, "_orig_mod", step) for step in backend.steps.values()]
+    pointers = [{n: p.data_ptr() for n, p in m.named_parameters()} for m in modules]
+    assert len(pointers[0]) > 10 and all(p == pointers[0] for p in pointers)
+
+
 def test_prefill_decode_handoff_matches_eager(artifact, engine):
     ckpt, _ = artifact
     ids = np.random.default_rng(0).integers(0, 320, size=(2, 40))

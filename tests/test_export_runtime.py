@@ -93,6 +93,13 @@ def test_prefill_decode_and_chunked_prefill_match_eager(random_model, backend):
     assert state.lengths.tolist() == [40, 40]
 
 
+def test_torch_programs_hold_one_copy_of_the_weights(random_model):
+    programs = runtime.load(random_model[1], backend="torch").backend.programs
+    prefill, decode = (dict(programs[role].named_parameters()) for role in ("prefill", "decode"))
+    assert prefill.keys() == decode.keys() and len(decode) > 10
+    assert all(prefill[k].data_ptr() == decode[k].data_ptr() for k in decode)
+
+
 def test_batch_rows_independent_and_ragged_prefill(random_model):
     ckpt, out = random_model
     engine = runtime.load(out)
