@@ -121,7 +121,8 @@ def kernel_plots(report: dict, out: Path) -> list[str]:
         for j, impl in enumerate(impls):
             by_label = {r["label"]: r for r in rows if r["impl"] == impl and r["status"] == "ok"}
             axes[2].bar([i + j * width for i in range(len(labels))],
-                        [(by_label.get(lab) or {}).get("speedup_vs_reference") or float("nan") for lab in labels], width,
+                        [(by_label.get(lab) or {}).get("speedup_vs_reference") or float("nan") for lab in labels],
+                        width,
                         label=impl)
         axes[0].set(yscale="log", ylabel="ms (median)", title=f"{kernel} {mode}: time")
         axes[1].set(ylabel="TFLOP/s" if flops else "GB/s", title=f"{kernel} {mode}: throughput")

@@ -112,7 +112,8 @@ def backends_markdown(report: dict) -> str:
         first = b["decode"][0] if b["decode"] else {}
         last = b["decode"][-1] if b["decode"] else {}
         frac = first.get("fraction_of_copy_bandwidth")
-        rows.append([n, num(last.get("tokens_per_s"), 4), num(b["generate"]["tokens_per_s"] if b["generate"] else None, 4),
+        rows.append([n, num(last.get("tokens_per_s"), 4),
+                     num(b["generate"]["tokens_per_s"] if b["generate"] else None, 4),
                      size(b["memory"]["peak_bytes"]), size(first.get("bytes_per_step", {}).get("total")),
                      num(first.get("gb_per_s")), "—" if frac is None else f"{100 * frac:.1f}%"])
     big = s["batches"][-1] if s["batches"] else "?"

@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ONNX Runtime node for the gated delta rule (default: LinearAttention, which runs on CPU "
                    "and CUDA; GatedDeltaNet fuses the q/k norm but runs on CUDA only)")
     p.add_argument("--decode-buckets", nargs="+", type=cli.integer(1, 1 << 16), metavar="B",
-                   help="compiled and tensorrt targets: batch sizes decode is built for; a batch runs in the smallest that holds "
+                   help="compiled and tensorrt targets: batch sizes decode is built for; "
+                   "a batch runs in the smallest that holds "
                    "it (default: 1 2 4 ... below --max-batch, and --max-batch; 1 and --max-batch are always added)")
     p.add_argument("--prefill-chunks", nargs="+", type=cli.integer(2, 1 << 24), metavar="T",
                    help="compiled target: prompt lengths prefill is compiled for; a prompt runs as chunks, largest "

@@ -88,7 +88,8 @@ def export_steps(step: nn.Module, model: Qwen3NextForCausalLM, max_batch: int, m
 def tensor_specs(model: Qwen3NextForCausalLM, max_seq_len: int, sequence: str | int):
     """Manifest descriptions of inputs, outputs and state; 'batch' and 'sequence' name the dynamic dims."""
     state = model.new_state(1, max_seq_len)
-    specs = [TensorSpec(n, ["batch", *t.shape[1:]], DTYPE_NAMES[t.dtype]) for n, t in zip(state.names(), state.tensors())]
+    specs = [TensorSpec(n, ["batch", *t.shape[1:]], DTYPE_NAMES[t.dtype])
+             for n, t in zip(state.names(), state.tensors())]
     inputs = [TensorSpec("input_ids", ["batch", sequence], "int64"), *specs]
     outputs = [TensorSpec("logits", ["batch", model.config.vocab_size], "float32"),
                *[TensorSpec(f"present.{s.name}", s.shape, s.dtype) for s in specs]]

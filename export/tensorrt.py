@@ -44,7 +44,8 @@ def cannot_build() -> str | None:
         return "TensorRT is not installed (pip install tensorrt, with a CUDA GPU)"
     import tensorrt as trt
     if not hasattr(trt, "QuickPluginCreationRequest"):
-        return f"TensorRT {trt.__version__} has no ahead-of-time Python plugins (tensorrt.plugin.aot_impl); use 10.9 or newer"
+        return (f"TensorRT {trt.__version__} has no ahead-of-time Python plugins (tensorrt.plugin.aot_impl); "
+                "use 10.9 or newer")
     if importlib.util.find_spec("triton") is None:
         return "the plugins' kernels are compiled by Triton, which is not installed (pip install triton)"
     import torch
@@ -233,7 +234,8 @@ def verification_runs(directory: Path, manifest):
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m export.tensorrt", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("artifact", help="artifact directory with a tensorrt target (python -m export ... --target tensorrt)")
+    p.add_argument("artifact",
+                   help="artifact directory with a tensorrt target (python -m export ... --target tensorrt)")
     p.add_argument("--max-prefill-tokens", type=cli.integer(2, 1 << 20), default=MAX_PREFILL_TOKENS,
                    help="longest prompt chunk the prefill engine takes; longer prompts run as chunks "
                    "(default: %(default)s, or the artifact's max-seq-len if smaller)")

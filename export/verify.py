@@ -59,4 +59,5 @@ def check(figures: dict, dtype: str, target: str) -> None:
     if not figures["rel_error"] <= TOLERANCE[dtype]:
         raise ExportError(f"{target} artifact disagrees with the eager model: relative logit error "
                           f"{figures['rel_error']:.2e} exceeds {TOLERANCE[dtype]:.0e} for {dtype} "
-                          f"(top-1 agreement {figures['top1_agreement']:.3f}); the export is wrong, nothing was written")
+                          f"(top-1 agreement {figures['top1_agreement']:.3f}); the export is wrong, "
+                          "nothing was written")

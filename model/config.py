@@ -91,18 +91,22 @@ class Qwen3NextConfig:
     def validate(self) -> None:
         problems = []
         if len(self.layer_types) != self.num_hidden_layers:
-            problems.append(f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}")
+            problems.append(f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is "
+                            f"{self.num_hidden_layers}")
         unknown = sorted(set(self.layer_types) - {"linear_attention", "full_attention"})
         if unknown:
             problems.append(f"unknown layer_types {unknown}; use 'linear_attention' or 'full_attention'")
         if self.num_attention_heads % self.num_key_value_heads:
-            problems.append(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads ({self.num_key_value_heads})")
+            problems.append(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                            f"num_key_value_heads ({self.num_key_value_heads})")
         if self.linear_num_value_heads % self.linear_num_key_heads:
-            problems.append(f"linear_num_value_heads ({self.linear_num_value_heads}) must be a multiple of linear_num_key_heads ({self.linear_num_key_heads})")
+            problems.append(f"linear_num_value_heads ({self.linear_num_value_heads}) must be a multiple of "
+                            f"linear_num_key_heads ({self.linear_num_key_heads})")
         if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
             problems.append(f"head_dim * partial_rotary_factor = {self.rotary_dim} must be even and at most head_dim")
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
-            problems.append(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_experts ({self.num_experts})")
+            problems.append(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in "
+                            f"1..num_experts ({self.num_experts})")
         outside = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
         if outside:
             problems.append(f"mlp_only_layers {outside} are not layer indices (0..{self.num_hidden_layers - 1})")
@@ -186,7 +190,8 @@ class Qwen3NextConfig:
         try:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt, re-save or re-download it") from e
+            raise ConfigError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt, "
+                              "re-save or re-download it") from e
         return cls.from_dict(d)
 
     def num_parameters(self) -> int:

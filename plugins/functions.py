@@ -44,7 +44,8 @@ class _Body:
     def l2_normalize(self, x: str) -> str:
         """x * rsqrt(sum(x^2) + 1e-6) over the last dim (reference.l2_normalize)."""
         ss = self.op("ReduceSum", self.op("Mul", x, x), self.const([-1]), keepdims=1)
-        return self.op("Mul", x, self.op("Reciprocal", self.op("Sqrt", self.op("Add", ss, self.const(1e-6, np.float32)))))
+        return self.op("Mul", x,
+                       self.op("Reciprocal", self.op("Sqrt", self.op("Add", ss, self.const(1e-6, np.float32)))))
 
     def heads_first(self, x: str, group: int, heads: int, dim: int) -> str:
         """[B, T, Hk, D] -> [B, Hk*group, T, D], each key head repeated for its group of value heads."""

@@ -2,10 +2,11 @@
 to PTX for aot_impl.
 
 TensorRT launches an AOT plugin's kernel with (input pointers, int32 arguments, output pointers) and passes null
-for parameters past those (torch-tensorrt's triton_op relies on it too); Triton appends two scratch pointers to every kernel, harmless as long as the kernel
-needs no scratch (checked at compile time). Each entry below takes its tensors in the plugin's order (spec.py),
-the run-time dimensions as int32, and everything fixed at build time as constexprs, and calls the model's kernel
-(model/kernels/triton_*.py) with the strides of contiguous tensors, since TensorRT's linear tensors are contiguous.
+for parameters past those (torch-tensorrt's triton_op relies on it too); Triton appends two scratch pointers to
+every kernel, harmless as long as the kernel needs no scratch (checked at compile time). Each entry below takes its
+tensors in the plugin's order (spec.py), the run-time dimensions as int32, and everything fixed at build time as
+constexprs, and calls the model's kernel (model/kernels/triton_*.py) with the strides of contiguous tensors, since
+TensorRT's linear tensors are contiguous.
 Strides are int32 products of the dimensions: tensors stay below 2^31 elements.
 
 `aot_kernel` is what aot_impl hands TensorRT (kernel name, PTX, grid, block, shared memory, int32 arguments) for

@@ -57,7 +57,8 @@ def _register(plugin: Plugin) -> None:
     describe.__signature__ = inspect.Signature(
         tensors + attributes, return_annotation=Tuple[(trtp.TensorDesc,) * len(plugin.outputs)])
     aot_impl.__signature__ = inspect.Signature(
-        tensors + attributes + [P("outputs", P.POSITIONAL_OR_KEYWORD), P("tactic", P.POSITIONAL_OR_KEYWORD, annotation=int)],
+        tensors + attributes + [P("outputs", P.POSITIONAL_OR_KEYWORD),
+                                P("tactic", P.POSITIONAL_OR_KEYWORD, annotation=int)],
         return_annotation=Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs])
     trtp.register(plugin.id)(describe)
     trtp.aot_impl(plugin.id)(aot_impl)

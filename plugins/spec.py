@@ -7,8 +7,9 @@ op (model/kernels/ops.py); the gated delta rule is two plugins, because an AOT p
 chunked rule is two (a solve, then a scan over the chunks), with their float32 intermediates (u [B, Hv, N*64,
 V+3*K+64] and decay [B, Hv, N] for N chunks of 64 steps) tensors between the two nodes.
 
-Dimensions are expressions over named symbols ("B", "T", "Hv*V", "W-1", "(T+63)//64"). The symbols in `dynamic` vary at run time
-(batch, tokens, pool rows); every other one is fixed when the engine is built and compiled into the kernel.
+Dimensions are expressions over named symbols ("B", "T", "Hv*V", "W-1", "(T+63)//64"). The symbols in `dynamic`
+vary at run time (batch, tokens, pool rows); every other one is fixed when the engine is built and compiled into
+the kernel.
 `Plugin.launch` turns input shapes into the kernel's launch: its grid and int32 arguments are expressions of the
 dimensions, so the same code gives TensorRT's symbolic expressions in aot_impl and plain ints in the tests.
 """
@@ -293,7 +294,8 @@ def markdown(plugin: Plugin) -> str:
             rows.append(f"| {kind} | `{t.name}` | [{', '.join(t.dims)}] | {_dtype_text(t.dtype)} | {note} |")
     for a in plugin.attributes:
         rows.append(f"| attribute | `{a.name}` | | {a.type.__name__} | {a.doc} |")
-    rows += ["", f"Kernel `plugins/kernels.py:{plugin.kernel}`, called with (inputs, int32 {', '.join(plugin.scalars)}, "
+    rows += ["", f"Kernel `plugins/kernels.py:{plugin.kernel}`, called with "
+             f"(inputs, int32 {', '.join(plugin.scalars)}, "
              f"outputs); {', '.join(plugin.dynamic)} vary at run time, every other dimension is fixed at build time."]
     return "\n".join(rows)
 

@@ -257,7 +257,8 @@ class OnnxFunctionBackend(OnnxRuntimeBackend):
         options = ort.SessionOptions()
         options.log_severity_level = 3
         self.sessions = {role: ort.InferenceSession(str(directory / target["files"][role]), options,
-                                                    providers=["CPUExecutionProvider"]) for role in ("prefill", "decode")}
+                                                    providers=["CPUExecutionProvider"])
+                         for role in ("prefill", "decode")}
         self.device, self.ort, self.specs = "cpu", ort, manifest.state
         self.names = [s.name for s in self.specs]
         self.cuda_graphs, self.slots = False, None

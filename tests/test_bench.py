@@ -105,7 +105,8 @@ def test_accuracy_equals_a_direct_comparison(bench_report, checkpoint, artifact)
         expected = model(torch.from_numpy(rows)).double().numpy()[:, 31:-1]
     engine = runtime.load(artifact, backend="onnxruntime")
     state = engine.new_state(2)
-    got = [engine.prefill(rows[:, :32], state)] + [engine.decode(rows[:, t], state) for t in range(32, rows.shape[1] - 1)]
+    got = [engine.prefill(rows[:, :32], state)] + [engine.decode(rows[:, t], state)
+                                                   for t in range(32, rows.shape[1] - 1)]
     got = np.stack(got, axis=1).astype(np.float64)
     acc = rep["backends"]["onnxruntime"]["accuracy"]
     assert acc["steps"] == ACCURACY_STEPS and acc["batch"] == 2

@@ -80,10 +80,12 @@ def run_cli(argv, capsys):
 
 def test_bad_inputs(tmp_path, capsys):
     out = str(tmp_path / "k")
-    cases = [(["--out", out, "--kernels", "softmax"], "unknown kernel 'softmax'; known: gated_delta_rule, causal_conv1d, "
+    cases = [(["--out", out, "--kernels", "softmax"],
+              "unknown kernel 'softmax'; known: gated_delta_rule, causal_conv1d, "
               "gated_deltanet_decode"),
              (["--out", out, "--impls", "cuda-graph"], "unknown implementation 'cuda-graph'"),
-             (["--out", out, "--device", "cpu", "--impls", "triton"], "implementation triton of gated_delta_rule cannot "
+             (["--out", out, "--device", "cpu", "--impls", "triton"],
+              "implementation triton of gated_delta_rule cannot "
               "run: the Triton kernels run on CUDA"),
              (["--out", out, "--device", "cpu", "--impls", "fla"], "implementation fla of gated_delta_rule cannot run: "
               "CUDA kernels")]

@@ -18,7 +18,8 @@ from model import cli
 from model.io import OutputDirError, atomic_directory, check_output_dir, signals_deferred
 
 # Each command's module: a new command is covered by adding it here.
-CLIS = ["train.__main__", "export.__main__", "runtime.__main__", "model.generate", "bench.__main__", "bench.kernels.__main__", "bench.train_speed"]
+CLIS = ["train.__main__", "export.__main__", "runtime.__main__", "model.generate", "bench.__main__",
+        "bench.kernels.__main__", "bench.train_speed"]
 
 
 def command(module: str) -> str:
@@ -159,7 +160,8 @@ def tree(tmp_path, monkeypatch):
     return tmp_path, src
 
 
-@pytest.mark.parametrize("where,relation", [("runs/ckpt", "is"), ("runs", "contains"), ("runs/ckpt/art", "lies inside")])
+@pytest.mark.parametrize("where,relation",
+                         [("runs/ckpt", "is"), ("runs", "contains"), ("runs/ckpt/art", "lies inside")])
 def test_out_may_not_touch_an_input(tree, where, relation):
     root, src = tree
     with pytest.raises(OutputDirError, match=f"{relation} the input .* would destroy it"):

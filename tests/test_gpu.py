@@ -78,7 +78,8 @@ def test_prefill_decode_handoff_on_gpu(dtype):
     got = torch.cat(out, 1).cpu()
     err = rel(got, expected)
     agree = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
-    print(f"\nGPU {dtype} prefill(70)+prefill(60)+30 decode vs CPU float64: logits rel {err:.2e}, top-1 agree {agree:.3f}")
+    print(f"\nGPU {dtype} prefill(70)+prefill(60)+30 decode vs CPU float64: logits rel {err:.2e}, "
+          f"top-1 agree {agree:.3f}")
     assert err < TOL[dtype] and agree > (0.99 if dtype == torch.float32 else 0.9)
 
 

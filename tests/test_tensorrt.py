@@ -254,7 +254,8 @@ def test_function_bodies_compute_the_ops():
     from tests.test_kernels import rel as trel
     from tests.test_triton_kernels import decode_inputs
     g = torch.Generator().manual_seed(0)
-    x, w, state = torch.randn(3, 37, 40, generator=g), torch.randn(40, 4, generator=g), torch.randn(3, 40, 3, generator=g)
+    x, w, state = (torch.randn(3, 37, 40, generator=g), torch.randn(40, 4, generator=g),
+                   torch.randn(3, 40, 3, generator=g))
     dims = dict(C=40, W=4, Hk=1, Hv=1, K=1, V=1)
     y, new_state = run_plugin_node("causal_conv1d", dict(x=x, weight=w, state=state), dims)
     y64, new64 = ref.causal_conv1d(x.double(), w.double(), state.double())

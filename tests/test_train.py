@@ -27,7 +27,8 @@ def corpus(tmp_path_factory):
 
 
 def config(tmp_path, corpus, **kw):
-    defaults = dict(out=str(tmp_path / "run"), data=str(corpus), model_overrides=MICRO, cache_dir=str(tmp_path / "cache"),
+    defaults = dict(out=str(tmp_path / "run"), data=str(corpus), model_overrides=MICRO,
+                    cache_dir=str(tmp_path / "cache"),
                     steps=8, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2, eval_every=4, save_every=4,
                     log_every=100, device="cpu", sample_tokens=0)
     return TrainConfig(**{**defaults, **kw})

@@ -12,7 +12,8 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="the kernels need Triton (installed with torch on CUDA machines, or the dev extra)")
+pytest.importorskip("triton",
+                    reason="the kernels need Triton (installed with torch on CUDA machines, or the dev extra)")
 
 from model.kernels import reference as ref  # noqa: E402
 from tests.test_kernels import float64_loop, random_inputs, rel  # noqa: E402

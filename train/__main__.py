@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="held-out share of sequences, at most 0.5 (0: a single sequence; default: %(default)s)")
     m = p.add_argument_group("model")
     m.add_argument("--preset", default=d["preset"], choices=sorted(PRESETS), help="model size (default: %(default)s)")
-    m.add_argument("--model-config", metavar="JSON", help='overrides of preset fields, e.g. \'{"num_hidden_layers": 4}\' '
+    m.add_argument("--model-config", metavar="JSON",
+                   help='overrides of preset fields, e.g. \'{"num_hidden_layers": 4}\' '
                    "(default: none)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=cli.integer(1), help=f"optimizer steps in total (default: {d['steps']}, or the "

@@ -31,10 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impls", nargs="+", metavar="NAME", help="implementations to run (default: all registered; "
                    "those that cannot run here are listed with the reason)")
     p.add_argument("--quick", action="store_true", help="two small shapes per kernel, sized for a CPU")
-    p.add_argument("--warmup", type=cli.integer(0, 1000), default=3, help="untimed calls per shape (0: none; default: %(default)s)")
+    p.add_argument("--warmup", type=cli.integer(0, 1000), default=3,
+                   help="untimed calls per shape (0: none; default: %(default)s)")
     p.add_argument("--repeats", type=cli.integer(1, 10000), default=20,
                    help="timed calls per shape (default: %(default)s)")
-    p.add_argument("--seed", type=cli.integer(0), default=0, help="seed of the random inputs, >= 0 (default: %(default)s)")
+    p.add_argument("--seed", type=cli.integer(0), default=0,
+                   help="seed of the random inputs, >= 0 (default: %(default)s)")
     return p
 
 
