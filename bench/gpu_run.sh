@@ -145,6 +145,9 @@ for s in $STAGES; do
     if [[ $s == ort-* && $ORT_GPU != 1 ]]; then
         skipped+=("$s (needs onnxruntime-gpu with CUDAExecutionProvider, and onnxscript)"); continue
     fi
+    if [[ $s == *-autotune && $DEVICE != cuda ]]; then
+        skipped+=("$s (--autotune compiles for CUDA only)"); continue
+    fi
     if (( SECONDS + ${ESTIMATE[$s]:-120} > BUDGET )); then
         skipped+=("$s (about ${ESTIMATE[$s]:-120}s, ${SECONDS}s of ${BUDGET}s used)"); continue
     fi
