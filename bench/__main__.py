@@ -9,8 +9,9 @@ checkpoint: the baseline) and `hf` (transformers' Qwen3NextForCausalLM on the sa
 anchor). All are measured in one run, one after another, through the runtime Engine API: prefill at batch 1 for
 each prompt length, decode ms/token at each batch, generate end to end, peak memory during decode, the bandwidth
 a decode step achieves, and accuracy against the eager model (teacher-forced vs float32, long-run drift vs
-float64). By default every backend is measured and those that cannot run are listed with the reason; a backend
-named in --backends that cannot run is an error. Lengths and batches beyond the target's capacity are clipped.
+float64); with --profile-steps, what a decode step is made of (kernels per step and their time, under
+torch.profiler). By default every backend is measured and those that cannot run are listed with the reason; a
+backend named in --backends that cannot run is an error. Lengths and batches beyond the target's capacity are clipped.
 
 REPORT_DIR receives report.json (schema: bench/schema.py), report.md and PNG charts, written atomically; an
 earlier report there is replaced, any other non-empty directory only with --overwrite.
@@ -27,7 +28,7 @@ from model import cli
 
 DEFAULTS = dict(prompt_lengths=[128, 512, 2048, 8192], batches=[1, 8, 32], warmup=3, repeats=10, decode_context=128,
                 decode_steps=32, generate_prompt=128, generate_tokens=256, generate_repeats=3, accuracy_steps=256,
-                drift_steps=4096)
+                drift_steps=4096, profile_steps=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--drift-steps", type=cli.integer(0), default=d["drift_steps"],
                    help="decode steps of the drift run compared with the float64 eager model; 0 skips (default: "
                    "%(default)s)")
+    r = p.add_argument_group("profile")
+    r.add_argument("--profile-steps", type=cli.integer(0, 10000), default=d["profile_steps"],
+                   help="decode steps at batch 1 to run under torch.profiler: kernels per step, the GPU time they "
+                   "take and the longest of them (on the CPU: torch operators, for eager, hf and torch); 0 skips "
+                   "(default: %(default)s)")
     return p
 
 
@@ -85,10 +91,13 @@ def plan(args, target) -> tuple[dict, list[str]]:
         if clipped != sorted(set(s[key])):
             notes.append(f"{key.replace('_', ' ')} {s[key]} clipped to {clipped} (the target holds {limit} {what})")
         s[key] = clipped
-    for key, room in (("accuracy_steps", cap.max_seq_len - PREFILL - 1), ("drift_steps", cap.max_seq_len - PREFILL)):
+    for key, room, taken in (("accuracy_steps", cap.max_seq_len - PREFILL - 1, f"{PREFILL} of them prompt"),
+                             ("drift_steps", cap.max_seq_len - PREFILL, f"{PREFILL} of them prompt"),
+                             ("profile_steps", cap.max_seq_len - s["warmup"] - 1,
+                              f"{s['warmup'] + 1} of them prompt and warm-up")):
         if s[key] > max(room, 0):
             notes.append(f"{key.replace('_', ' ')} {s[key]} clipped to {max(room, 0)} (capacity {cap.max_seq_len} "
-                         f"tokens, {PREFILL} of them prompt)")
+                         f"tokens, {taken})")
             s[key] = max(room, 0)
     if target.checkpoint is None and (s["accuracy_steps"] or s["drift_steps"]):
         notes.append(f"accuracy not measured: {target.checkpoint_problem}")
@@ -101,15 +110,16 @@ def checkpoint_capacity(args) -> int:
     from .accuracy import PREFILL
     return max(*args.prompt_lengths, args.decode_context + args.warmup + args.decode_steps,
                args.generate_prompt + args.generate_tokens, PREFILL + args.accuracy_steps + 1,
-               PREFILL + args.drift_steps)
+               PREFILL + args.drift_steps, args.warmup + args.profile_steps + 1)
 
 
 def measure_backend(name, target, device, s, ref, copy_bw, config, dtype_bytes) -> dict:
-    from . import measure
+    from . import measure, profile
     from .backends import Unavailable, open_engine
     from .timing import MemoryProbe
     entry = dict(status="ok", reason=None, load_s=None, prefill=[], decode=[], generate=None,
-                 memory={"peak_bytes": None, "method": "not measured"}, accuracy=None, drift=None, speedup={})
+                 memory={"peak_bytes": None, "method": "not measured"}, accuracy=None, drift=None, profile=None,
+                 speedup={})
     probe = MemoryProbe(device)
     t0 = time.perf_counter()
     engine = None
@@ -126,6 +136,10 @@ def measure_backend(name, target, device, s, ref, copy_bw, config, dtype_bytes) 
             entry["accuracy"] = ref.teacher_forced(engine)
         if ref is not None and s["drift_steps"]:
             entry["drift"] = ref.drift(engine)
+        if s["profile_steps"]:
+            reason = profile.why_not_profiled(name, device)
+            entry["profile"] = {"reason": reason} if reason else \
+                profile.decode_profile(engine, device, s["profile_steps"], s["warmup"])
     except Unavailable as e:
         return {**entry, "status": "unavailable", "reason": str(e)}
     except Exception as e:  # one backend's failure is recorded; the others are still measured

@@ -23,6 +23,7 @@ class Settings:
     generate_repeats: int
     accuracy_steps: int
     drift_steps: int
+    profile_steps: int
 
 
 def clip(values: list[int], limit: int) -> list[int]:

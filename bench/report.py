@@ -138,12 +138,36 @@ def backends_markdown(report: dict) -> str:
         out.append(f"\nThe float32 reference's own logits rounded to {floor['dtype']}, and nothing else: rel error "
                    f"{num(floor['rel_error'])}, top-1 agreement {num(floor['top1_agreement'], 4)}: the part of each "
                    "backend's error that returning logits in that dtype costs.\n")
+    out.append(profile_section(ok))
     missing = {n: b for n, b in report["backends"].items() if b["status"] != "ok"}
     if missing:
         out.append("\n## Not measured\n\n" + "".join(f"- **{n}** ({b['status']}): {b['reason']}\n"
                                                      for n, b in missing.items()))
     out.append(plots_section(report))
     return "".join(out)
+
+
+def profile_section(ok: dict) -> str:
+    """Kernels (operators) per decode step and what they take, beside the unprofiled step: the gap is the host's
+    and the launches' share."""
+    profiled = {n: b["profile"] for n, b in ok.items() if b["profile"]}
+    if not profiled:
+        return ""
+    shown = {n: p for n, p in profiled.items() if "reason" not in p}
+    first = next(iter(shown.values()), None)
+    out = ["\n## Decode profile (batch 1)\n\n"]
+    if first:
+        out.append(f"{first['steps']} decode steps after a {first['context']}-token prompt, {first['method']}. Busy: "
+                   "the time those kernels (operators) take per step, against the unprofiled step time above.\n\n")
+        rows = []
+        for n, p in shown.items():
+            step = next((r["median_ms"] for r in ok[n]["decode"] if r["batch"] == 1), None)
+            longest = ", ".join(f"{t['name'][:40]} {ms(t['ms_per_step'])}" for t in p["top"][:3])
+            rows.append([n, num(p["kernels_per_step"], 4), ms(p["busy_ms_per_step"]), ms(step), longest])
+        out.append(table(["backend", "kernels per step", "busy ms per step", "decode ms (b=1)",
+                          "longest three (ms per step)"], rows))
+    out += [f"\n- **{n}** not profiled: {p['reason']}" for n, p in profiled.items() if "reason" in p]
+    return "".join(out) + "\n"
 
 
 def kernels_markdown(report: dict) -> str:

@@ -38,6 +38,10 @@ kind "backends":
                       returning logits in that dtype costs)} or null
       drift           {steps, logits_rel_error, logits_rel_error_by_step {step: error}, state_rel_error (null
                       when the backend does not expose its state), state_note, reference} or null
+      profile         null (--profile-steps 0), {reason} (not profiled), or {batch 1, context, steps, method,
+                      kernels_per_step, busy_ms_per_step, top [{name, calls_per_step, ms_per_step}]}: decode
+                      steps under torch.profiler; on CUDA every CUDA kernel of the process, busy = their device
+                      time; on the CPU top-level torch operators, busy = their CPU time (bench/profile.py)
       speedup         {"vs_eager"|"vs_hf": {prefill {prompt_length: x}, decode {batch: x}, generate: x}}:
                       baseline median / this backend's median (> 1 is faster); absent baselines are left out
 
@@ -63,7 +67,8 @@ BY_KIND = {
     "backends": ("target", "capacity_bytes", "baselines", "backends"),
     "kernels": ("dtype", "results"),
 }
-BACKEND = ("status", "reason", "load_s", "prefill", "decode", "generate", "memory", "accuracy", "drift", "speedup")
+BACKEND = ("status", "reason", "load_s", "prefill", "decode", "generate", "memory", "accuracy", "drift", "profile",
+           "speedup")
 KERNEL_RESULT = ("kernel", "mode", "shape", "label", "impl", "status", "reason", "median_ms", "gb_per_s",
                  "tflop_per_s", "rel_error", "speedup_vs_reference")
 

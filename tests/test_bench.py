@@ -48,7 +48,7 @@ def artifact(checkpoint, tmp_path_factory):
 @pytest.fixture(scope="module")
 def bench_report(artifact, tmp_path_factory):
     out = tmp_path_factory.mktemp("reports") / "report"
-    assert bench_main([str(artifact), "--out", str(out), *FEW]) == 0
+    assert bench_main([str(artifact), "--out", str(out), *FEW, "--profile-steps", "3"]) == 0
     return out, json.loads((out / "report.json").read_text())
 
 
@@ -85,6 +85,21 @@ def test_report_schema_and_backends(bench_report):
     assert any("clipped" in note for note in rep["settings"]["notes"])
     md = (out / "report.md").read_text()
     assert "| onnxruntime |" in md and "torch** (unavailable)" in md and rep["environment"]["device"]["name"] in md
+
+
+def test_decode_profile_counts_the_operators_of_a_step(bench_report):
+    out, rep = bench_report
+    for name in ("eager", "hf"):
+        p = rep["backends"][name]["profile"]
+        assert p["steps"] == 3 and p["batch"] == 1 and "CPU" in p["method"]
+        # At least one product per layer, every one a top-level aten operator, busy for some time.
+        assert p["kernels_per_step"] >= 4 and p["busy_ms_per_step"] > 0
+        assert p["top"] and all(t["name"].startswith("aten::") and t["calls_per_step"] > 0 for t in p["top"])
+        assert sum(t["ms_per_step"] for t in p["top"]) <= p["busy_ms_per_step"] * (1 + 1e-9)
+    assert "runs its own kernels" in rep["backends"]["onnxruntime"]["profile"]["reason"]
+    md = (out / "report.md").read_text()
+    assert "## Decode profile (batch 1)" in md and "| eager |" in md.split("Decode profile")[1]
+    assert "**onnxruntime** not profiled" in md
 
 
 def test_plots_written(bench_report):

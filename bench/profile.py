@@ -1,0 +1,65 @@
+"""What a decode step is made of: `python -m bench --profile-steps N` runs N decode steps at batch 1 under
+torch.profiler.
+
+On CUDA the profiler sees every kernel the process launches (CUPTI), whichever library launched it, CUDA graph
+replays included: kernels per step and the device time they take, set against the step's unprofiled time, say
+whether a backend is bound by launches and the host or by the GPU's work. On the CPU it sees torch's operators
+only (not the C++ kernels Inductor generates, nor ONNX Runtime's), so there it counts the top-level torch operators
+of the backends that run them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+TOP = 10   # longest kernels (operators) listed per backend
+CPU_VISIBLE = ("eager", "hf", "torch")   # backends whose CPU work is torch operators
+
+
+def why_not_profiled(name: str, device: str) -> str | None:
+    if device == "cpu" and name not in CPU_VISIBLE:
+        return (f"on the CPU the profiler sees torch operators only, and {name} runs its own kernels; profile it "
+                "on CUDA, where every library's kernels are seen")
+    return None
+
+
+def decode_profile(engine, device: str, steps: int, warmup: int, context: int = 32) -> dict:
+    """Profile `steps` decode steps of one row after a `context`-token prompt and `warmup` untimed steps."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    rng = np.random.default_rng(3)
+    state = engine.new_state(1)
+    context = max(1, min(context, engine.max_seq_len - warmup - steps))
+    engine.prefill(rng.integers(0, engine.vocab_size, size=(1, context)), state)
+    ids = rng.integers(0, engine.vocab_size, size=(warmup + steps, 1))
+    for i in range(warmup):
+        engine.decode(ids[i], state)
+    cuda = device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        for i in range(warmup, warmup + steps):
+            engine.decode(ids[i], state)
+        if cuda:
+            torch.cuda.synchronize()
+    calls, micros = defaultdict(int), defaultdict(float)
+    for e in prof.events():
+        if cuda and e.device_type == torch.autograd.DeviceType.CUDA:
+            calls[e.name] += 1
+            micros[e.name] += e.device_time_total
+        elif not cuda and e.cpu_parent is None and e.name.startswith("aten::"):
+            calls[e.name] += 1
+            micros[e.name] += e.cpu_time_total
+    top = sorted(micros, key=micros.get, reverse=True)[:TOP]
+    return {"batch": 1, "context": context, "steps": steps,
+            "method": "torch.profiler: CUDA kernels (CUPTI), every library's" if cuda else
+                      "torch.profiler: top-level torch operators on the CPU (Inductor's C++ kernels and ONNX "
+                      "Runtime's operators are not seen)",
+            "kernels_per_step": sum(calls.values()) / steps,
+            "busy_ms_per_step": sum(micros.values()) / 1e3 / steps,
+            "top": [{"name": n, "calls_per_step": calls[n] / steps, "ms_per_step": micros[n] / 1e3 / steps}
+                    for n in top]}
