@@ -137,9 +137,8 @@ def measure_backend(name, target, device, s, ref, copy_bw, config, dtype_bytes) 
         if ref is not None and s["drift_steps"]:
             entry["drift"] = ref.drift(engine)
         if s["profile_steps"]:
-            reason = profile.why_not_profiled(name, device)
-            entry["profile"] = {"reason": reason} if reason else \
-                profile.decode_profile(engine, device, s["profile_steps"], s["warmup"])
+            entry["profile"] = profile.decode_profile_or_reason(name, engine, device, s["profile_steps"],
+                                                                s["warmup"])
     except Unavailable as e:
         return {**entry, "status": "unavailable", "reason": str(e)}
     except Exception as e:  # one backend's failure is recorded; the others are still measured

@@ -18,11 +18,17 @@ TOP = 10   # longest kernels (operators) listed per backend
 CPU_VISIBLE = ("eager", "hf", "torch")   # backends whose CPU work is torch operators
 
 
-def why_not_profiled(name: str, device: str) -> str | None:
+def decode_profile_or_reason(name: str, engine, device: str, steps: int, warmup: int) -> dict:
+    """decode_profile, or {reason} where the profiler cannot see the backend's work or fails: a diagnostic that
+    fails costs the report its profile, not the backend's measurements."""
     if device == "cpu" and name not in CPU_VISIBLE:
-        return (f"on the CPU the profiler sees torch operators only, and {name} runs its own kernels; profile it "
-                "on CUDA, where every library's kernels are seen")
-    return None
+        return {"reason": f"on the CPU the profiler sees torch operators only, and {name} runs its own kernels; "
+                          "profile it on CUDA, where every library's kernels are seen"}
+    try:
+        return decode_profile(engine, device, steps, warmup)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        return {"reason": f"the profiler failed ({type(e).__name__}: {first})"}
 
 
 def decode_profile(engine, device: str, steps: int, warmup: int, context: int = 32) -> dict:

@@ -102,6 +102,16 @@ def test_decode_profile_counts_the_operators_of_a_step(bench_report):
     assert "**onnxruntime** not profiled" in md
 
 
+def test_a_failing_profile_costs_only_the_profile(monkeypatch):
+    from bench import profile
+
+    def broken(*_):
+        raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED\nmore")
+    monkeypatch.setattr(profile, "decode_profile", broken)
+    assert profile.decode_profile_or_reason("eager", None, "cuda", 3, 0) == \
+        {"reason": "the profiler failed (RuntimeError: CUPTI_ERROR_NOT_INITIALIZED)"}
+
+
 def test_plots_written(bench_report):
     out, rep = bench_report
     assert rep["plots_skipped"] is None and set(rep["plots"]) == {"decode.png", "prefill.png", "speedup.png"}
