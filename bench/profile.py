@@ -62,7 +62,7 @@ def decode_profile(engine, device: str, steps: int, warmup: int, context: int = 
             micros[e.name] += e.cpu_time_total
     top = sorted(micros, key=micros.get, reverse=True)[:TOP]
     return {"batch": 1, "context": context, "steps": steps,
-            "method": "torch.profiler: CUDA kernels (CUPTI), every library's" if cuda else
+            "method": "torch.profiler: CUDA kernels and copies (CUPTI), every library's" if cuda else
                       "torch.profiler: top-level torch operators on the CPU (Inductor's C++ kernels and ONNX "
                       "Runtime's operators are not seen)",
             "kernels_per_step": sum(calls.values()) / steps,
