@@ -184,7 +184,9 @@ def main(argv=None) -> int:
     from . import measure, plots, report, schema
     from .accuracy import Reference
     from .backends import BenchError, describe, known_backends, open_target, why_unavailable
-    from .run import check_device, header, pick, publish
+    from model.device import torch_device
+
+    from .run import header, pick, publish
 
     names = pick(args.backends, known_backends(), "backend", " (onnxruntime needs pip install onnxruntime or "
                  "onnxruntime-gpu, hf needs pip install transformers, and further backends come with newer versions "
@@ -195,7 +197,7 @@ def main(argv=None) -> int:
         if is_artifact(Path(args.target)):
             from runtime.manifest import Manifest
             device = Manifest.load(args.target).device
-    check_device(device)
+    torch_device(device)
     target = open_target(args.target, device, args.dtype, args.checkpoint, max(args.batches),
                          checkpoint_capacity(args))
     out = check_output_dir(args.out, what="bench report", ours=schema.is_report, overwrite=args.overwrite,

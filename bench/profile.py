@@ -36,11 +36,13 @@ def decode_profile(engine, device: str, steps: int, warmup: int, context: int = 
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from .measure import _ids
+
     rng = np.random.default_rng(3)
     state = engine.new_state(1)
     context = max(1, min(context, engine.max_seq_len - warmup - steps))
-    engine.prefill(rng.integers(0, engine.vocab_size, size=(1, context)), state)
-    ids = rng.integers(0, engine.vocab_size, size=(warmup + steps, 1))
+    engine.prefill(_ids(rng, engine.vocab_size, (1, context)), state)
+    ids = _ids(rng, engine.vocab_size, (warmup + steps, 1))
     for i in range(warmup):
         engine.decode(ids[i], state)
     cuda = device == "cuda"

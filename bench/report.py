@@ -47,6 +47,11 @@ def size(n) -> str:
     return f"{n} B"
 
 
+def at(rows: list[dict], key: str, value, field: str = "median_ms"):
+    """`field` of the row whose `key` is `value` (None when no row has it)."""
+    return next((r[field] for r in rows if r[key] == value), None)
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
@@ -78,10 +83,6 @@ def backends_markdown(report: dict) -> str:
     out = [f"# Bench: {t['path']} ({t['kind']}, {t['dtype']})\n", preamble(report)]
     out += [f"\n- {note}" for note in s["notes"]] + (["\n"] if s["notes"] else [])
     lengths, batches = s["prompt_lengths"], s["batches"]
-
-    def at(rows, key, value, field="median_ms"):
-        return next((r[field] for r in rows if r[key] == value), None)
-
     context = next((b["decode"][0]["context"] for b in ok.values() if b["decode"]), s["decode_context"])
     generated = next((b["generate"] for b in ok.values() if b["generate"]), None)
     out.append("\n## Latency (ms)\n\nPrefill at batch 1 (time to first token); decode per step after a "
@@ -161,8 +162,8 @@ def profile_section(ok: dict) -> str:
                    "the time those kernels (operators) take per step, against the unprofiled step time above.\n\n")
         rows = []
         for n, p in shown.items():
-            step = next((r["median_ms"] for r in ok[n]["decode"] if r["batch"] == 1), None)
             longest = ", ".join(f"{t['name'][:40]} {ms(t['ms_per_step'])}" for t in p["top"][:3])
+            step = at(ok[n]["decode"], "batch", 1)
             rows.append([n, num(p["kernels_per_step"], 4), ms(p["busy_ms_per_step"]), ms(step), longest])
         out.append(table(["backend", "kernels per step", "busy ms per step", "decode ms (b=1)",
                           "longest three (ms per step)"], rows))

@@ -1,5 +1,5 @@
-"""What `python -m bench` and `python -m bench.kernels` share: checking the names and device asked for, the
-report's common fields, and publishing it."""
+"""What `python -m bench` and `python -m bench.kernels` share: checking the names asked for, the report's common
+fields, and publishing it."""
 
 from __future__ import annotations
 
@@ -19,13 +19,6 @@ def pick(requested: list[str] | None, known: list[str], what: str, hint: str = "
     if unknown:
         raise BenchError(f"unknown {what} {unknown[0]!r}; known: {', '.join(known)}{hint}")
     return list(dict.fromkeys(requested))
-
-
-def check_device(device: str) -> None:
-    import torch
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda needs a CUDA GPU and a CUDA build of torch; none is visible here "
-                         "(use --device cpu)")
 
 
 def header(kind: str, module: str, argv: list[str] | None, device: str) -> dict:

@@ -121,7 +121,6 @@ class Attention(nn.Module):
         return self.o_proj(out)
 
 
-
 class MLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()

@@ -43,7 +43,6 @@ def load_program(path: Path, manifest: Manifest):
     return program
 
 
-
 def share_weights(programs: dict) -> dict:
     """Make every program use the first one's weight tensors, in place, and return `programs`. Prefill and decode
     are exported from one model and each file holds its own copy of the weights, which would otherwise sit twice
@@ -62,6 +61,7 @@ def zeros_state(specs, batch: int, device):
     """A zero state of `batch` rows for the manifest's state specs."""
     import torch
     return [torch.zeros([batch, *s.shape[1:]], dtype=getattr(torch, s.dtype), device=device) for s in specs]
+
 
 class TorchExportBackend:
     def __init__(self, directory: Path, manifest: Manifest, device: str):

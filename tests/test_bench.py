@@ -226,7 +226,7 @@ def test_bad_inputs(artifact, checkpoint, tmp_path, capsys):
         ([str(artifact), "--out", out, "--dtype", "bfloat16"], "--dtype applies to checkpoints only"),
     ]
     if not torch.cuda.is_available():
-        cases.append(([str(artifact), "--out", out, "--device", "cuda"], "--device cuda needs a CUDA GPU"))
+        cases.append(([str(artifact), "--out", out, "--device", "cuda"], "device 'cuda' needs a CUDA GPU"))
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")

@@ -90,7 +90,7 @@ def test_bad_inputs(tmp_path, capsys):
              (["--out", out, "--device", "cpu", "--impls", "fla"], "implementation fla of gated_delta_rule cannot run: "
               "CUDA kernels")]
     if not torch.cuda.is_available():
-        cases.append((["--out", out, "--device", "cuda"], "--device cuda needs a CUDA GPU"))
+        cases.append((["--out", out, "--device", "cuda"], "device 'cuda' needs a CUDA GPU"))
     for argv, message in cases:
         code, err = run_cli(argv, capsys)
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err

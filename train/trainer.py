@@ -217,7 +217,7 @@ class Trainer:
             raise CheckpointError(f"{path} was written by a run of {saved_world} process(es) and this run has "
                                   f"{self.processes.world_size}; a resume is exact only with the same number: "
                                   f"{distributed.launcher(saved_world)} train --out {self.out} --resume "
-                                  f"(or start a new --out)")
+                                  "(or start a new --out)")
         saved = Qwen3NextForCausalLM.from_pretrained(path)
         if saved.config.to_dict() != self.model_config.to_dict():
             raise ConfigError(f"the checkpoint at {path} was trained with a different model config; resume with "

@@ -81,11 +81,12 @@ def main(argv=None) -> int:
     from bench import plots, report, schema
     from bench.backends import BenchError
     from bench.kernels import IMPLS, KERNELS
-    from bench.run import check_device, header, pick, publish
+    from bench.run import header, pick, publish
+    from model.device import torch_device
     from model.io import check_output_dir
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    check_device(device)
+    torch_device(device)
     dtype_name = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     dtype = getattr(torch, dtype_name)
     kernel_names = pick(args.kernels, list(dict.fromkeys(k.name for k in KERNELS)), "kernel")
