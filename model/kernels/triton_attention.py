@@ -22,7 +22,13 @@ import triton.language as tl
 
 from .launch import dot_block
 
-BLOCK_S = 64     # cache slots per step of a program's loop
+SLOT_BYTES = 32 * 1024    # one K (or V) block of the loop; Triton pipelines a few of each through shared memory
+
+
+def slots_per_block(head_dim_block: int, element_size: int) -> int:
+    """Cache slots per step of a program's loop: 64, fewer where a block of them would pass SLOT_BYTES (float32
+    at head dim 256 needs 32, or the pipelined K and V blocks overflow an H100's 227 KiB of shared memory)."""
+    return max(16, min(64, SLOT_BYTES // (head_dim_block * element_size)))
 
 
 @triton.jit
@@ -82,10 +88,10 @@ def decode_attention_kernel(
     tl.store(sum_out + base * BM + rows, l)
 
 
-def splits(batch_heads: int, capacity: int, programs: int = 264) -> int:
+def splits(batch_heads: int, capacity: int, block: int, programs: int = 264) -> int:
     """Sequence splits per (row, KV head): enough programs to fill a GPU (about two per SM of an H100) when the
     rows are long, never more than the capacity has blocks of four."""
-    return max(1, min(triton.cdiv(capacity, 4 * BLOCK_S), triton.cdiv(programs, batch_heads)))
+    return max(1, min(triton.cdiv(capacity, 4 * block), triton.cdiv(programs, batch_heads)))
 
 
 def decode_attention(q, key_cache, value_cache, positions, launch=None):
@@ -95,7 +101,8 @@ def decode_attention(q, key_cache, value_cache, positions, launch=None):
     T = positions.shape[1]
     q = q if q.stride(-1) == 1 else q.contiguous()
     BM, BD = dot_block(R), dot_block(D)
-    nsplit = splits(B * Hkv, key_cache.shape[2])
+    block = slots_per_block(BD, key_cache.element_size())
+    nsplit = splits(B * Hkv, key_cache.shape[2], block)
     acc = torch.empty(B * Hkv, nsplit, BM, BD, dtype=torch.float32, device=q.device)
     run_max = torch.empty(B * Hkv, nsplit, BM, dtype=torch.float32, device=q.device)
     run_sum = torch.empty(B * Hkv, nsplit, BM, dtype=torch.float32, device=q.device)
@@ -104,7 +111,7 @@ def decode_attention(q, key_cache, value_cache, positions, launch=None):
         q, key_cache, value_cache, positions, acc, run_max, run_sum, R, T,
         q.stride(0), q.stride(1), q.stride(2), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), positions.stride(0), positions.stride(1),
-        HKV=Hkv, D=D, NSPLIT=nsplit, BM=BM, BD=BD, BLOCK=BLOCK_S,
+        HKV=Hkv, D=D, NSPLIT=nsplit, BM=BM, BD=BD, BLOCK=block,
         PREC="ieee" if key_cache.dtype == torch.float32 else "tf32", num_warps=4)
     # Combine the splits: weight each by exp(its max - the overall max); a split that saw nothing has sum 0.
     top = run_max.amax(dim=1, keepdim=True)
