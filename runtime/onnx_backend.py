@@ -100,8 +100,14 @@ class OnnxRuntimeBackend:
             options.add_free_dimension_override_by_name("batch", batch)
             options.add_free_dimension_override_by_name("sequence", 1)
         if batch is not None or self.device == "cuda":
-            for name, value in self._shared_weights().items():
-                options.add_initializer(name, value)
+            try:
+                for name, value in self._shared_weights().items():
+                    options.add_initializer(name, value)
+            except Exception as e:   # ONNX Runtime refuses an initializer over memory it owns, or lacks DLPack
+                log.warning("note: ONNX Runtime does not take the shared weight matrices (%s); each session loads "
+                            "its own copy of them", str(e).strip().splitlines()[-1])
+                self.shared_weights = {}
+                return self._session_options(batch)
         return options
 
     def _shared_weights(self) -> dict:
@@ -114,10 +120,20 @@ class OnnxRuntimeBackend:
             from onnx import numpy_helper
             model = onnx.load(self.path)
             self.shared_weights = {
-                t.name: self.ort.OrtValue.ortvalue_from_numpy(numpy_helper.to_array(t), self.value_device, 0)
-                for t in model.graph.initializer
+                t.name: self._user_owned(numpy_helper.to_array(t)) for t in model.graph.initializer
                 if len(t.dims) >= 2 and t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
         return self.shared_weights
+
+    def _user_owned(self, array: np.ndarray):
+        """An OrtValue on `value_device` over memory ONNX Runtime does not own, as SessionOptions.add_initializer
+        requires: a torch tensor handed over through DLPack. OrtValue.ortvalue_from_numpy would copy to CUDA into ONNX Runtime's own allocation, which it refuses."""
+        import torch
+        ort = self.ort
+        tensor = torch.from_numpy(np.require(array, requirements="W")).to(self.value_device)   # torch: writable
+        if hasattr(ort.OrtValue, "from_dlpack"):     # ONNX Runtime 1.32 on
+            return ort.OrtValue.from_dlpack(tensor)
+        from onnxruntime.capi import _pybind_state as C   # before 1.32: (capsule, is_bool)
+        return ort.OrtValue(C.OrtValue.from_dlpack(tensor.__dlpack__(), False), tensor)
 
     def _graph_session(self, batch: int):
         """The session whose decode steps at this batch size are CUDA graphs, or None where ONNX Runtime refuses

@@ -333,3 +333,29 @@ def test_onnxruntime_bound_state_logic_with_cpu_values(random_model):
     reused = bound.new_state(3).tensors.slot
     assert b.graph_ids == made       # a released slot came back (with the graph ids captured over it), zeroed
     assert all(not v.numpy().any() for v in reused.sets[reused.current])
+
+
+def test_onnxruntime_weights_it_will_not_share_load_per_session(random_model, monkeypatch, caplog):
+    """ONNX Runtime takes a shared initializer only over memory it does not own (copies to CUDA in its own
+    allocation made every CUDA load fail). Given values it owns, the backend says so and each session loads its own
+    weights: same results, no failure."""
+    from runtime.onnx_backend import OnnxRuntimeBackend
+    from runtime.slots import SlotPool
+
+    def owned(self, array):
+        value = self.ort.OrtValue.ortvalue_from_shape_and_type(list(array.shape), array.dtype, "cpu", 0)
+        value.update_inplace(array)
+        return value
+    monkeypatch.setattr(OnnxRuntimeBackend, "_user_owned", owned)
+    out = random_model[1]
+    plain, bound = runtime.load(out), runtime.load(out)
+    b = bound.backend
+    b.slots, b.value_device, b.cuda_graphs = SlotPool(b._new_slot), "cpu", True
+    ids = np.random.default_rng(3).integers(0, 101, size=(2, 12))
+    states = plain.new_state(2), bound.new_state(2)
+    with caplog.at_level("WARNING", logger="next_deploy.runtime"):
+        steps = [[e.prefill(ids[:, :8], st)] + [e.decode(ids[:, t], st) for t in range(8, 12)]
+                 for e, st in zip((plain, bound), states)]
+    np.testing.assert_allclose(steps[1], steps[0], rtol=1e-5, atol=1e-6)
+    assert "does not take the shared weight matrices" in caplog.text and "owned by the user" in caplog.text
+    assert b.shared_weights == {} and list(b.graph_sessions) == [2]
