@@ -129,7 +129,8 @@ class OnnxRuntimeBackend:
         requires: a torch tensor handed over through DLPack. OrtValue.ortvalue_from_numpy would copy to CUDA into ONNX Runtime's own allocation, which it refuses."""
         import torch
         ort = self.ort
-        tensor = torch.from_numpy(np.require(array, requirements="W")).to(self.value_device)   # torch: writable
+        # torch.from_numpy wants a writable array; the file's are read-only views
+        tensor = torch.from_numpy(np.require(array, requirements="W")).to(self.value_device)
         if hasattr(ort.OrtValue, "from_dlpack"):     # ONNX Runtime 1.32 on
             return ort.OrtValue.from_dlpack(tensor)
         from onnxruntime.capi import _pybind_state as C   # before 1.32: (capsule, is_bool)
