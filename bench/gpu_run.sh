@@ -7,7 +7,9 @@
 #
 # Stages, in order of priority (STAGES="..." picks some; each builds what it needs if it is missing):
 #   tiny      train the tiny preset briefly (or take TINY_CHECKPOINT_DIR), export a bfloat16 CUDA artifact with the
-#             torch and compiled targets, bench eager / hf / torch / compiled on it
+#             torch and compiled targets, bench eager / torch / compiled on it
+#   hf-tiny   bench transformers (hf) beside eager on the tiny checkpoint in bfloat16: a run of its own, since hf
+#             decodes at ~60 ms a step (one generate run, a shorter drift)
 #   kernels   python -m bench.kernels over every shape (reference, fla, causal-conv1d)
 #   small     a random-weight `small` checkpoint, a bfloat16 CUDA torch + compiled artifact, bench them all
 #   ort-tiny  with onnxruntime-gpu: a float32 CUDA onnxruntime artifact of tiny, bench onnxruntime / eager / hf
@@ -22,7 +24,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 TINY_CKPT=${1:-}
-STAGES=${STAGES:-"tiny kernels small ort-tiny ort-small tiny-autotune"}
+STAGES=${STAGES:-"tiny hf-tiny kernels small ort-tiny ort-small tiny-autotune"}
 BUDGET=${BUDGET:-580}
 WORK=${WORK:-/tmp/nd-bench}
 DEVICE=${DEVICE:-cuda}
@@ -53,7 +55,7 @@ EOF
 ORT_GPU=$(python3 -c "import onnxscript, onnxruntime as o; print(int('CUDAExecutionProvider' in o.get_available_providers()))" 2>/dev/null || echo 0)
 
 skipped=()
-declare -A ESTIMATE=([tiny]=450 [kernels]=150 [small]=550 [ort-tiny]=350 [ort-small]=450 [tiny-autotune]=450)   # seconds seen on an H100 (tiny-autotune: guessed)
+declare -A ESTIMATE=([tiny]=420 [hf-tiny]=300 [kernels]=150 [small]=550 [ort-tiny]=350 [ort-small]=450 [tiny-autotune]=450)   # seconds seen on an H100 (tiny-autotune: guessed)
 reports=()
 
 step() {  # step NAME LOG CMD...: run, log, print one line
@@ -113,7 +115,12 @@ bench_run() {  # bench_run NAME ARTIFACT ARGS...
 read -r -a COMPILED <<< "${COMPILED_ARGS:---target torch compiled --decode-buckets 1 8 32 --prefill-chunks 128 2048}"
 stage_tiny() {
     tiny_checkpoint && export_art tiny-bf16 "$TINY_CKPT" "${COMPILED[@]}" --dtype bfloat16 --max-batch 32 \
-        --max-seq-len 4096 && bench_run tiny-bf16 "$WORK/art/tiny-bf16" --repeats 5 --drift-steps 1024
+        --max-seq-len 4096 && bench_run tiny-bf16 "$WORK/art/tiny-bf16" --repeats 5 --drift-steps 1024 \
+        --backends torch eager compiled
+}
+stage_hf-tiny() {
+    tiny_checkpoint && bench_run hf-tiny "$TINY_CKPT" --dtype bfloat16 --backends eager hf --repeats 3 \
+        --generate-repeats 1 --drift-steps 256
 }
 stage_tiny-autotune() {
     tiny_checkpoint && export_art tiny-bf16-autotune "$TINY_CKPT" --target compiled --decode-buckets 1 8 32 \
