@@ -111,8 +111,9 @@ bench_run() {  # bench_run NAME ARTIFACT ARGS...
         --overwrite --profile-steps 20 "$@" "${BENCH_EXTRA[@]}" && keep "$name" "$WORK/reports/$name"
 }
 
-# The compiled target compiles one graph per decode bucket and prefill chunk: a few, to keep the run short.
-read -r -a COMPILED <<< "${COMPILED_ARGS:---target torch compiled --decode-buckets 1 8 32 --prefill-chunks 128 2048}"
+# The compiled target compiles one graph per decode bucket and prefill chunk: a few, to keep the run short (16 for
+# the generate run's prompt, which no larger chunk covers).
+read -r -a COMPILED <<< "${COMPILED_ARGS:---target torch compiled --decode-buckets 1 8 32 --prefill-chunks 16 128 2048}"
 stage_tiny() {
     tiny_checkpoint && export_art tiny-bf16 "$TINY_CKPT" "${COMPILED[@]}" --dtype bfloat16 --max-batch 32 \
         --max-seq-len 4096 && bench_run tiny-bf16 "$WORK/art/tiny-bf16" --repeats 5 --drift-steps 1024 \
@@ -124,7 +125,7 @@ stage_hf-tiny() {
 }
 stage_tiny-autotune() {
     tiny_checkpoint && export_art tiny-bf16-autotune "$TINY_CKPT" --target compiled --decode-buckets 1 8 32 \
-        --prefill-chunks 128 2048 --autotune --dtype bfloat16 \
+        --prefill-chunks 16 128 2048 --autotune --dtype bfloat16 \
         --max-batch 32 --max-seq-len 4096 && bench_run tiny-bf16-autotune "$WORK/art/tiny-bf16-autotune" --repeats 5 \
         --drift-steps 1024 --backends compiled eager
 }
