@@ -126,15 +126,15 @@ class OnnxRuntimeBackend:
 
     def _user_owned(self, array: np.ndarray):
         """An OrtValue on `value_device` over memory ONNX Runtime does not own, as SessionOptions.add_initializer
-        requires: a torch tensor handed over through DLPack. OrtValue.ortvalue_from_numpy would copy to CUDA into ONNX Runtime's own allocation, which it refuses."""
-        import torch
+        requires: ONNX Runtime's own copy, seen again through DLPack (the view keeps the copy alive). A plain
+        OrtValue.ortvalue_from_numpy onto CUDA is that copy, and refused."""
         ort = self.ort
-        # torch.from_numpy wants a writable array; the file's are read-only views
-        tensor = torch.from_numpy(np.require(array, requirements="W")).to(self.value_device)
+        owned = ort.OrtValue.ortvalue_from_shape_and_type(list(array.shape), array.dtype, self.value_device, 0)
+        owned.update_inplace(array)
         if hasattr(ort.OrtValue, "from_dlpack"):     # ONNX Runtime 1.32 on
-            return ort.OrtValue.from_dlpack(tensor)
+            return ort.OrtValue.from_dlpack(owned)
         from onnxruntime.capi import _pybind_state as C   # before 1.32: (capsule, is_bool)
-        return ort.OrtValue(C.OrtValue.from_dlpack(tensor.__dlpack__(), False), tensor)
+        return ort.OrtValue(C.OrtValue.from_dlpack(owned._ortvalue.to_dlpack(), False), owned)
 
     def _graph_session(self, batch: int):
         """The session whose decode steps at this batch size are CUDA graphs, or None where ONNX Runtime refuses
