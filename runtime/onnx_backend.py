@@ -104,8 +104,9 @@ class OnnxRuntimeBackend:
                 for name, value in self._shared_weights().items():
                     options.add_initializer(name, value)
             except Exception as e:   # ONNX Runtime refuses an initializer over memory it owns, or lacks DLPack
-                log.warning("note: ONNX Runtime does not take the shared weight matrices (%s); each session loads "
-                            "its own copy of them", str(e).strip().splitlines()[-1])
+                log.warning("note: ONNX Runtime %s does not take the shared weight matrices (%s); each session loads "
+                            "its own copy of them (ONNX Runtime 1.32 shares them)", self.ort.__version__,
+                            str(e).strip().splitlines()[-1])
                 self.shared_weights = {}
                 return self._session_options(batch)
         return options
@@ -133,7 +134,7 @@ class OnnxRuntimeBackend:
         owned.update_inplace(array)
         if hasattr(ort.OrtValue, "from_dlpack"):     # ONNX Runtime 1.32 on
             return ort.OrtValue.from_dlpack(owned)
-        from onnxruntime.capi import _pybind_state as C   # before 1.32: (capsule, is_bool)
+        from onnxruntime.capi import _pybind_state as C   # before 1.32: (capsule, is_bool), in some builds only
         return ort.OrtValue(C.OrtValue.from_dlpack(owned._ortvalue.to_dlpack(), False), owned)
 
     def _graph_session(self, batch: int):
