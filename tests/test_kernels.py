@@ -145,8 +145,9 @@ def test_decode_attention_reference_is_a_per_query_softmax():
 
 
 def test_decode_attention_dispatch_in_exported_graphs():
-    """Exported graphs call the nextdeploy::decode_attention op for the shapes its kernel takes; an ONNX lowering,
-    or too many query rows for the kernel, keep the plain masked attention."""
+    """Exported graphs call the nextdeploy::decode_attention op for the shapes its kernel takes (any number of query
+    rows: a prefill chunk's too); an ONNX lowering, or heads too wide for the kernel, keep the plain masked
+    attention."""
     class Attend(torch.nn.Module):
         def forward(self, q, key_cache, value_cache, positions):
             return kernels.decode_attention(q, key_cache, value_cache, positions)
@@ -162,4 +163,5 @@ def test_decode_attention_dispatch_in_exported_graphs():
 
     assert "nextdeploy.decode_attention.default" in ops_in(4)
     assert "nextdeploy.decode_attention.default" not in ops_in(4, lowering=object())
-    assert "nextdeploy.decode_attention.default" not in ops_in(32, head_dim=256)   # beyond the kernel's registers
+    assert "nextdeploy.decode_attention.default" in ops_in(64, head_dim=256)      # blocks of 16 rows
+    assert "nextdeploy.decode_attention.default" not in ops_in(32, head_dim=512)  # 16 rows pass its registers

@@ -91,12 +91,11 @@ def gated_deltanet_decode(qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, co
 
 
 def decode_attention(q, key_cache, value_cache, positions):
-    """Attention of a few new tokens over a KV cache (reference.decode_attention's contract). The Triton kernel, which
+    """Attention of new tokens over a KV cache (reference.decode_attention's contract). The Triton kernel, which
     reads only the slots in use, runs for the shapes it takes (launch.decode_attention_fits) on CUDA and, as the
     `nextdeploy::decode_attention` op, in exported and compiled graphs; ONNX lowerings and everything else take the
     plain masked attention over the given cache, as does a graph exported for any prompt length (symbolic rows)."""
-    rows = q.shape[2]
-    fits = isinstance(rows, int) and decode_attention_fits(rows, q.shape[3]) and _choice != "fla"
+    fits = isinstance(q.shape[2], int) and decode_attention_fits(q.shape[3]) and _choice != "fla"
     if _tracing():
         if fits and _lowering is None:
             return ops.decode_attention(q, key_cache, value_cache, positions)

@@ -34,7 +34,17 @@ def decode_warps(K: int, V: int) -> int:
     return 2 if next_power_of_2(K) * next_power_of_2(V) <= 64 * 64 else 4
 
 
-def decode_attention_fits(rows: int, head_dim: int) -> bool:
-    """Whether the decode attention kernel takes `rows` query rows of `head_dim`: its [rows, head_dim] float32
-    accumulator stays in registers (four warps) up to 4096 elements, e.g. 16 rows at D = 256, 64 at D = 64."""
-    return dot_block(rows) * dot_block(head_dim) <= 4096
+ATTENTION_ACCUMULATOR = 4096   # float32 elements of one program's [query rows, head dim] output, in four warps' registers
+
+
+def decode_attention_fits(head_dim: int) -> bool:
+    """Whether the cache attention kernel takes heads of `head_dim`: at least 16 query rows (tl.dot's least) must
+    fit its accumulator, so up to D = 256."""
+    return 16 * dot_block(head_dim) <= ATTENTION_ACCUMULATOR
+
+
+def query_rows_per_program(rows: int, head_dim: int) -> int:
+    """Query rows of one program of the cache attention kernel: all of them where they fit its accumulator (a
+    decode step's query heads of one KV head: the KV blocks are read once), else blocks of as many as fit, e.g.
+    16 rows at D = 256, 64 at D = 64."""
+    return min(dot_block(rows), ATTENTION_ACCUMULATOR // dot_block(head_dim))

@@ -1,14 +1,16 @@
-"""Attention of a few new tokens over a fixed-capacity KV cache, reading only the slots in use
-(reference: reference.decode_attention).
+"""Attention of new tokens over a fixed-capacity KV cache, reading only the slots in use
+(reference: reference.decode_attention): decode steps, and prefill chunks written into the cache.
 
 The model's cache holds max_seq_len slots per row and its graphs are static, so a plain attention call reads the
 whole capacity every step (masked past each row's position): at `small`'s 8448 slots, batch 32, that is 3.3 GB per
 decode step. Here each program loads its row's positions and loops only over the slots up to the furthest of them,
 so a step reads what the rows hold, inside the same static graph (the bound is data in device memory).
 
-Split over the sequence (flash-decoding): program (row and KV head, split) covers 1/NSPLIT of the row's live
-blocks with an online softmax and writes its unnormalised output, running max and sum; the wrapper combines the
-splits. The query heads that share a KV head are the program's query rows, so each KV block is read once.
+Split over the sequence (flash-decoding): program (row and KV head, split, block of query rows) covers 1/NSPLIT
+of the live blocks its query rows see, with an online softmax, and writes its unnormalised output, running max and
+sum; the wrapper combines the splits. The query heads that share a KV head are query rows of one program while they
+fit its registers (a decode step: each KV block is read once); a prefill chunk's many rows take many blocks of
+rows, each reading the slots up to its own last position (causal, without a mask over the cache).
 
 Checked against the reference in Triton's interpreter (float32); bfloat16 and the timing against the whole-cache
 attention (bench.kernels, decode_attention) are for the GPU.
@@ -20,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import dot_block
+from .launch import dot_block, query_rows_per_program
 
 SLOT_BYTES = 32 * 1024    # one K (or V) block of the loop; Triton pipelines a few of each through shared memory
 
@@ -42,9 +44,10 @@ def decode_attention_kernel(
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
+    row_block = tl.program_id(2)
     b = (bh // HKV).to(tl.int64)
     h = bh % HKV
-    rows = tl.arange(0, BM)
+    rows = row_block * BM + tl.arange(0, BM)
     cols = tl.arange(0, BD)
     row_ok = rows < R
     col_ok = cols < D
@@ -82,16 +85,18 @@ def decode_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(value_cache.dtype.element_ty), vt, input_precision=PREC)
         l = l * alpha + tl.sum(p, axis=1)
         m = m_new
-    base = bh * NSPLIT + split
-    tl.store(acc_out + (base * BM + rows[:, None]) * BD + cols[None, :], acc)
-    tl.store(max_out + base * BM + rows, m)
-    tl.store(sum_out + base * BM + rows, l)
+    # Outputs [bh, row block, split, BM(, BD)]
+    base = (bh * tl.num_programs(2) + row_block) * NSPLIT + split
+    local = tl.arange(0, BM)
+    tl.store(acc_out + (base * BM + local[:, None]) * BD + cols[None, :], acc)
+    tl.store(max_out + base * BM + local, m)
+    tl.store(sum_out + base * BM + local, l)
 
 
-def splits(batch_heads: int, capacity: int, block: int, programs: int = 264) -> int:
-    """Sequence splits per (row, KV head): enough programs to fill a GPU (about two per SM of an H100) when the
-    rows are long, never more than the capacity has blocks of four."""
-    return max(1, min(triton.cdiv(capacity, 4 * block), triton.cdiv(programs, batch_heads)))
+def splits(programs_per_split: int, capacity: int, block: int, programs: int = 264) -> int:
+    """Sequence splits per (row, KV head, block of query rows): enough programs to fill a GPU (about two per SM of
+    an H100) when the rows are long, never more than the capacity has blocks of four."""
+    return max(1, min(triton.cdiv(capacity, 4 * block), triton.cdiv(programs, programs_per_split)))
 
 
 def decode_attention(q, key_cache, value_cache, positions, launch=None):
@@ -100,21 +105,22 @@ def decode_attention(q, key_cache, value_cache, positions, launch=None):
     B, Hkv, R, D = q.shape
     T = positions.shape[1]
     q = q if q.stride(-1) == 1 else q.contiguous()
-    BM, BD = dot_block(R), dot_block(D)
+    BM, BD = query_rows_per_program(R, D), dot_block(D)
+    row_blocks = triton.cdiv(R, BM)
     block = slots_per_block(BD, key_cache.element_size())
-    nsplit = splits(B * Hkv, key_cache.shape[2], block)
-    acc = torch.empty(B * Hkv, nsplit, BM, BD, dtype=torch.float32, device=q.device)
-    run_max = torch.empty(B * Hkv, nsplit, BM, dtype=torch.float32, device=q.device)
-    run_sum = torch.empty(B * Hkv, nsplit, BM, dtype=torch.float32, device=q.device)
+    nsplit = splits(B * Hkv * row_blocks, key_cache.shape[2], block)
+    acc = torch.empty(B * Hkv, row_blocks, nsplit, BM, BD, dtype=torch.float32, device=q.device)
+    run_max = torch.empty(B * Hkv, row_blocks, nsplit, BM, dtype=torch.float32, device=q.device)
+    run_sum = torch.empty(B * Hkv, row_blocks, nsplit, BM, dtype=torch.float32, device=q.device)
     kernel = launch(decode_attention_kernel) if launch else decode_attention_kernel
-    kernel[(B * Hkv, nsplit)](
+    kernel[(B * Hkv, nsplit, row_blocks)](
         q, key_cache, value_cache, positions, acc, run_max, run_sum, R, T,
         q.stride(0), q.stride(1), q.stride(2), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), positions.stride(0), positions.stride(1),
         HKV=Hkv, D=D, NSPLIT=nsplit, BM=BM, BD=BD, BLOCK=block,
         PREC="ieee" if key_cache.dtype == torch.float32 else "tf32", num_warps=4)
     # Combine the splits: weight each by exp(its max - the overall max); a split that saw nothing has sum 0.
-    top = run_max.amax(dim=1, keepdim=True)
+    top = run_max.amax(dim=2, keepdim=True)
     weight = torch.exp(run_max - top.clamp(min=torch.finfo(torch.float32).min))
-    out = (acc * weight[..., None]).sum(1) / (run_sum * weight).sum(1)[..., None]
-    return out[:, :R, :D].reshape(B, Hkv, R, D).to(q.dtype)
+    out = (acc * weight[..., None]).sum(2) / (run_sum * weight).sum(2)[..., None]   # [B*Hkv, row blocks, BM, BD]
+    return out.flatten(1, 2)[:, :R, :D].reshape(B, Hkv, R, D).to(q.dtype)
