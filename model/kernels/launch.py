@@ -34,7 +34,7 @@ def decode_warps(K: int, V: int) -> int:
     return 2 if next_power_of_2(K) * next_power_of_2(V) <= 64 * 64 else 4
 
 
-ATTENTION_ACCUMULATOR = 4096   # float32 elements of one program's [query rows, head dim] output, in four warps' registers
+ATTENTION_ACCUMULATOR = 4096   # float32 elements of a program's [query rows, head dim] output: four warps' registers
 
 
 def decode_attention_fits(head_dim: int) -> bool:
