@@ -183,37 +183,48 @@ def _triton_conv(*args):
     return triton_conv.causal_conv1d(*args)
 
 
-# ---- decode attention over a fixed-capacity KV cache ----------------------------------------------------------
+# ---- attention over a fixed-capacity KV cache: decode steps and prefill chunks -------------------------------
 
 # Attention heads: Hq query heads sharing Hkv KV heads, of dimension D; a cache of S slots per row, `context` of them
-# in use (the new token sits at slot `context`).
+# in use before the T new tokens (at slots context .. context + T - 1).
 ATTENTION_HEADS = {"tiny": dict(Hq=4, Hkv=1, D=64, S=4096), "small": dict(Hq=8, Hkv=2, D=256, S=8448),
                    "qwen3-next": dict(Hq=16, Hkv=2, D=256, S=8448)}
 
 
-def _attention_shape(model: str, B: int, context: int) -> dict:
-    return {"model": model, "B": B, "context": context, **ATTENTION_HEADS[model]}
+def _attention_shape(model: str, B: int, context: int, T: int = 1) -> dict:
+    return {"model": model, "B": B, "T": T, "context": context, **ATTENTION_HEADS[model]}
 
 
 ATTENTION = [_attention_shape("tiny", 1, 128), _attention_shape("tiny", 32, 1024), _attention_shape("small", 1, 128),
              _attention_shape("small", 1, 8192), _attention_shape("small", 32, 128),
              _attention_shape("small", 32, 2048), _attention_shape("qwen3-next", 1, 4096),
              _attention_shape("qwen3-next", 8, 8192)]
-QUICK_ATTENTION = [dict(model="quick", B=1, context=20, Hq=4, Hkv=2, D=16, S=64),
-                   dict(model="quick", B=3, context=100, Hq=6, Hkv=2, D=32, S=160)]
+QUICK_ATTENTION = [dict(model="quick", B=1, T=1, context=20, Hq=4, Hkv=2, D=16, S=64),
+                   dict(model="quick", B=3, T=1, context=100, Hq=6, Hkv=2, D=32, S=160)]
+# A prompt chunk of one row (the compiled engine's prefill), from the start and after earlier chunks.
+ATTENTION_PREFILL = [_attention_shape("tiny", 1, 0, 2048), _attention_shape("small", 1, 0, 2048),
+                     _attention_shape("small", 1, 4096, 2048), _attention_shape("small", 1, 0, 128),
+                     _attention_shape("qwen3-next", 1, 6144, 2048)]
+QUICK_ATTENTION_PREFILL = [dict(model="quick", B=1, T=24, context=10, Hq=4, Hkv=2, D=16, S=64)]
 
 
 def attention_inputs(s: dict, dtype: torch.dtype, device: str, gen: torch.Generator) -> tuple:
     B, Hq, Hkv, D, S = (s[k] for k in ("B", "Hq", "Hkv", "D", "S"))
     r = lambda *shape: torch.randn(*shape, generator=gen, device=device).to(dtype)  # noqa: E731
-    positions = torch.full((B, 1), s["context"], dtype=torch.long, device=device)
-    return r(B, Hkv, Hq // Hkv, D), r(B, Hkv, S, D), r(B, Hkv, S, D), positions
+    positions = (s["context"] + torch.arange(s["T"], device=device)).expand(B, -1).contiguous()
+    return r(B, Hkv, Hq // Hkv * s["T"], D), r(B, Hkv, S, D), r(B, Hkv, S, D), positions
 
 
 def attention_bytes(s: dict, esize: int) -> int:
     """What must be read: the keys and values in use (not the whole capacity), the queries, the output."""
-    B, Hq, Hkv, D = (s[k] for k in ("B", "Hq", "Hkv", "D"))
-    return (2 * B * Hkv * (s["context"] + 1) * D + 2 * B * Hq * D) * esize
+    B, T, Hq, Hkv, D = (s[k] for k in ("B", "T", "Hq", "Hkv", "D"))
+    return (2 * B * Hkv * (s["context"] + T) * D + 2 * B * Hq * T * D) * esize
+
+
+def attention_flops(s: dict) -> int:
+    """Scores and weighted values over the slots each query sees (causal within the new tokens)."""
+    B, T, Hq, D = (s[k] for k in ("B", "T", "Hq", "D"))
+    return 4 * B * Hq * D * (T * s["context"] + T * (T + 1) // 2)
 
 
 def without_state(attention: Callable) -> Callable:
@@ -243,6 +254,8 @@ KERNELS: list[Kernel] = [
            in_place(reference.gated_deltanet_decode), decode_step_bytes),
     Kernel("decode_attention", "decode", ATTENTION, QUICK_ATTENTION, attention_inputs,
            without_state(reference.decode_attention), attention_bytes),
+    Kernel("decode_attention", "prefill", ATTENTION_PREFILL, QUICK_ATTENTION_PREFILL, attention_inputs,
+           without_state(reference.decode_attention), attention_bytes, attention_flops),
 ]
 
 
