@@ -151,12 +151,12 @@ class _Slot:
 
 
 class _PrefillStage:
-    """One row of state at fixed addresses, and per chunk length the input ids buffer and the graph captured over
-    them with its logits. The graphs share one memory pool: they replay one at a time, on one stream."""
+    """One row of state at fixed addresses, and per chunk length (input ids buffer, graph captured over them, its
+    logits). The graphs share one memory pool: they replay one at a time, on one stream."""
 
     def __init__(self, tensors, pool):
         self.tensors, self.pool = tensors, pool
-        self.ids, self.graphs, self.logits = {}, {}, {}
+        self.chunks: dict[int, tuple] = {}
 
 
 class CompiledBackend:
@@ -293,16 +293,28 @@ class CompiledBackend:
         return slot.logits[:batch]
 
     def _capture(self, slot: _Slot) -> None:
-        """Record the bucket's decode step over this slot's buffers. Capturing runs nothing; the step was warmed
-        up on this stream when it was compiled, so no lazy initialisation happens inside the capture. Each graph
-        keeps its own memory pool: graphs of different slots replay in any order."""
+        """Record the bucket's decode step over this slot's buffers. Each decode graph keeps its own memory pool:
+        graphs of different slots replay in any order."""
+        slot.graph, slot.logits = self._record(self.steps[(slot.bucket, 1)], slot.ids, *slot.tensors)
+
+    def _record(self, step, *args, pool=None):
+        """(CUDA graph of step(*args) on the backend's stream, its output). Capturing runs nothing; every step was
+        warmed up on this stream when it was compiled, so no lazy initialisation happens inside the capture."""
         torch = self.torch
         graph = torch.cuda.CUDAGraph()
         self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.graph(graph, stream=self.stream):
-            logits = self.steps[(slot.bucket, 1)](slot.ids, *slot.tensors)
+        with torch.cuda.graph(graph, pool=pool, stream=self.stream):
+            out = step(*args)
         torch.cuda.current_stream().wait_stream(self.stream)
-        slot.graph, slot.logits = graph, logits
+        return graph, out
+
+    def _chunks(self, ids: np.ndarray):
+        """(length, ids [1, length] on the host) of each compiled chunk a prompt runs as, in order."""
+        start = 0
+        for n in chunk_lengths(len(ids), self.chunks):
+            # Made [n] then [1, n]: compiled code is specialised on strides, and NumPy's size-1 strides vary.
+            yield n, self.torch.from_numpy(np.array(ids[start:start + n]))[None]
+            start += n
 
     def _prefill(self, slot: _Slot, row: int, ids: np.ndarray):
         return self._prefill_graphs(slot, row, ids) if self.graphs else self._prefill_direct(slot, row, ids)
@@ -314,27 +326,17 @@ class CompiledBackend:
         stage = self.stage
         for mine, theirs in zip(stage.tensors, slot.tensors):
             mine.copy_(theirs[row:row + 1])
-        start = 0
-        for n in chunk_lengths(len(ids), self.chunks):
-            if n not in stage.graphs:
-                self._capture_prefill(n)
-            stage.ids[n].copy_(torch.from_numpy(np.array(ids[start:start + n]))[None])
-            stage.graphs[n].replay()
-            start += n
+        for n, chunk in self._chunks(ids):
+            if n not in stage.chunks:
+                buffer = torch.zeros(1, n, dtype=torch.long, device=self.device)
+                stage.chunks[n] = (buffer, *self._record(self.steps[(1, n)], buffer, *stage.tensors,
+                                                         pool=stage.pool))
+            buffer, graph, logits = stage.chunks[n]
+            buffer.copy_(chunk)
+            graph.replay()
         for mine, theirs in zip(stage.tensors, slot.tensors):
             theirs[row:row + 1].copy_(mine)
-        return stage.logits[n].clone()    # the graph's output buffer: the next row's replay overwrites it
-
-    def _capture_prefill(self, n: int) -> None:
-        """As _capture, for the prefill chunk of n tokens over the stage's buffers."""
-        torch, stage = self.torch, self.stage
-        stage.ids[n] = torch.zeros(1, n, dtype=torch.long, device=self.device)
-        graph = torch.cuda.CUDAGraph()
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.graph(graph, pool=stage.pool, stream=self.stream):
-            stage.logits[n] = self.steps[(1, n)](stage.ids[n], *stage.tensors)
-        torch.cuda.current_stream().wait_stream(self.stream)
-        stage.graphs[n] = graph
+        return logits.clone()    # the graph's output buffer: the next row's replay overwrites it
 
     def _prefill_direct(self, slot: _Slot, row: int, ids: np.ndarray):
         torch = self.torch
@@ -350,12 +352,8 @@ class CompiledBackend:
                 staged.append((view, stage))
                 view = stage
             views.append(view)
-        start = 0
-        for n in chunk_lengths(len(ids), self.chunks):
-            # Made [n] then [1, n]: compiled code is specialised on strides, and NumPy's size-1 strides vary.
-            chunk = torch.from_numpy(np.array(ids[start:start + n]))[None].to(self.device)
-            logits = self.steps[(1, n)](chunk, *views)
-            start += n
+        for n, chunk in self._chunks(ids):
+            logits = self.steps[(1, n)](chunk.to(self.device), *views)
         for view, stage in staged:
             view.copy_(stage)
         return logits
