@@ -133,6 +133,40 @@ def test_ragged_prefill_and_padding_rows_change_nothing(engine):
         assert rel(engine.decode([i + 4], single), b[i:i + 1]) < 1e-5
 
 
+def test_cuda_graph_bookkeeping_with_a_stand_in_for_graphs(artifact, monkeypatch):
+    """The CUDA path's bookkeeping, run on the CPU with a stand-in for CUDA graphs that reruns the recorded step at
+    each replay: decode over a slot's fixed buffers, and prefill through the one-row stage (a row's state copied in,
+    each chunk's ids into its fixed buffer, the state copied back, the logits cloned out of the graph's output,
+    which the next row's replay overwrites). Ragged rows, then decode steps: the direct path's logits."""
+    from runtime.compiled_backend import CompiledBackend
+
+    class Replay:
+        def __init__(self, step, args, out):
+            self.step, self.args, self.out = step, args, out
+
+        def replay(self):
+            self.out.copy_(self.step(*self.args))
+
+    def record(self, step, *args, pool=None):
+        out = step(*[a.clone() for a in args])   # a capture runs nothing: the buffers stay as they are
+        return Replay(step, args, out), out
+
+    monkeypatch.setattr(CompiledBackend, "_record", record)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    graphs, direct = (runtime.load(artifact[1], backend="compiled", form="aoti") for _ in range(2))
+    graphs.backend.graphs = True
+    rows = [np.arange(5, 14), np.arange(40, 44), np.arange(3, 10)]    # chunks 4+4+1, 4, 4+1+1+1
+    states = graphs.new_state(3), direct.new_state(3)
+    # (copies: on the CPU the logits a decode graph returns are views of its output buffer, which CUDA copies out)
+    got = [[e.prefill(rows, s)] + [e.decode([t, t + 1, t + 2], s).copy() for t in (1, 4, 7)]
+           for e, s in zip((graphs, direct), states)]
+    np.testing.assert_allclose(np.stack(got[0]), np.stack(got[1]), rtol=1e-6, atol=1e-6)
+    assert sorted(graphs.backend.stage.chunks) == [1, 4] and states[0].tensors.slot.graph is not None
+    same_length = np.arange(20, 47).reshape(3, 9)       # one call: every row's prefill before the rows are joined
+    np.testing.assert_allclose(graphs.prefill(same_length, graphs.new_state(3)),
+                               direct.prefill(same_length, direct.new_state(3)), rtol=1e-6, atol=1e-6)
+
+
 def test_clone_and_restore_give_identical_continuations(engine):
     state = engine.new_state(2)
     engine.prefill([[4, 8, 15, 16, 23, 42], [1, 2, 3, 4, 5, 6]], state)
