@@ -113,7 +113,8 @@ bench_run() {  # bench_run NAME ARTIFACT ARGS...
 
 # The compiled target compiles one graph per decode bucket and prefill chunk: a few, to keep the run short (16 for
 # the generate run's prompt, which no larger chunk covers).
-read -r -a COMPILED <<< "${COMPILED_ARGS:---target torch compiled --decode-buckets 1 8 32 --prefill-chunks 16 128 2048}"
+SHAPES=(--decode-buckets 1 8 32 --prefill-chunks 16 128 2048)
+read -r -a COMPILED <<< "${COMPILED_ARGS:---target torch compiled ${SHAPES[*]}}"
 stage_tiny() {
     tiny_checkpoint && export_art tiny-bf16 "$TINY_CKPT" "${COMPILED[@]}" --dtype bfloat16 --max-batch 32 \
         --max-seq-len 4096 && bench_run tiny-bf16 "$WORK/art/tiny-bf16" --repeats 5 --drift-steps 1024 \
@@ -124,10 +125,9 @@ stage_hf-tiny() {
         --generate-repeats 1 --drift-steps 256
 }
 stage_tiny-autotune() {
-    tiny_checkpoint && export_art tiny-bf16-autotune "$TINY_CKPT" --target compiled --decode-buckets 1 8 32 \
-        --prefill-chunks 16 128 2048 --autotune --dtype bfloat16 \
-        --max-batch 32 --max-seq-len 4096 && bench_run tiny-bf16-autotune "$WORK/art/tiny-bf16-autotune" --repeats 5 \
-        --drift-steps 1024 --backends compiled eager
+    tiny_checkpoint && export_art tiny-bf16-autotune "$TINY_CKPT" --target compiled "${SHAPES[@]}" --autotune \
+        --dtype bfloat16 --max-batch 32 --max-seq-len 4096 && bench_run tiny-bf16-autotune \
+        "$WORK/art/tiny-bf16-autotune" --repeats 5 --drift-steps 1024 --backends compiled eager
 }
 stage_kernels() {
     step "bench.kernels" kernels python3 -m bench.kernels --out "$WORK/reports/kernels" --device "$DEVICE" --repeats 10 \
