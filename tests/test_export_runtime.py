@@ -299,15 +299,23 @@ def test_large_models_keep_weights_as_external_data(random_model, tmp_path, monk
     np.testing.assert_allclose(a.prefill(ids, a.new_state(1)), b.prefill(ids, b.new_state(1)), rtol=1e-5, atol=1e-6)
 
 
+def cuda_path_on_cpu(out):
+    """An onnxruntime engine on the CPU that takes its CUDA path (state slots, IOBinding, graph sessions, shared
+    weights) with CPU OrtValues; gpu_graph_id is ignored on the CPU."""
+    from runtime.slots import SlotPool
+    engine = runtime.load(out)
+    b = engine.backend
+    b.slots, b.value_device, b.cuda_graphs = SlotPool(b._new_slot), "cpu", True
+    return engine
+
+
 def test_onnxruntime_bound_state_logic_with_cpu_values(random_model):
     """The CUDA path's bookkeeping (state slots, alternating sets, fixed IOBindings per CUDA graph id, ragged
     prefill and clones through the host, slot reuse) run with CPU OrtValues: it must match the NumPy path."""
     import gc
-    from runtime.slots import SlotPool
     out = random_model[1]
-    plain, bound = runtime.load(out), runtime.load(out)
+    plain, bound = runtime.load(out), cuda_path_on_cpu(out)
     b = bound.backend
-    b.slots, b.value_device, b.cuda_graphs = SlotPool(b._new_slot), "cpu", True   # gpu_graph_id: ignored on CPU
     ids = np.random.default_rng(2).integers(0, 101, size=(3, 30))
     states = plain.new_state(3), bound.new_state(3)
     for eng, st in zip((plain, bound), states):
@@ -341,7 +349,6 @@ def test_onnxruntime_weights_it_will_not_share_load_per_session(random_model, mo
     allocation made every CUDA load fail). Given values it owns, the backend says so and each session loads its own
     weights: same results, no failure."""
     from runtime.onnx_backend import OnnxRuntimeBackend
-    from runtime.slots import SlotPool
 
     def owned(self, array):
         value = self.ort.OrtValue.ortvalue_from_shape_and_type(list(array.shape), array.dtype, "cpu", 0)
@@ -349,9 +356,8 @@ def test_onnxruntime_weights_it_will_not_share_load_per_session(random_model, mo
         return value
     monkeypatch.setattr(OnnxRuntimeBackend, "_user_owned", owned)
     out = random_model[1]
-    plain, bound = runtime.load(out), runtime.load(out)
+    plain, bound = runtime.load(out), cuda_path_on_cpu(out)
     b = bound.backend
-    b.slots, b.value_device, b.cuda_graphs = SlotPool(b._new_slot), "cpu", True
     ids = np.random.default_rng(3).integers(0, 101, size=(2, 12))
     states = plain.new_state(2), bound.new_state(2)
     with caplog.at_level("WARNING", logger="next_deploy.runtime"):
