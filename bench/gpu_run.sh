@@ -16,6 +16,7 @@
 #   ort-small with onnxruntime-gpu: a float16 CUDA onnxruntime artifact of small, bench onnxruntime / eager
 #   tiny-autotune  tiny's compiled target again with --autotune (Inductor's Triton matmuls against cuBLAS), bench
 #             compiled: compare its decode with the tiny stage's compiled row
+#   tiny-pdl  the same with --pdl (programmatic dependent launch between Inductor's kernels)
 # A stage that would not finish inside BUDGET seconds (default 580) is skipped and named at the end, with the
 # command that runs it. Logs, report.md / report.json and a chart or two per run go to $OUT (or $WORK/out);
 # the Markdown tables are printed last. fla / causal-conv1d / onnxruntime-gpu are found on PYTHONPATH (the
@@ -24,7 +25,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 TINY_CKPT=${1:-}
-STAGES=${STAGES:-"tiny hf-tiny kernels small ort-tiny ort-small tiny-autotune"}
+STAGES=${STAGES:-"tiny hf-tiny kernels small ort-tiny ort-small tiny-pdl tiny-autotune"}
 BUDGET=${BUDGET:-580}
 WORK=${WORK:-/tmp/nd-bench}
 DEVICE=${DEVICE:-cuda}
@@ -55,7 +56,9 @@ EOF
 ORT_GPU=$(python3 -c "import onnxscript, onnxruntime as o; print(int('CUDAExecutionProvider' in o.get_available_providers()))" 2>/dev/null || echo 0)
 
 skipped=()
-declare -A ESTIMATE=([tiny]=420 [hf-tiny]=300 [kernels]=150 [small]=550 [ort-tiny]=350 [ort-small]=450 [tiny-autotune]=450)   # seconds seen on an H100 (tiny-autotune: guessed)
+# Seconds seen on an H100 (tiny-autotune, tiny-pdl: guessed).
+declare -A ESTIMATE=([tiny]=420 [hf-tiny]=300 [kernels]=150 [small]=550 [ort-tiny]=350 [ort-small]=450
+                    [tiny-autotune]=450 [tiny-pdl]=300)
 reports=()
 
 step() {  # step NAME LOG CMD...: run, log, print one line
@@ -124,11 +127,14 @@ stage_hf-tiny() {
     tiny_checkpoint && bench_run hf-tiny "$TINY_CKPT" --dtype bfloat16 --backends eager hf --repeats 3 \
         --generate-repeats 1 --drift-steps 256
 }
-stage_tiny-autotune() {
-    tiny_checkpoint && export_art tiny-bf16-autotune "$TINY_CKPT" --target compiled "${SHAPES[@]}" --autotune \
-        --dtype bfloat16 --max-batch 32 --max-seq-len 4096 && bench_run tiny-bf16-autotune \
-        "$WORK/art/tiny-bf16-autotune" --repeats 5 --drift-steps 1024 --backends compiled eager
+tiny_variant() {  # tiny_variant NAME EXPORT_FLAG: tiny's compiled target again with one export option
+    local name=tiny-bf16-$1; shift
+    tiny_checkpoint && export_art "$name" "$TINY_CKPT" --target compiled "${SHAPES[@]}" "$@" --dtype bfloat16 \
+        --max-batch 32 --max-seq-len 4096 && bench_run "$name" "$WORK/art/$name" --repeats 5 --drift-steps 1024 \
+        --backends compiled eager
 }
+stage_tiny-autotune() { tiny_variant autotune --autotune; }
+stage_tiny-pdl() { tiny_variant pdl --pdl; }
 stage_kernels() {
     step "bench.kernels" kernels python3 -m bench.kernels --out "$WORK/reports/kernels" --device "$DEVICE" --repeats 10 \
         --overwrite "${KERNEL_EXTRA[@]}" && keep kernels "$WORK/reports/kernels"
@@ -153,8 +159,8 @@ for s in $STAGES; do
     if [[ $s == ort-* && $ORT_GPU != 1 ]]; then
         skipped+=("$s (needs onnxruntime-gpu with CUDAExecutionProvider, and onnxscript)"); continue
     fi
-    if [[ $s == *-autotune && $DEVICE != cuda ]]; then
-        skipped+=("$s (--autotune compiles for CUDA only)"); continue
+    if [[ ($s == *-autotune || $s == *-pdl) && $DEVICE != cuda ]]; then
+        skipped+=("$s (--${s#tiny-} compiles for CUDA only)"); continue
     fi
     if (( SECONDS + ${ESTIMATE[$s]:-120} > BUDGET )); then
         skipped+=("$s (about ${ESTIMATE[$s]:-120}s, ${SECONDS}s of ${BUDGET}s used)"); continue

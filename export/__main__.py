@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compiled target on CUDA: let Inductor time its own Triton matrix-product kernels against "
                    "cuBLAS for every product and keep the faster, fusing neighbouring work into them where it can "
                    "(max-autotune; compiling takes several times longer)")
+    p.add_argument("--pdl", action="store_true",
+                   help="compiled target on CUDA (compute capability 9.0 on): launch Inductor's kernels with "
+                   "programmatic dependent launch, so each starts while the one before it finishes")
     p.add_argument("--verify-tokens", type=cli.integer(2), default=48,
                    help="tokens per row in the parity check, below --max-seq-len (default: %(default)s)")
     return p
@@ -84,7 +87,8 @@ class Stages:
 
 def validate(args, config):
     from .errors import ExportError
-    from runtime.compiled_backend import default_decode_buckets, default_prefill_chunks, missing_toolchain
+    from runtime.compiled_backend import (default_decode_buckets, default_prefill_chunks, missing_toolchain,
+                                          pdl_support)
     if args.max_seq_len > config.max_position_embeddings:
         raise ExportError(f"--max-seq-len must be at most {config.max_position_embeddings} (the model's "
                           f"max_position_embeddings), got {args.max_seq_len}")
@@ -120,6 +124,13 @@ def validate(args, config):
         raise ExportError("--autotune applies to the compiled target on CUDA (on the CPU, Inductor's templates "
                           "fold the weights into code that the artifact keeps apart from them); use --target "
                           "compiled --device cuda, or drop --autotune")
+    if args.pdl:
+        if "compiled" not in args.target or args.device != "cuda":
+            raise ExportError("--pdl applies to the compiled target on CUDA; use --target compiled --device cuda, "
+                              "or drop --pdl")
+        problem = pdl_support(args.device)
+        if problem:
+            raise ExportError(f"--pdl cannot be used here: {problem}; drop --pdl")
     if "compiled" in args.target:
         if any(c > args.max_seq_len for c in args.prefill_chunks or []):
             raise ExportError(f"--prefill-chunks {max(args.prefill_chunks)} exceeds --max-seq-len "
@@ -183,7 +194,7 @@ def export(args) -> Path:
             if target == "compiled":
                 manifest.targets[target] = compiled.build(
                     model, tmp, args.device, args.max_seq_len, args.decode_buckets, args.prefill_chunks,
-                    manifest.state, stage, args.autotune)
+                    manifest.state, stage, args.autotune, args.pdl)
                 continue
             if target == "tensorrt":
                 manifest.targets[target] = tensorrt.build(model, args, tmp, stage)

@@ -24,7 +24,7 @@ import torch
 
 from model import Qwen3NextForCausalLM
 from model.fusion import fuse_projections
-from runtime.compiled_backend import compile_step, compiled_shapes, fingerprint, shape_name
+from runtime.compiled_backend import compile_options, compile_step, compiled_shapes, fingerprint, shape_name
 from runtime.torch_backend import share_weights, zeros_state
 
 from .graph import InPlaceStepModule, export_steps
@@ -33,9 +33,9 @@ DIRECTORY = "compiled"
 
 
 def build(model: Qwen3NextForCausalLM, out: Path, device: str, max_seq_len: int, buckets: list[int],
-          chunks: list[int], specs, stage, autotune: bool = False) -> dict:
-    """Write ART/compiled/ and return the manifest's target entry. `stage` prints one line per step; `autotune`
-    (CUDA) compiles with Inductor's max-autotune (runtime/compiled_backend.compile_mode), recorded for the runtime."""
+          chunks: list[int], specs, stage, autotune: bool = False, pdl: bool = False) -> dict:
+    """Write ART/compiled/ and return the manifest's target entry. `stage` prints one line per step; `autotune` and
+    `pdl` (CUDA) are Inductor options (runtime/compiled_backend.compile_options), recorded for the runtime."""
     started = time.perf_counter()
     (out / DIRECTORY).mkdir()
     with stage("exporting the in-place step for the compiled target"):
@@ -47,10 +47,11 @@ def build(model: Qwen3NextForCausalLM, out: Path, device: str, max_seq_len: int,
     programs = share_weights({role: torch.export.load(str(out / files[role])) for role in ("prefill", "decode")})
     if device == "cuda":
         forms = ["exported", "inductor_cache"]
+        options = compile_options(autotune, pdl)
         for batch, tokens in compiled_shapes(buckets, chunks):
             with stage(f"compiling {shape_name(batch, tokens)} with Inductor"):
                 compile_step(programs["decode" if tokens == 1 else "prefill"], specs, batch, tokens, device,
-                             autotune=autotune)
+                             options=options)
         recorded = torch.compiler.save_cache_artifacts()
         if recorded is None:
             forms.remove("inductor_cache")   # caches are turned off here (TORCHINDUCTOR_FORCE_DISABLE_CACHES)
@@ -74,5 +75,5 @@ def build(model: Qwen3NextForCausalLM, out: Path, device: str, max_seq_len: int,
                         static, package_path=str(out / files[f"aoti:{name}"]),
                         inductor_configs={"aot_inductor.package_constants_in_so": False})
     return {"files": files, "forms": forms, "custom_ops": custom_ops, "decode_buckets": buckets,
-            "prefill_chunks": chunks, "autotune": autotune,
+            "prefill_chunks": chunks, "autotune": autotune, "pdl": pdl,
             "compiled_with": fingerprint(device), "compile_seconds": round(time.perf_counter() - started, 1)}

@@ -109,22 +109,46 @@ def missing_toolchain(device: str) -> str | None:
     return None
 
 
-def compile_mode(autotune: bool) -> str | None:
-    """torch.compile's mode: with `autotune` (CUDA artifacts), Inductor times its own Triton matrix-product
-    templates, which can take neighbouring pointwise work into the same kernel, against cuBLAS for every product
-    and keeps the faster. CUDA graphs stay off: the backend captures its own over fixed buffers."""
-    return "max-autotune-no-cudagraphs" if autotune else None
+def pdl_support(device: str) -> str | None:
+    """Why Inductor cannot emit programmatic dependent launch here, or None when it can."""
+    import torch
+    if device != "cuda" or not torch.cuda.is_available():
+        return "programmatic dependent launch is a CUDA feature"
+    if not hasattr(torch._inductor.config.triton, "enable_pdl"):
+        return f"this torch's Inductor ({torch.__version__}) has no programmatic dependent launch (triton.enable_pdl)"
+    major, minor = torch.cuda.get_device_capability()
+    if major < 9:
+        return f"programmatic dependent launch needs compute capability 9.0 or later; this GPU is {major}.{minor}"
+    return None
 
 
-def compile_step(program, specs, batch: int, tokens: int, device, stream=None, autotune: bool = False):
-    """torch.compile one shape of an exported step and run it once on scratch buffers, so that compiling (or
-    loading it from the cache) happens now. Export and runtime both compile through here: identical graphs and
-    options are what make the runtime's cache lookups hit."""
+def compile_options(autotune: bool = False, pdl: bool = False) -> dict:
+    """torch.compile's Inductor options. `autotune` (CUDA): Inductor times its own Triton matrix-product templates,
+    which can take neighbouring pointwise work into the same kernel, against cuBLAS for every product and keeps the
+    faster (max-autotune; its CUDA graphs stay off, the backend captures its own over fixed buffers). `pdl` (CUDA,
+    Hopper on): Inductor's Triton kernels launch with programmatic dependent launch, each starting while the one
+    before it finishes and waiting only where it reads that one's output; a decode step is ~100 small kernels whose
+    launch gaps are a third of its time (README, Performance)."""
+    import torch
+    options = dict(torch._inductor.list_mode_options("max-autotune-no-cudagraphs")) if autotune else {}
+    if pdl:
+        problem = pdl_support("cuda")
+        if problem:     # an artifact built where it worked, compiled afresh where it does not: still correct
+            log.warning("note: compiling without programmatic dependent launch: %s", problem)
+        else:
+            options["triton.enable_pdl"] = True
+    return options
+
+
+def compile_step(program, specs, batch: int, tokens: int, device, stream=None, options: dict | None = None):
+    """torch.compile one shape of an exported step with Inductor `options` (compile_options) and run it once on
+    scratch buffers, so that compiling (or loading it from the cache) happens now. Export and runtime both compile
+    through here: identical graphs and options are what make the runtime's cache lookups hit."""
     import torch
     module = program.module()
     for p in module.parameters():
         p.requires_grad_(False)
-    step = torch.compile(module, dynamic=False, fullgraph=True, mode=compile_mode(autotune))
+    step = torch.compile(module, dynamic=False, fullgraph=True, options=options or {})
     ids = torch.zeros(batch, tokens, dtype=torch.long, device=device)
     with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):
         step(ids, *zeros_state(specs, batch, device))
@@ -233,8 +257,9 @@ class CompiledBackend:
             log.warning("note: %s holds no compile cache for this machine: compiling %d graphs with Inductor "
                         "(minutes)", directory, len(shapes))
         programs = self._programs(directory, target, built)
+        options = compile_options(target.get("autotune", False), target.get("pdl", False))
         return {(b, t): compile_step(programs["decode" if t == 1 else "prefill"], self.specs, b, t, self.device,
-                                     self.stream, target.get("autotune", False)) for b, t in shapes}
+                                     self.stream, options) for b, t in shapes}
 
     def _load_aoti(self, directory: Path, target: dict) -> dict:
         torch = self.torch

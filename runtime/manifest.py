@@ -15,8 +15,9 @@ from model.fields import type_problems
 # A reader refuses a newer major version. Minor versions only add fields, which older readers ignore.
 # 1.1: format_minor itself; the ONNX opset is the one model.onnx holds.
 # 1.2: the compiled target's "autotune" (absent: false).
+# 1.3: the compiled target's "pdl" (absent: false).
 FORMAT_VERSION = 1
-FORMAT_MINOR = 2
+FORMAT_MINOR = 3
 MANIFEST = "manifest.json"
 DTYPES = ("float32", "float16", "bfloat16")
 

@@ -15,7 +15,7 @@ from export.__main__ import main as export_main
 from model import CapacityError, Qwen3NextForCausalLM
 from model.tokenizer import Tokenizer
 from runtime import ArtifactError
-from runtime.compiled_backend import chunk_lengths, default_decode_buckets, default_prefill_chunks
+from runtime.compiled_backend import chunk_lengths, compile_options, default_decode_buckets, default_prefill_chunks
 from tests.conftest import eager_greedy, randomize, small_config
 
 pytestmark = pytest.mark.slow
@@ -67,12 +67,21 @@ def test_shapes_cover_every_length():
         assert sum(parts) == n and len(parts) == len(set(parts))   # power-of-two chunks: one call per bit
 
 
+def test_compile_options(caplog):
+    assert compile_options() == {}
+    assert compile_options(autotune=True) == torch._inductor.list_mode_options("max-autotune-no-cudagraphs")
+    if not torch.cuda.is_available():     # an artifact built with --pdl, compiled afresh where PDL is unavailable
+        with caplog.at_level(logging.WARNING, "next_deploy.runtime"):
+            assert compile_options(pdl=True) == {}
+        assert "compiling without programmatic dependent launch" in caplog.text
+
+
 def test_manifest_describes_the_compiled_target(artifact):
     _, out = artifact
     m = json.loads((out / "manifest.json").read_text())
     c = m["targets"]["compiled"]
     assert c["forms"] == ["exported", "aoti"] and c["decode_buckets"] == [1, 4] and c["prefill_chunks"] == [4]
-    assert c["autotune"] is False
+    assert c["autotune"] is False and c["pdl"] is False
     assert set(c["files"]) == {"prefill", "decode", "aoti:decode-b1", "aoti:decode-b4", "aoti:prefill-t4"}
     assert c["compiled_with"]["torch"] == torch.__version__ and c["compile_seconds"] > 0
     assert m["parity"]["compiled"]["rel_error"] < 1e-4 and m["parity"]["compiled"]["top1_agreement"] == 1.0
@@ -254,4 +263,6 @@ def test_export_option_errors(artifact, tmp_path, capsys):
     assert "--autotune applies to the compiled target on CUDA" in capsys.readouterr().err
     assert export_main([str(ckpt), "--out", out, "--target", "torch", "--autotune"]) == 2
     assert "--autotune applies to the compiled target on CUDA" in capsys.readouterr().err
+    assert export_main([str(ckpt), "--out", out, "--target", "compiled", "--pdl"]) == 2
+    assert "--pdl applies to the compiled target on CUDA" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
