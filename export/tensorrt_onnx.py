@@ -63,6 +63,8 @@ class TensorRTLowering:
     def gated_deltanet_decode(qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, conv_state, recurrent_state,
                               slots, eps):
         Hk = decode_heads(conv_weight, A_log, norm_weight, recurrent_state)[0]
+        if slots is None:     # the plugin's contract names the state rows: here rows 0..B-1
+            slots = torch.arange(qkvz.shape[0], dtype=torch.int32, device=qkvz.device)
         # The kernel's arrival counters: zero here, and every launch leaves them zero.
         arrivals = torch.zeros(qkvz.shape[0], Hk, dtype=torch.int32, device=qkvz.device)
         o, new_conv, new_state = _plugin("gated_deltanet_decode", [qkvz, ba, conv_weight, A_log, dt_bias, norm_weight,

@@ -38,8 +38,6 @@ class GatedDeltaNet(nn.Module):
         B, T, _ = x.shape
         qkvz, ba = self.fused(x) if self.fused is not None else (self.in_proj_qkvz(x), self.in_proj_ba(x))
         if conv_state is not None and kernels.use_fused_decode(T):
-            if slots is None:
-                slots = torch.arange(B, dtype=torch.int32, device=x.device)
             o = kernels.gated_deltanet_decode(qkvz, ba, self.conv1d.weight[:, 0], self.A_log, self.dt_bias,
                                               self.norm.weight, conv_state, recurrent_state, slots, self.norm.eps)
             return self.out_proj(o)

@@ -82,7 +82,7 @@ def gated_deltanet_decode_entry(qkvz, ba, conv_weight, A_log, dt_bias, norm_weig
                                  conv_state_out, recurrent_state_out, slots, o, arrivals, T, EPS,
                                  T * WIDTH, WIDTH, T * 2 * HV, 2 * HV, CONV_DIM * (W - 1), HV * K * V,
                                  T * HV * V, HV * V,
-                                 HK, K, V, HV // HK, W, BK, BV)
+                                 HK, K, V, HV // HK, W, BK, BV, True)
 
 
 ENTRIES = {fn.__name__: fn for fn in (causal_conv1d_entry, chunk_solve_entry, chunk_scan_entry,

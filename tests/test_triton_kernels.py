@@ -147,10 +147,12 @@ def decode_inputs(B, T, Hk, group, K, V, pool, seed):
 
 
 DECODE_CASES = shapes(
-    # (batch, steps, key heads, GVA, K, V, pool rows, slots: a negative one is a padding row)
+    # (batch, steps, key heads, GVA, K, V, pool rows, slots: a negative one is a padding row; None: rows 0..B-1,
+    # as the model calls it)
     [(1, 1, 16, 2, 128, 128, 3, [1]), (4, 1, 4, 1, 64, 64, 6, [5, -1, 0, 2]), (3, 1, 3, 3, 64, 64, 3, [2, 0, 1]),
-     (2, 4, 2, 2, 128, 128, 2, [1, 0]), (5, 1, 2, 2, 48, 80, 8, [7, -1, -1, 1, 3])],
-    [(1, 1, 2, 1, 16, 32, 3, [1]), (4, 1, 2, 2, 32, 16, 6, [5, -1, 0, 2]), (2, 3, 1, 3, 16, 16, 2, [1, 0])])
+     (2, 4, 2, 2, 128, 128, 2, [1, 0]), (5, 1, 2, 2, 48, 80, 8, [7, -1, -1, 1, 3]), (3, 2, 2, 2, 64, 64, 3, None)],
+    [(1, 1, 2, 1, 16, 32, 3, [1]), (4, 1, 2, 2, 32, 16, 6, [5, -1, 0, 2]), (2, 3, 1, 3, 16, 16, 2, [1, 0]),
+     (3, 1, 2, 2, 16, 16, 3, None)])
 
 
 @runs_kernels
@@ -159,14 +161,15 @@ DECODE_CASES = shapes(
 def test_fused_decode_step(B, T, Hk, group, K, V, pool, slots, dtype):
     from model.kernels import triton_decode
     inputs = decode_inputs(B, T, Hk, group, K, V, pool, seed=B * 7 + K)
-    slots = torch.tensor(slots, dtype=torch.int32)
+    given = None if slots is None else torch.tensor(slots, dtype=torch.int32)
+    slots = torch.arange(B, dtype=torch.int32) if slots is None else given
     # Inputs rounded to the dtype first, so the float64 reference sees exactly what the kernel sees.
     rounded = {n: t.to(dtype) if n != "recurrent_state" else t for n, t in inputs.items()}
     expected = {n: t.double() for n, t in rounded.items()}
     o64 = ref.gated_deltanet_decode(**expected, slots=slots, eps=1e-6)
     got = {n: t.to(DEVICE) for n, t in rounded.items()}
     before = {n: got[n].clone() for n in ("conv_state", "recurrent_state")}
-    o = triton_decode.gated_deltanet_decode(**got, slots=slots.to(DEVICE), eps=1e-6)
+    o = triton_decode.gated_deltanet_decode(**got, slots=None if given is None else given.to(DEVICE), eps=1e-6)
     errors = (rel(o.cpu(), o64), rel(got["conv_state"].cpu(), expected["conv_state"]),
               rel(got["recurrent_state"].cpu(), expected["recurrent_state"]))
     print(f"\nfused decode {dtype} B={B} T={T} Hk={Hk} GVA={group} K={K} V={V}: output rel {errors[0]:.2e}, "

@@ -173,6 +173,12 @@ def _triton_decode_step(*args):
     return triton_decode.gated_deltanet_decode(*args)
 
 
+def _triton_decode_rows(*args):
+    """The model's own call: rows 0..B-1 with no slot tensor, which saves the load every program starts with."""
+    from model.kernels import triton_decode
+    return triton_decode.gated_deltanet_decode(*args[:8], None, *args[9:])
+
+
 def _triton_chunk(*args):
     from model.kernels import triton_chunk
     return triton_chunk.gated_delta_rule(*args)
@@ -278,6 +284,7 @@ IMPLS: list[Impl] = [
     Impl("causal_conv1d", "triton", _triton_conv, own_triton),
     Impl("gated_deltanet_decode", "reference", in_place(reference.gated_deltanet_decode)),
     Impl("gated_deltanet_decode", "triton", in_place(_triton_decode_step), own_triton),
+    Impl("gated_deltanet_decode", "triton-rows", in_place(_triton_decode_rows), own_triton),
     # The reference is the model's masked attention over the whole cache: what the Triton kernel replaces.
     Impl("decode_attention", "reference", without_state(reference.decode_attention)),
     Impl("decode_attention", "triton", without_state(_triton_attention), own_triton),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from typing import Optional
 
 import torch
 from torch.library import triton_op, wrap_triton
@@ -75,7 +76,7 @@ def _(x, weight, state):
 @triton_op(f"{NAMESPACE}::gated_deltanet_decode", mutates_args={"conv_state", "recurrent_state"})
 def gated_deltanet_decode(qkvz: torch.Tensor, ba: torch.Tensor, conv_weight: torch.Tensor, A_log: torch.Tensor,
                           dt_bias: torch.Tensor, norm_weight: torch.Tensor, conv_state: torch.Tensor,
-                          recurrent_state: torch.Tensor, slots: torch.Tensor, eps: float) -> torch.Tensor:
+                          recurrent_state: torch.Tensor, slots: Optional[torch.Tensor], eps: float) -> torch.Tensor:
     if use_triton(qkvz, ba, conv_state, recurrent_state):
         from . import triton_decode
         return triton_decode.gated_deltanet_decode(qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, conv_state,

@@ -177,9 +177,11 @@ def gated_deltanet_decode(qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, co
     qkvz [B,T,Hk*(2K+2rV)], ba [B,T,2Hv] (raw projections, see split_projections); conv_weight [conv_dim,W];
     A_log, dt_bias [Hv]; norm_weight [V]; conv_state [P,conv_dim,W-1] and recurrent_state [P,Hv,K,V] (float32):
     pools whose row slots[i] is batch row i's state, updated in place; slots [B] integer, negative for padding
-    rows (output zero, no state touched). Returns o [B,T,Hv*V] in qkvz's dtype.
+    rows (output zero, no state touched), or None for rows 0..B-1. Returns o [B,T,Hv*V] in qkvz's dtype.
     """
     B, T, _ = qkvz.shape
+    if slots is None:
+        slots = torch.arange(B, dtype=torch.int32, device=qkvz.device)
     Hk, Hv, K, V = decode_heads(conv_weight, A_log, norm_weight, recurrent_state)
     q, k, v, z, b, a = split_projections(qkvz, ba, Hk, K, V)
     rows = slots.clamp(min=0).long()

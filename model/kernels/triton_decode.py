@@ -56,13 +56,16 @@ def gated_deltanet_decode_kernel(
     T, eps,
     stride_qb, stride_qt, stride_bab, stride_bat, stride_cs, stride_rs, stride_ob, stride_ot,
     HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GROUP: tl.constexpr, W: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_SLOTS: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     hk = h // GROUP
     j = h % GROUP                                          # this value head's place in its key head's group
-    slot = tl.load(slots + b).to(tl.int64)
+    if HAS_SLOTS:
+        slot = tl.load(slots + b).to(tl.int64)
+    else:
+        slot = b
     kc = tl.arange(0, BK)
     vc = tl.arange(0, BV)
     k_ok = kc < K
@@ -127,7 +130,8 @@ def gated_deltanet_decode_kernel(
 def gated_deltanet_decode(qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, conv_state, recurrent_state, slots,
                           eps: float, launch=None, num_warps: int | None = None):
     """See reference.gated_deltanet_decode for the contract. Returns o [B, T, Hv*V] in qkvz's dtype; updates
-    conv_state [P, conv_dim, W-1] and recurrent_state [P, Hv, K, V] (float32) in place at rows `slots`.
+    conv_state [P, conv_dim, W-1] and recurrent_state [P, Hv, K, V] (float32) in place at rows `slots` (None: rows
+    0..B-1, read from the program's place, where a tensor of them would cost a kernel of its own in every layer).
     One program per (batch row, value head), with launch.decode_warps warps unless told. Splitting V over several
     programs per head (tried: 2, 4, 8) was no faster at 128 x 128 and twice as slow at 64 x 64 on an H100."""
     B, T, _ = qkvz.shape
@@ -141,9 +145,9 @@ def gated_deltanet_decode(qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, co
     BK, BV = triton.next_power_of_2(K), triton.next_power_of_2(V)
     kernel[(B, Hv)](
         qkvz, ba, conv_weight.contiguous(), A_log, dt_bias, norm_weight, conv_state, recurrent_state, conv_state,
-        recurrent_state, slots, out, arrivals, T, eps,
+        recurrent_state, out if slots is None else slots, out, arrivals, T, eps,
         qkvz.stride(0), qkvz.stride(1), ba.stride(0), ba.stride(1), conv_state.stride(0), recurrent_state.stride(0),
         out.stride(0), out.stride(1),
-        HK=Hk, K=K, V=V, GROUP=Hv // Hk, W=W, BK=BK, BV=BV,
+        HK=Hk, K=K, V=V, GROUP=Hv // Hk, W=W, BK=BK, BV=BV, HAS_SLOTS=slots is not None,
         num_warps=num_warps or decode_warps(K, V))
     return out
