@@ -94,31 +94,34 @@ def gated_deltanet_decode_kernel(
         bias = tl.load(dt_bias + h).to(tl.float32)
         norm_w = tl.load(norm_weight + vc, mask=v_ok, other=0.0).to(tl.float32)
         for t in range(T):
+            # The loads that depend on nothing else first, so that at T = 1 they overlap the conv's loads rather
+            # than each adding a trip to memory after the arithmetic.
+            a = tl.load(ba_row + t * stride_bat + hk * 2 * GROUP + GROUP + j).to(tl.float32) + bias
+            beta = tl.sigmoid(tl.load(ba_row + t * stride_bat + hk * 2 * GROUP + j).to(tl.float32))
+            z = tl.load(qkvz_row + t * stride_qt + z_col, mask=v_ok, other=0.0).to(tl.float32)
             q = _conv_silu(qkvz_row, stride_qt, q_col, state_row, q_chan, conv_weight, t, K, k_ok, W)
             k = _conv_silu(qkvz_row, stride_qt, k_col, state_row, k_chan, conv_weight, t, K, k_ok, W)
             v = _conv_silu(qkvz_row, stride_qt, v_col, state_row, v_chan, conv_weight, t, V, v_ok, W)
             q = q * tl.rsqrt(tl.sum(q * q, axis=0) + 1e-6) * scale
             k = k * tl.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
-            a = tl.load(ba_row + t * stride_bat + hk * 2 * GROUP + GROUP + j).to(tl.float32) + bias
-            beta = tl.sigmoid(tl.load(ba_row + t * stride_bat + hk * 2 * GROUP + j).to(tl.float32))
             softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(tl.minimum(a, 20.0))))
             S = S * tl.exp(neg_A * softplus)
             delta = beta * (v - tl.sum(S * k[:, None], axis=0))
             S = S + k[:, None] * delta[None, :]
             o = tl.sum(S * q[:, None], axis=0)
             o = o * tl.rsqrt(tl.sum(o * o, axis=0) / V + eps).to(tl.float32)
-            z = tl.load(qkvz_row + t * stride_qt + z_col, mask=v_ok, other=0.0).to(tl.float32)
             tl.store(out_ptr + t * stride_ot, (o * norm_w * z * tl.sigmoid(z)).to(out.dtype.element_ty), mask=v_ok)
-        tl.store(rec_state_out + s_offsets, S, mask=s_mask)
-        # The conv state last: every step above read the incoming state. The v channels are this head's alone;
-        # the q and k channels are read by every value head of the key head, so the last of them to finish
+        # The steps above were the last reads of the incoming conv state. Its v channels are this head's alone;
+        # its q and k channels are read by every value head of the key head, so the last of them to get here
         # shifts those (the acq_rel counter orders the others' reads before its writes) and zeroes the counter, so
-        # a buffer zeroed once serves every later launch.
+        # a buffer zeroed once serves every later launch. The barrier: every thread's reads are done. Counted
+        # before the recurrent state's store, so that the release does not wait for that store to drain.
         tl.debug_barrier()
-        _shift_conv_state(qkvz_row, stride_qt, v_col, state_row, out_row, v_chan, T, v_ok, W)
         last = True
         if GROUP > 1:
             last = tl.atomic_add(arrivals + b * HK + hk, 1, sem="acq_rel") == GROUP - 1
+        tl.store(rec_state_out + s_offsets, S, mask=s_mask)
+        _shift_conv_state(qkvz_row, stride_qt, v_col, state_row, out_row, v_chan, T, v_ok, W)
         if last:
             tl.debug_barrier()
             _shift_conv_state(qkvz_row, stride_qt, q_col, state_row, out_row, q_chan, T, k_ok, W)
