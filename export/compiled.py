@@ -4,7 +4,8 @@
 
 ART/compiled/ then holds
   prefill.pt2, decode.pt2   the step as exported programs (dynamic batch and sequence, state updated in place):
-                            what any machine with torch and a compiler compiles the engine from;
+                            what any machine with torch and a compiler compiles the engine from (the weights
+                            in prefill.pt2, stand-ins for them in decode.pt2: export/graph.save_program);
   inductor-cache.bin        (CUDA) Inductor's compile cache, recorded while every shape was compiled here, so a
                             runtime with the same torch on the same GPU model starts warm;
   aoti/<shape>.pt2          (CPU) an AOTInductor package per shape, code only (the weights are the exported

@@ -9,6 +9,8 @@ each row's own position, so one graph serves every length and a CUDA graph can r
 
 from __future__ import annotations
 
+import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,6 +19,7 @@ from torch import nn
 from model import InferenceState, Qwen3NextForCausalLM
 from model.kernels.ops import NAMESPACE
 from runtime.manifest import TensorSpec
+from runtime.torch_backend import is_stand_in, weight_stand_in
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int64: "int64"}
 
@@ -79,10 +82,38 @@ def export_steps(step: nn.Module, model: Qwen3NextForCausalLM, max_batch: int, m
             program = torch.export.export(step, (ids, *tensors),
                                           dynamic_shapes=dynamic_shapes(len(tensors), max_batch, max_seq_len, decode))
         files[role] = f"{directory}/{role}.pt2" if directory else f"{role}.pt2"
-        torch.export.save(program, out / files[role])
+        save_program(program, out / files[role], weights=len(files) == 1)
         ops |= {n.target.name() for n in program.graph.nodes
                 if n.op == "call_function" and getattr(n.target, "namespace", None) == NAMESPACE}
     return files, sorted(op.removesuffix(".default") for op in ops)
+
+
+def save_program(program: torch.export.ExportedProgram, path: Path, weights: bool) -> None:
+    """`program` to `path` without its example inputs (zeros of the whole state at the example batch, which
+    nothing reads: megabytes, up to gigabytes at long capacities), and with its weights only where `weights`:
+    else stand-ins that the runtime replaces with the weights another file of the artifact stores
+    (runtime/torch_backend.share_weights). Where this torch cannot read a stand-in back, the weights are written."""
+    def light(state_dict):
+        return torch.export.ExportedProgram(
+            root=program.graph_module, graph=program.graph, graph_signature=program.graph_signature,
+            state_dict=state_dict, range_constraints=program.range_constraints,
+            module_call_graph=program.module_call_graph, example_inputs=None, constants=program.constants,
+            verifiers=program.verifiers)
+    if not weights:
+        with warnings.catch_warnings():
+            # A stand-in spans more than its one-element storage, which the archive writer remarks on.
+            warnings.filterwarnings("ignore", "No complete tensor found")
+            torch.export.save(light({n: weight_stand_in(t) for n, t in program.state_dict.items()}), path)
+        try:       # read back: any failure to load them as stand-ins means writing the weights instead
+            back = torch.export.load(str(path)).state_dict
+            if all(back[n].shape == t.shape and (is_stand_in(back[n]) or t.numel() <= 1)
+                   for n, t in program.state_dict.items()):
+                return
+        except Exception:
+            pass
+        print(f"note: this torch ({torch.__version__}) does not read weight stand-ins back; {path.name} stores "
+              "the weights too", file=sys.stderr)
+    torch.export.save(light(program.state_dict), path)
 
 
 def tensor_specs(model: Qwen3NextForCausalLM, max_seq_len: int, sequence: str | int):

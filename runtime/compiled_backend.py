@@ -233,14 +233,16 @@ class CompiledBackend:
                 raise ArtifactError(f"cannot compile {directory} on this machine: {problem}")
         return form
 
-    def _programs(self, directory: Path, target: dict, built: dict, roles=("prefill", "decode")) -> dict:
+    def _programs(self, directory: Path, target: dict, built: dict) -> dict:
         torch = self.torch
         try:
-            return share_weights({role: torch.export.load(str(directory / target["files"][role])) for role in roles})
+            programs = {role: torch.export.load(str(directory / target["files"][role]))
+                        for role in ("prefill", "decode")}
         except Exception as e:
             raise ArtifactError(f"{directory} was exported with torch {built['torch']}, and this torch "
                                 f"({torch.__version__}) cannot load its programs ({type(e).__name__}: {e}); "
                                 "re-export with this torch") from e
+        return share_weights(programs)
 
     def _compile(self, directory: Path, target: dict) -> dict:
         torch = self.torch
@@ -264,7 +266,7 @@ class CompiledBackend:
     def _load_aoti(self, directory: Path, target: dict) -> dict:
         torch = self.torch
         # The packages hold code only; every one runs on the same weights, those of the exported program.
-        program = self._programs(directory, target, target["compiled_with"], ["decode"])["decode"]
+        program = self._programs(directory, target, target["compiled_with"])["decode"]
         # user_managed: the runners use these tensors without a copy of their own, so the backend keeps them.
         self.weights = weights = {**program.state_dict, **program.constants}
         steps = {}

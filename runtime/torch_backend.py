@@ -43,17 +43,45 @@ def load_program(path: Path, manifest: Manifest):
     return program
 
 
+def weight_stand_in(t):
+    """What a program file holds in place of a weight that another file of the artifact stores: the weight's shape
+    and dtype over one element (stride 0), so that the file carries the graph without the bytes. share_weights
+    replaces every stand-in with the stored weight when the programs are loaded together. A weight of one element
+    is its own stand-in: nothing to save, and a stand-in must be told apart from a weight (is_stand_in)."""
+    import torch
+    if t.numel() <= 1:
+        return t
+    s = torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
+    return torch.nn.Parameter(s, requires_grad=False) if isinstance(t, torch.nn.Parameter) else s
+
+
+def is_stand_in(t) -> bool:
+    return t.numel() > 1 and not any(t.stride())
+
+
 def share_weights(programs: dict) -> dict:
-    """Make every program use the first one's weight tensors, in place, and return `programs`. Prefill and decode
-    are exported from one model and each file holds its own copy of the weights, which would otherwise sit twice
-    in device memory. Tensors are shared by name where shape and dtype agree."""
-    first, *rest = programs.values()
-    for program in rest:
-        for mine, theirs in ((program.state_dict, first.state_dict), (program.constants, first.constants)):
-            for name, t in mine.items():
-                other = theirs.get(name)
-                if other is not None and other.shape == t.shape and other.dtype == t.dtype:
-                    mine[name] = other
+    """Make every program use one set of weight tensors, in place, and return `programs` ({role: program}).
+    Prefill and decode are exported from one model: one file stores the weights and the other stand-ins
+    (weight_stand_in); in artifacts from before that, each file holds a copy, which would otherwise sit twice in
+    device memory. Tensors are shared by name where shape and dtype agree; a stand-in that no file's weight
+    replaces means the files come from different exports."""
+    import torch
+    tables = [(role, table) for role, program in programs.items()
+              for table in (program.state_dict, program.constants)]
+    stored = {}
+    for _, table in tables:
+        for name, t in table.items():
+            if isinstance(t, torch.Tensor) and not is_stand_in(t):
+                stored.setdefault(name, t)
+    for role, table in tables:
+        for name, t in table.items():
+            other = stored.get(name)
+            if other is not None and other.shape == t.shape and other.dtype == t.dtype:
+                table[name] = other
+            elif isinstance(t, torch.Tensor) and is_stand_in(t):
+                raise ArtifactError(f"the {role} program's weight {name} is stored in none of the artifact's "
+                                    "program files (files from different exports?); rebuild it with "
+                                    "`python -m export`")
     return programs
 
 

@@ -3,6 +3,7 @@
 import json
 import shutil
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from export.__main__ import main as export_main
 from model import CapacityError, Qwen3NextForCausalLM
 from model.tokenizer import Tokenizer
 from runtime import ArtifactError, InputError
+from runtime.torch_backend import is_stand_in, share_weights
 from tests.conftest import randomize, small_config
 from tests.test_train import MICRO
 from train.trainer import Trainer, TrainConfig
@@ -94,10 +96,31 @@ def test_prefill_decode_and_chunked_prefill_match_eager(random_model, backend):
 
 
 def test_torch_programs_hold_one_copy_of_the_weights(random_model):
-    programs = runtime.load(random_model[1], backend="torch").backend.programs
+    out = random_model[1]
+    programs = runtime.load(out, backend="torch").backend.programs
     prefill, decode = (dict(programs[role].named_parameters()) for role in ("prefill", "decode"))
     assert prefill.keys() == decode.keys() and len(decode) > 10
     assert all(prefill[k].data_ptr() == decode[k].data_ptr() for k in decode)
+    # On disk too: decode.pt2 holds stand-ins (the graph without the bytes), and neither file example inputs.
+    stored, stand_ins = (torch.export.load(str(out / f)) for f in ("prefill.pt2", "decode.pt2"))
+    assert all(is_stand_in(t) for t in stand_ins.state_dict.values() if t.numel() > 1)
+    assert not any(is_stand_in(t) for t in stored.state_dict.values())
+    weights = sum(t.nbytes for t in stored.state_dict.values())
+
+    def stored_bytes(name, part):   # the archive's tensor files (not their JSON index)
+        with zipfile.ZipFile(out / name) as z:
+            return sum(i.file_size for i in z.infolist()
+                       if f"/data/{part}/" in f"/{i.filename}" and not i.filename.endswith(".json"))
+    n = len(stored.state_dict)
+    assert stored_bytes("decode.pt2", "weights") <= 4 * n < weights <= stored_bytes("prefill.pt2", "weights")
+    assert stored_bytes("prefill.pt2", "sample_inputs") + stored_bytes("decode.pt2", "sample_inputs") < 1000
+    # Files without the one that stores the weights leave stand-ins that nothing replaces: refused.
+    load = lambda name: torch.export.load(str(out / name))  # noqa: E731
+    with pytest.raises(ArtifactError, match="decode program's weight .* is stored in none of the artifact's"):
+        share_weights({"decode": load("decode.pt2")})
+    # Artifacts written before stand-ins hold the weights in both files: shared as before.
+    both = share_weights({"prefill": load("prefill.pt2"), "decode": load("prefill.pt2")})
+    assert all(both["decode"].state_dict[k] is both["prefill"].state_dict[k] for k in both["prefill"].state_dict)
 
 
 def test_batch_rows_independent_and_ragged_prefill(random_model):
