@@ -389,3 +389,17 @@ def test_onnxruntime_weights_it_will_not_share_load_per_session(random_model, mo
     np.testing.assert_allclose(steps[1], steps[0], rtol=1e-5, atol=1e-6)
     assert "does not take the shared weight matrices" in caplog.text and "owned by the user" in caplog.text
     assert b.shared_weights == {} and list(b.graph_sessions) == [2]
+
+
+def test_program_files_store_the_weights_where_stand_ins_do_not_read_back(tmp_path, monkeypatch, capsys):
+    """A torch that loads a stand-in as anything else gets the weights written, with a note, rather than a file
+    whose weights nothing can restore."""
+    import export.graph
+    program = torch.export.export(torch.nn.Linear(8, 8), (torch.randn(2, 8),))
+    export.graph.save_program(program, tmp_path / "light.pt2", weights=False)
+    assert all(is_stand_in(t) for t in torch.export.load(str(tmp_path / "light.pt2")).state_dict.values())
+    monkeypatch.setattr(export.graph, "is_stand_in", lambda t: False)
+    export.graph.save_program(program, tmp_path / "full.pt2", weights=False)
+    assert "does not read weight stand-ins back; full.pt2 stores the weights too" in capsys.readouterr().err
+    back = torch.export.load(str(tmp_path / "full.pt2")).state_dict
+    assert all(torch.equal(back[n], t) for n, t in program.state_dict.items())
