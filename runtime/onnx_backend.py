@@ -86,7 +86,8 @@ class OnnxRuntimeBackend:
         manifest.check_graph(path, [_spec(a) for a in self.session.get_inputs()],
                              [_spec(a) for a in self.session.get_outputs()], named=True)
         # CUDA: state in slots of OrtValues on `value_device` (a test binds CPU OrtValues to check the logic)
-        self.slots = SlotPool(self._new_slot) if device == "cuda" else None
+        # ONNX Runtime keeps every graph it captured: slots (and their graph ids) are kept too, none released.
+        self.slots = SlotPool(self._new_slot, release_other_shapes=False) if device == "cuda" else None
         self.graph_ids = 0
         self.run_options = {}
 

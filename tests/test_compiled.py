@@ -16,6 +16,7 @@ from model import CapacityError, Qwen3NextForCausalLM
 from model.tokenizer import Tokenizer
 from runtime import ArtifactError
 from runtime.compiled_backend import chunk_lengths, compile_options, default_decode_buckets, default_prefill_chunks
+from runtime.slots import SlotPool
 from tests.conftest import eager_greedy, randomize, small_config
 
 pytestmark = pytest.mark.slow
@@ -174,6 +175,24 @@ def test_cuda_graph_bookkeeping_with_a_stand_in_for_graphs(artifact, monkeypatch
     same_length = np.arange(20, 47).reshape(3, 9)       # one call: every row's prefill before the rows are joined
     np.testing.assert_allclose(graphs.prefill(same_length, graphs.new_state(3)),
                                direct.prefill(same_length, direct.new_state(3)), rtol=1e-6, atol=1e-6)
+
+
+def test_slot_pool_keeps_the_free_slots_of_one_shape():
+    made = []
+    pool = SlotPool(lambda bucket: made.append(bucket) or [bucket])
+    handle, reused = pool.take(1)
+    del handle                                   # the state is gone: its slot is free for the next batch-1 state
+    handle, reused = pool.take(1)
+    assert reused and made == [1]
+    del handle
+    big, reused = pool.take(8)                   # a new slot lets go of the free slots of other shapes
+    assert not reused and not pool.free[1] and made == [1, 8]
+    del big
+    onnx_like = SlotPool(lambda bucket: [bucket], release_other_shapes=False)
+    handle, _ = onnx_like.take(1)
+    del handle
+    onnx_like.take(8)
+    assert len(onnx_like.free[1]) == 1
 
 
 def test_clone_and_restore_give_identical_continuations(engine):
