@@ -113,13 +113,15 @@ def backends_markdown(report: dict) -> str:
         first = b["decode"][0] if b["decode"] else {}
         last = b["decode"][-1] if b["decode"] else {}
         frac = first.get("fraction_of_copy_bandwidth")
+        peak = b["memory"]["peak_bytes"]
         rows.append([n, num(last.get("tokens_per_s"), 4),
                      num(b["generate"]["tokens_per_s"] if b["generate"] else None, 4),
-                     size(b["memory"]["peak_bytes"]), size(first.get("bytes_per_step", {}).get("total")),
+                     size(peak), "—" if peak is None else f"{peak / cap['total']:.2f}x",
+                     size(first.get("bytes_per_step", {}).get("total")),
                      num(first.get("gb_per_s")), "—" if frac is None else f"{100 * frac:.1f}%"])
     big = s["batches"][-1] if s["batches"] else "?"
     out.append(table(["backend", f"decode tok/s (b={big})", "generate tok/s", "peak memory (decode)",
-                      f"bytes/step (b={s['batches'][0] if s['batches'] else '?'})", "GB/s", "of copy bw"], rows))
+                      "of weights + state", f"bytes/step (b={s['batches'][0] if s['batches'] else '?'})", "GB/s", "of copy bw"], rows))
     methods = sorted({b["memory"]["method"] for b in ok.values()})
     out.append("\nPeak memory: " + "; ".join(methods) + ".\n" if methods else "")
     out.append(f"\n## Accuracy against the eager model\n\nTeacher-forced: {s['accuracy_steps']} decode steps against "
