@@ -213,15 +213,19 @@ def export(args) -> Path:
         (tmp / MANIFEST).write_text(manifest.to_json())
         tokens = verify.fixed_tokens(model.config.vocab_size, args.verify_tokens + 1)[:example_batch(args.max_batch)]
         with stage("computing eager reference logits"):
-            expected = verify.reference_logits(model, tokens)[:, args.verify_tokens // 2 - 1:-1]
+            reference = verify.reference_logits(model, tokens)
+            eager_error = verify.dtype_error(model, tokens, reference)
+            expected = reference[:, args.verify_tokens // 2 - 1:-1]
         for target in args.target:
             runs = tensorrt.verification_runs(tmp, manifest) if target == "tensorrt" else \
                 [(target, lambda: runtime.load(tmp, backend=target, device=args.device))]
             for name, open_engine in runs:
                 with stage(f"verifying the {name} target against the eager model"):
                     figures = verify.parity(open_engine(), tokens, expected, args.verify_tokens // 2)
+                    if eager_error is not None:
+                        figures["eager_rel_error"] = eager_error
                     manifest.parity[name] = figures
-                    verify.check(figures, args.dtype, name)
+                    verify.check(figures, args.dtype, name, eager_error)
         (tmp / MANIFEST).write_text(manifest.to_json())
     for target, f in manifest.parity.items():
         print(f"{target}: relative logit error {f['rel_error']:.2e}, max abs {f['max_abs_error']:.2e}, "

@@ -300,11 +300,13 @@ def _check_engines(directory: Path, manifest, engines: dict, source: Path, verif
         model = Qwen3NextForCausalLM.from_pretrained(source, dtype=getattr(torch, manifest.dtype))
         tokens = verify.fixed_tokens(model.config.vocab_size, min(verify_tokens, manifest.max_seq_len - 1) + 1)
         prefill = (tokens.shape[1] - 1) // 2
-        expected = verify.reference_logits(model, tokens)[:, prefill - 1:-1]
+        reference = verify.reference_logits(model, tokens)
+        eager_error = verify.dtype_error(model, tokens, reference)
+        expected = reference[:, prefill - 1:-1]
     with stage("verifying the tensorrt engines against the eager model"):
         engine = CompiledEngine(directory, manifest, TensorRTBackend(directory, manifest, "cuda", engines=engines))
         figures = verify.parity(engine, tokens, expected, prefill)
-        verify.check(figures, manifest.dtype, "tensorrt")
+        verify.check(figures, manifest.dtype, "tensorrt", eager_error)
     print(f"tensorrt: relative logit error {figures['rel_error']:.2e}, top-1 agreement "
           f"{figures['top1_agreement']:.3f}")
     return figures
