@@ -127,8 +127,8 @@ def compile_options(autotune: bool = False, pdl: bool = False) -> dict:
     which can take neighbouring pointwise work into the same kernel, against cuBLAS for every product and keeps the
     faster (max-autotune; its CUDA graphs stay off, the backend captures its own over fixed buffers). `pdl` (CUDA,
     Hopper on): Inductor's Triton kernels launch with programmatic dependent launch, each starting while the one
-    before it finishes and waiting only where it reads that one's output; a decode step is ~100 small kernels whose
-    launch gaps are a third of its time (README, Performance)."""
+    before it finishes and waiting only where it reads that one's output: a decode step is ~100 small kernels,
+    busy for half its time (README, Performance)."""
     import torch
     options = dict(torch._inductor.list_mode_options("max-autotune-no-cudagraphs")) if autotune else {}
     if pdl:
