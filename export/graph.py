@@ -82,7 +82,7 @@ def export_steps(step: nn.Module, model: Qwen3NextForCausalLM, max_batch: int, m
             program = torch.export.export(step, (ids, *tensors),
                                           dynamic_shapes=dynamic_shapes(len(tensors), max_batch, max_seq_len, decode))
         files[role] = f"{directory}/{role}.pt2" if directory else f"{role}.pt2"
-        save_program(program, out / files[role], weights=len(files) == 1)
+        save_program(program, out / files[role], weights=role == "prefill")   # the weights once, in prefill.pt2
         ops |= {n.target.name() for n in program.graph.nodes
                 if n.op == "call_function" and getattr(n.target, "namespace", None) == NAMESPACE}
     return files, sorted(op.removesuffix(".default") for op in ops)
