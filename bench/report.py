@@ -121,7 +121,8 @@ def backends_markdown(report: dict) -> str:
                      num(first.get("gb_per_s")), "—" if frac is None else f"{100 * frac:.1f}%"])
     big = s["batches"][-1] if s["batches"] else "?"
     out.append(table(["backend", f"decode tok/s (b={big})", "generate tok/s", "peak memory (decode)",
-                      "of weights + state", f"bytes/step (b={s['batches'][0] if s['batches'] else '?'})", "GB/s", "of copy bw"], rows))
+                      "of weights + state", f"bytes/step (b={s['batches'][0] if s['batches'] else '?'})", "GB/s",
+                      "of copy bw"], rows))
     methods = sorted({b["memory"]["method"] for b in ok.values()})
     out.append("\nPeak memory: " + "; ".join(methods) + ".\n" if methods else "")
     out.append(f"\n## Accuracy against the eager model\n\nTeacher-forced: {s['accuracy_steps']} decode steps against "
