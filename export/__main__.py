@@ -120,17 +120,15 @@ def validate(args, config):
     if "tensorrt" in args.target:
         from .tensorrt import check_options
         check_options(args, config)
-    if args.autotune and ("compiled" not in args.target or args.device != "cuda"):
-        raise ExportError("--autotune applies to the compiled target on CUDA (on the CPU, Inductor's templates "
-                          "fold the weights into code that the artifact keeps apart from them); use --target "
-                          "compiled --device cuda, or drop --autotune")
-    if args.pdl:
-        if "compiled" not in args.target or args.device != "cuda":
-            raise ExportError("--pdl applies to the compiled target on CUDA; use --target compiled --device cuda, "
-                              "or drop --pdl")
-        problem = pdl_support(args.device)
-        if problem:
-            raise ExportError(f"--pdl cannot be used here: {problem}; drop --pdl")
+    # Inductor options of the compiled target on CUDA.
+    for flag, given, why in (("--autotune", args.autotune, " (on the CPU, Inductor's templates fold the weights "
+                              "into code that the artifact keeps apart from them)"), ("--pdl", args.pdl, "")):
+        if given and ("compiled" not in args.target or args.device != "cuda"):
+            raise ExportError(f"{flag} applies to the compiled target on CUDA{why}; use --target compiled --device "
+                              f"cuda, or drop {flag}")
+    problem = args.pdl and pdl_support(args.device)
+    if problem:
+        raise ExportError(f"--pdl cannot be used here: {problem}; drop --pdl")
     if "compiled" in args.target:
         if any(c > args.max_seq_len for c in args.prefill_chunks or []):
             raise ExportError(f"--prefill-chunks {max(args.prefill_chunks)} exceeds --max-seq-len "
