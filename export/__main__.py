@@ -25,6 +25,7 @@ TARGETS = ("torch", "onnxruntime", "compiled", "tensorrt")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from model.fusion import FUSED_LINEAR_MAX_ROWS
     from .build import DEFAULT_OPSET, OPSETS
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pdl", action="store_true",
                    help="compiled target on CUDA (compute capability 9.0 on): launch Inductor's kernels with "
                    "programmatic dependent launch, so each starts while the one before it finishes")
+    p.add_argument("--fused-linear-rows", type=cli.integer(0, 1 << 16), metavar="N",
+                   help="compiled target on CUDA: decode products of at most N rows run the project's fused linear "
+                   "kernel, which also does the norm before and the residual add after them (fewer launches per "
+                   f"step); larger ones run cuBLAS. 0: cuBLAS always (default: {FUSED_LINEAR_MAX_ROWS})")
     p.add_argument("--verify-tokens", type=cli.integer(2), default=48,
                    help="tokens per row in the parity check, below --max-seq-len (default: %(default)s)")
     return p
@@ -126,6 +131,11 @@ def validate(args, config):
         if given and ("compiled" not in args.target or args.device != "cuda"):
             raise ExportError(f"{flag} applies to the compiled target on CUDA{why}; use --target compiled --device "
                               f"cuda, or drop {flag}")
+    if args.fused_linear_rows is not None and "compiled" not in args.target:
+        raise ExportError("--fused-linear-rows applies to the compiled target; use --target compiled, or drop it")
+    if args.fused_linear_rows is None:
+        from model.fusion import FUSED_LINEAR_MAX_ROWS
+        args.fused_linear_rows = FUSED_LINEAR_MAX_ROWS
     problem = args.pdl and pdl_support(args.device)
     if problem:
         raise ExportError(f"--pdl cannot be used here: {problem}; drop --pdl")
@@ -192,7 +202,7 @@ def export(args) -> Path:
             if target == "compiled":
                 manifest.targets[target] = compiled.build(
                     model, tmp, args.device, args.max_seq_len, args.decode_buckets, args.prefill_chunks,
-                    manifest.state, stage, args.autotune, args.pdl)
+                    manifest.state, stage, args.autotune, args.pdl, args.fused_linear_rows)
                 continue
             if target == "tensorrt":
                 manifest.targets[target] = tensorrt.build(model, args, tmp, stage)

@@ -11,8 +11,9 @@ ART/compiled/ then holds
   aoti/<shape>.pt2          (CPU) an AOTInductor package per shape, code only (the weights are the exported
                             program's), which loads without compiling and without a compiler.
 Shapes: decode at each batch bucket, one-row prefill at each chunk length (runtime/compiled_backend.py runs them).
-The programs compute each layer's projections over one input as one product (model/fusion.py); their weights are
-stored stacked, so the programs' parameter names differ from the checkpoint's there.
+The programs compute each layer's projections over one input as one product, with the norms and residual adds
+(model/fusion.py); their weights are stored stacked, so the programs' parameter names differ from the
+checkpoint's there.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from model import Qwen3NextForCausalLM
-from model.fusion import fuse_projections
+from model.fusion import FUSED_LINEAR_MAX_ROWS, fuse_projections
 from runtime.compiled_backend import compile_options, compile_step, compiled_shapes, fingerprint, shape_name
 from runtime.torch_backend import share_weights, zeros_state
 
@@ -34,15 +35,17 @@ DIRECTORY = "compiled"
 
 
 def build(model: Qwen3NextForCausalLM, out: Path, device: str, max_seq_len: int, buckets: list[int],
-          chunks: list[int], specs, stage, autotune: bool = False, pdl: bool = False) -> dict:
+          chunks: list[int], specs, stage, autotune: bool = False, pdl: bool = False,
+          fused_linear_rows: int = FUSED_LINEAR_MAX_ROWS) -> dict:
     """Write ART/compiled/ and return the manifest's target entry. `stage` prints one line per step; `autotune` and
-    `pdl` (CUDA) are Inductor options (runtime/compiled_backend.compile_options), recorded for the runtime."""
+    `pdl` (CUDA) are Inductor options (runtime/compiled_backend.compile_options), recorded for the runtime;
+    `fused_linear_rows` goes into the programs (model/fusion.py)."""
     started = time.perf_counter()
     (out / DIRECTORY).mkdir()
     with stage("exporting the in-place step for the compiled target"):
         # A dynamic batch even for a batch-1 artifact: the decode buckets share one program. Projections that
-        # share an input run as one product (model/fusion.py): fewer launches per decode step.
-        step = InPlaceStepModule(fuse_projections(model)).eval()
+        # share an input run as one product, with the norms and residual adds (model/fusion.py): fewer launches.
+        step = InPlaceStepModule(fuse_projections(model, fused_linear_rows)).eval()
         files, custom_ops = export_steps(step, model, max(2, buckets[-1]), max_seq_len, out, DIRECTORY)
     # Compiled from the saved programs, as the runtime will: the same graphs give the same cache keys.
     programs = share_weights({role: torch.export.load(str(out / files[role])) for role in ("prefill", "decode")})
@@ -76,5 +79,5 @@ def build(model: Qwen3NextForCausalLM, out: Path, device: str, max_seq_len: int,
                         static, package_path=str(out / files[f"aoti:{name}"]),
                         inductor_configs={"aot_inductor.package_constants_in_so": False})
     return {"files": files, "forms": forms, "custom_ops": custom_ops, "decode_buckets": buckets,
-            "prefill_chunks": chunks, "autotune": autotune, "pdl": pdl,
+            "prefill_chunks": chunks, "autotune": autotune, "pdl": pdl, "fused_linear_rows": fused_linear_rows,
             "compiled_with": fingerprint(device), "compile_seconds": round(time.perf_counter() - started, 1)}

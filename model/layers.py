@@ -13,7 +13,7 @@ from torch.nn.attention import sdpa_kernel
 
 from .config import Qwen3NextConfig
 from .kernels import decode_attention
-from .kernels.reference import SDPA_BACKENDS, gated_rms_norm
+from .kernels.reference import SDPA_BACKENDS, gated_rms_norm, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -25,9 +25,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * (1.0 + self.weight.float())).type_as(x)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class GatedRMSNorm(nn.Module):
@@ -127,11 +125,9 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-        self.fused = None   # gate and up projections as one product, in exported copies (model/fusion.py)
 
     def forward(self, x):
-        gate, up = self.fused(x) if self.fused is not None else (self.gate_proj(x), self.up_proj(x))
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Router(nn.Module):

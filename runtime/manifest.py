@@ -16,8 +16,10 @@ from model.fields import type_problems
 # 1.1: format_minor itself; the ONNX opset is the one model.onnx holds.
 # 1.2: the compiled target's "autotune" (absent: false).
 # 1.3: the compiled target's "pdl" (absent: false).
+# 1.4: the compiled target's "fused_linear_rows", as its programs hold it (absent: programs without the fused
+#      linear kernel).
 FORMAT_VERSION = 1
-FORMAT_MINOR = 3
+FORMAT_MINOR = 4
 MANIFEST = "manifest.json"
 DTYPES = ("float32", "float16", "bfloat16")
 

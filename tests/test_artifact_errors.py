@@ -62,7 +62,7 @@ def edit_manifest(directory: Path, change) -> None:
 
 def test_batch_one_exports_and_checks_itself_with_one_row(artifact):
     m = json.loads((artifact / "manifest.json").read_text())
-    assert m["max_batch"] == 1 and m["format_version"] == 1 and m["format_minor"] == 3
+    assert m["max_batch"] == 1 and m["format_version"] == 1 and m["format_minor"] == 4
     import onnx
     opset = {o.domain: o.version for o in onnx.load(str(artifact / "model.onnx")).opset_import}[""]
     assert m["targets"]["onnxruntime"]["opset"] == opset == 21

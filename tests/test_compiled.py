@@ -82,14 +82,16 @@ def test_manifest_describes_the_compiled_target(artifact):
     m = json.loads((out / "manifest.json").read_text())
     c = m["targets"]["compiled"]
     assert c["forms"] == ["exported", "aoti"] and c["decode_buckets"] == [1, 4] and c["prefill_chunks"] == [4]
-    assert c["autotune"] is False and c["pdl"] is False
+    assert c["autotune"] is False and c["pdl"] is False and c["fused_linear_rows"] == 8
     assert set(c["files"]) == {"prefill", "decode", "aoti:decode-b1", "aoti:decode-b4", "aoti:prefill-t4"}
     assert c["compiled_with"]["torch"] == torch.__version__ and c["compile_seconds"] > 0
     assert m["parity"]["compiled"]["rel_error"] < 1e-4 and m["parity"]["compiled"]["top1_agreement"] == 1.0
-    # The programs compute projections over one input as one product (model/fusion.py).
+    # The programs compute projections over one input as one product, the norms folded in (model/fusion.py).
     weights = torch.export.load(str(out / c["files"]["decode"])).state_dict
-    assert {"model.model.layers.0.linear_attn.fused.weight", "model.model.layers.1.self_attn.fused.weight",
-            "model.model.layers.1.mlp.fused.weight"} <= weights.keys()
+    assert {"model.model.layers.0.mixer.fused.weight", "model.model.layers.1.mixer.fused.weight",
+            "model.model.layers.1.mlp.gate_up.weight", "model.model.layers.1.mixer.fused.norm.weight",
+            "model.lm_head.norm.weight"} <= weights.keys()
+    assert "nextdeploy::fused_linear" in c["custom_ops"]
     assert not any(k.endswith(("in_proj_ba.weight", "k_proj.weight", "up_proj.weight")) for k in weights)
 
 
@@ -284,4 +286,9 @@ def test_export_option_errors(artifact, tmp_path, capsys):
     assert "--autotune applies to the compiled target on CUDA" in capsys.readouterr().err
     assert export_main([str(ckpt), "--out", out, "--target", "compiled", "--pdl"]) == 2
     assert "--pdl applies to the compiled target on CUDA" in capsys.readouterr().err
+    assert export_main([str(ckpt), "--out", out, "--target", "torch", "--fused-linear-rows", "1"]) == 2
+    assert "--fused-linear-rows applies to the compiled target" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        export_main([str(ckpt), "--out", out, "--target", "compiled", "--fused-linear-rows", "-1"])
+    assert "--fused-linear-rows" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

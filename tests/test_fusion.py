@@ -40,12 +40,12 @@ def test_fused_copy_computes_the_same_logits(models):
 def test_every_shared_input_projection_is_one_product(models):
     model, fused, _ = models
     groups = [m for m in fused.modules() if isinstance(m, FusedLinear)]
-    # 2 DeltaNet (qkvz+ba), 2 attention (q+k+v), 2 dense MLPs and 2 shared experts (gate+up).
-    assert len(groups) == 8
+    # 2 DeltaNet (qkvz+ba), 2 attention (q+k+v), 2 dense MLPs and 2 shared experts (gate+up), and the LM head.
+    assert len(groups) == 9
     names = {name.rsplit(".", 2)[-2] for name, _ in fused.named_parameters()}
     assert not names & {"in_proj_qkvz", "in_proj_ba", "q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
     attn = model.model.layers[1].self_attn
-    torch.testing.assert_close(fused.model.layers[1].self_attn.fused.bias,
+    torch.testing.assert_close(fused.model.layers[1].mixer.fused.bias,
                                torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]), rtol=0, atol=0)
     assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in model.parameters())
 
@@ -56,7 +56,9 @@ def test_model_unchanged_and_other_weights_shared(models):
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before)
     mine = dict(fused.named_parameters())
-    assert mine["model.layers.0.linear_attn.out_proj.weight"] is model.model.layers[0].linear_attn.out_proj.weight
+    assert mine["model.layers.0.mixer_output.weight"] is model.model.layers[0].linear_attn.out_proj.weight
+    assert mine["model.layers.0.mixer.fused.norm.weight"] is model.model.layers[0].input_layernorm.weight
+    assert mine["lm_head.norm.weight"] is model.model.norm.weight
     assert mine["model.embed_tokens.weight"] is model.model.embed_tokens.weight
 
 

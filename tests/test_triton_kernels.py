@@ -211,3 +211,38 @@ def test_decode_attention(B, Hkv, group, T, D, S, first, dtype):
     err = rel(got.cpu(), want)
     print(f"\ndecode attention {dtype} B={B} Hkv={Hkv} group={group} T={T} D={D} S={S}: rel {err:.2e}")
     assert got.dtype == dtype and got.shape == q.shape and err < TOL[dtype]
+
+
+# ---- fused linear (a few rows' projection with its norm / SwiGLU and residual) ---------------------------------
+
+LINEAR_CASES = shapes(
+    # (rows, K, N): tiny's and small's decode products (qkvz+ba, down, LM head), odd sizes, up to 8 rows
+    [(1, 256, 1032), (8, 768, 256), (1, 1024, 6176), (8, 3584, 1024), (3, 1024, 32768), (5, 300, 77)],
+    [(1, 256, 1032), (3, 300, 77), (2, 48, 9), (8, 130, 2100)])   # the last: K in three blocks
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("prologue", ["none", "norm", "swiglu"])
+@pytest.mark.parametrize("rows,K,N", LINEAR_CASES)
+def test_fused_linear(rows, K, N, prologue, dtype):
+    """Against the float64 reference: prologue, product, bias and residual, on odd sizes. The input is a strided
+    view (a slice of a wider product, as the projections' outputs are), the gate and up halves views of one."""
+    from model.kernels import triton_linear
+    g = torch.Generator().manual_seed(rows * 7 + K + N)
+    wide = torch.randn(rows, 2 * K + 3, generator=g)
+    x, up = wide[:, 1:K + 1], wide[:, K + 2:2 * K + 2]
+    weight, bias = torch.randn(N, K, generator=g) / K ** 0.5, torch.randn(N, generator=g)
+    residual, norm_weight = torch.randn(rows, N, generator=g), torch.randn(K, generator=g) * 0.1
+    extra = {"norm": {"norm_weight": norm_weight}, "swiglu": {"up": up}, "none": {}}[prologue]
+    for with_bias, with_residual in [(False, False), (True, True)]:
+        args = dict(extra, bias=bias if with_bias else None, residual=residual if with_residual else None)
+        rounded = {k: v.to(dtype) if k != "norm_weight" else v for k, v in args.items() if v is not None}
+        want = ref.fused_linear(x.to(dtype).double(), weight.to(dtype).double(),
+                                **{k: v.double() for k, v in rounded.items()}, eps=1e-6)
+        got = triton_linear.fused_linear(*on_device(x.to(dtype), weight.to(dtype)), eps=1e-6,
+                                         **{k: on_device(v)[0] for k, v in rounded.items()})
+        err = rel(got.cpu(), want)
+        print(f"\nfused linear {dtype} rows={rows} K={K} N={N} {prologue} bias={with_bias} residual={with_residual}: "
+              f"rel {err:.2e}")
+        assert got.dtype == dtype and got.shape == (rows, N) and err < TOL[dtype]

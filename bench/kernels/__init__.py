@@ -15,7 +15,7 @@ without state (decode attention) returns None there.
 
 Contracts (model/kernels/reference.py): gated_delta_rule(q, k, v, g, beta, state) -> (o, new state);
 causal_conv1d(x, weight, state) -> (silu(conv) , new state); decode_attention(q, key_cache, value_cache,
-positions) -> (out, None).
+positions) -> (out, None); fused_linear in two modes, see linear_modes.
 """
 
 from __future__ import annotations
@@ -242,6 +242,49 @@ def _triton_attention(*args):
     return triton_attention.decode_attention(*args)
 
 
+# ---- a decode step's products with their norm / SwiGLU and residual (model/kernels/triton_linear.py) ----------
+
+# rows: the batch of a decode step; K -> N: tiny's and small's products (DeltaNet qkvz+ba, MLP down, LM head).
+LINEAR_NORM = [dict(model="tiny", rows=1, K=256, N=1032), dict(model="tiny", rows=1, K=256, N=8192),
+               dict(model="small", rows=1, K=1024, N=6176), dict(model="small", rows=8, K=1024, N=6176),
+               dict(model="small", rows=1, K=1024, N=32768)]
+LINEAR_SWIGLU = [dict(model="tiny", rows=1, K=768, N=256), dict(model="small", rows=1, K=3584, N=1024),
+                 dict(model="small", rows=8, K=3584, N=1024)]
+QUICK_LINEAR = [dict(model="quick", rows=1, K=48, N=40), dict(model="quick", rows=3, K=100, N=24)]
+
+
+def linear_norm_inputs(s: dict, dtype: torch.dtype, device: str, gen: torch.Generator) -> tuple:
+    r = lambda *shape: torch.randn(*shape, generator=gen, device=device)  # noqa: E731
+    return r(s["rows"], s["K"]).to(dtype), (r(s["N"], s["K"]) / s["K"] ** 0.5).to(dtype), r(s["K"]) * 0.1
+
+
+def linear_swiglu_inputs(s: dict, dtype: torch.dtype, device: str, gen: torch.Generator) -> tuple:
+    r = lambda *shape: torch.randn(*shape, generator=gen, device=device).to(dtype)  # noqa: E731
+    return r(s["rows"], s["K"]), r(s["rows"], s["K"]), r(s["N"], s["K"]) / s["K"] ** 0.5, r(s["rows"], s["N"])
+
+
+def linear_bytes(s: dict, esize: int) -> int:
+    """The weight, read once, dominates; the rows in and out besides."""
+    return (s["N"] * s["K"] + s["rows"] * (2 * s["K"] + 2 * s["N"])) * esize
+
+
+def linear_modes(fused_linear: Callable) -> Callable:
+    """A fused_linear as a kernel of the registry, for both modes' inputs: (x, weight, norm_weight) with the norm;
+    (gate, up, weight, residual) with SwiGLU and the residual add."""
+    def run(*args):
+        if len(args) == 3:
+            x, weight, norm_weight = args
+            return fused_linear(x, weight, norm_weight=norm_weight), None
+        gate, up, weight, residual = args
+        return fused_linear(gate, weight, up=up, residual=residual), None
+    return run
+
+
+def _triton_linear(*args, **kwargs):
+    from model.kernels import triton_linear
+    return triton_linear.fused_linear(*args, **kwargs)
+
+
 def own_triton(device: str) -> str | None:
     """`needs` for the project's Triton kernels."""
     return None if device == "cuda" and ops.HAVE_TRITON else "the Triton kernels run on CUDA (with triton installed)"
@@ -262,6 +305,10 @@ KERNELS: list[Kernel] = [
            without_state(reference.decode_attention), attention_bytes),
     Kernel("decode_attention", "prefill", ATTENTION_PREFILL, QUICK_ATTENTION_PREFILL, attention_inputs,
            without_state(reference.decode_attention), attention_bytes, attention_flops),
+    Kernel("fused_linear", "norm", LINEAR_NORM, QUICK_LINEAR, linear_norm_inputs,
+           linear_modes(reference.fused_linear), linear_bytes),
+    Kernel("fused_linear", "swiglu", LINEAR_SWIGLU, QUICK_LINEAR, linear_swiglu_inputs,
+           linear_modes(reference.fused_linear), linear_bytes),
 ]
 
 
@@ -288,4 +335,7 @@ IMPLS: list[Impl] = [
     # The reference is the model's masked attention over the whole cache: what the Triton kernel replaces.
     Impl("decode_attention", "reference", without_state(reference.decode_attention)),
     Impl("decode_attention", "triton", without_state(_triton_attention), own_triton),
+    # The reference is what the step ran before: cuBLAS's product beside the pointwise work, launches apart.
+    Impl("fused_linear", "reference", linear_modes(reference.fused_linear)),
+    Impl("fused_linear", "triton", linear_modes(_triton_linear), own_triton),
 ]

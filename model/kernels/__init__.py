@@ -1,10 +1,11 @@
 """The one dispatch point for the model's kernels.
 
-`gated_delta_rule`, `causal_conv1d`, the fused decode step `gated_deltanet_decode` and `decode_attention` (new
-tokens over the KV cache) keep one contract (see reference.py) whichever implementation runs: the plain PyTorch
-reference on CPU (or when forced), the project's own Triton kernels on CUDA (ops.py: torch.library.triton_ops,
-visible to torch.export and Inductor), or, for comparison, fla / causal-conv1d. Select with
-`use_kernels("auto" | "torch" | "fla")` or the environment variable NEXT_DEPLOY_KERNELS. Training (autograd) runs
+`gated_delta_rule`, `causal_conv1d`, the fused decode step `gated_deltanet_decode`, `decode_attention` (new
+tokens over the KV cache) and `fused_linear` (a few rows' projection with its norm or SwiGLU and residual, in the
+compiled engine's copy of the model: model/fusion.py) keep one contract (see reference.py) whichever
+implementation runs: the plain PyTorch reference on CPU (or when forced), the project's own Triton kernels on CUDA
+(ops.py: torch.library.triton_ops, visible to torch.export and Inductor), or, for comparison, fla / causal-conv1d.
+Select with `use_kernels("auto" | "torch" | "fla")` or the environment variable NEXT_DEPLOY_KERNELS. Training (autograd) runs
 the reference, or fla where its backward works; the Triton kernels are forward-only."""
 
 from __future__ import annotations
@@ -104,6 +105,23 @@ def decode_attention(q, key_cache, value_cache, positions):
         _announce("decode attention: Triton (CUDA)")
         return triton_attention.decode_attention(q, key_cache, value_cache, positions)
     return reference.decode_attention(q, key_cache, value_cache, positions)
+
+
+def fused_linear(x, weight, bias=None, norm_weight=None, up=None, residual=None, eps: float = 1e-6,
+                 max_rows: int = 0):
+    """A linear layer with its prologue (RMSNorm or SwiGLU) and epilogue (bias, residual): reference.fused_linear's
+    contract. Inputs of at most `max_rows` rows take the Triton kernel on CUDA, and in exported and compiled graphs
+    the `nextdeploy::fused_linear` op decides by the rows of the shape it is compiled for; ONNX lowerings and
+    everything else take the reference (cuBLAS's product beside the pointwise work)."""
+    args = (x, weight, bias, norm_weight, up, residual, eps)
+    if _tracing():
+        if _lowering is None:
+            return ops.fused_linear(*args, max_rows)
+    elif x.numel() <= max_rows * x.shape[-1] and ops.use_triton(x, weight) and not _needs_grad(x, weight):
+        from . import triton_linear
+        _announce("fused linear: Triton (CUDA)")
+        return triton_linear.fused_linear(*args)
+    return reference.fused_linear(*args)
 
 
 def gated_delta_rule(q, k, v, g, beta, initial_state=None):

@@ -48,3 +48,12 @@ def query_rows_per_program(rows: int, head_dim: int) -> int:
     decode step's query heads of one KV head: the KV blocks are read once), else blocks of as many as fit, e.g.
     16 rows at D = 256, 64 at D = 64."""
     return min(dot_block(rows), ATTENTION_ACCUMULATOR // dot_block(head_dim))
+
+
+def linear_blocks(N: int, K: int, rows: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, warps) of the fused linear kernel: blocks of 4 to 64 output columns, the narrowest that
+    keep the programs near 512 (four per H100 SM, each streaming its own weight rows), and K in blocks that make
+    the [BLOCK_N, BLOCK_K] float32 accumulator 4096 elements: 32 registers per thread at 4 warps."""
+    block_n = min(64, max(4, next_power_of_2(-(-N * rows // 512))))
+    block_k = min(next_power_of_2(K), max(64, 4096 // block_n))
+    return block_n, block_k, 4

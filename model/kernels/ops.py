@@ -103,3 +103,21 @@ def decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
 @decode_attention.register_fake
 def _(q, key_cache, value_cache, positions):
     return torch.empty_like(q)
+
+
+@triton_op(f"{NAMESPACE}::fused_linear", mutates_args=())
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 norm_weight: Optional[torch.Tensor], up: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+                 eps: float, max_rows: int) -> torch.Tensor:
+    # The row count is fixed when a graph is compiled for one shape: a decode step's few rows take the kernel, the
+    # rows of a prefill chunk (or of a graph for any batch) the reference, whose product is cuBLAS's.
+    rows = x.numel() // x.shape[-1]
+    if isinstance(rows, int) and rows <= max_rows and use_triton(x, weight):
+        from . import triton_linear
+        return triton_linear.fused_linear(x, weight, bias, norm_weight, up, residual, eps, launch=wrap_triton)
+    return reference.fused_linear(x, weight, bias, norm_weight, up, residual, eps).contiguous()
+
+
+@fused_linear.register_fake
+def _(x, weight, bias, norm_weight, up, residual, eps, max_rows):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])

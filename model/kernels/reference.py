@@ -150,6 +150,27 @@ def gated_rms_norm(x, z, weight, eps: float):
     return (weight * xf.to(dtype) * F.silu(z.float())).to(dtype)
 
 
+def rms_norm(x, weight, eps: float):
+    """The decoder's RMSNorm over the last dim: x̂ * (1 + w), computed in float32, returned in x's dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * (1.0 + weight.float())).type_as(x)
+
+
+def fused_linear(x, weight, bias=None, norm_weight=None, up=None, residual=None, eps: float = 1e-6):
+    """A linear layer with the pointwise work around it: prologue(x) @ weight.T (+ bias) (+ residual).
+
+    The prologue is the decoder's RMSNorm with `norm_weight` (rms_norm), or SwiGLU's silu(x) * `up` where `up` is
+    given (x is then the gate), or nothing. x, up: [..., K]; weight [N, K]; bias [N]; residual [..., N]. Returns
+    [..., N] in x's dtype, each step rounded to it as separate torch ops would."""
+    if norm_weight is not None:
+        x = rms_norm(x, norm_weight, eps)
+    elif up is not None:
+        x = F.silu(x) * up
+    y = F.linear(x, weight, bias)
+    return y if residual is None else y + residual
+
+
 def _write_live_rows(pool: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
     """pool[slots[i]] = rows[i] for every slot >= 0, in place; negative slots write nothing. Each pool row takes
     the value of the first live batch row that names it (an index_copy_ with clamped padding slots could let a

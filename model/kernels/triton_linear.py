@@ -1,0 +1,99 @@
+"""A linear layer at a few rows (a decode step's projections) with its neighbouring pointwise work, in one launch
+(reference: reference.fused_linear).
+
+At batch 1 a decode step is a chain of matrix-vector products, each reading its weight once, and under a CUDA
+graph every launch costs about as much as a small product's bytes. cuBLAS takes a product alone, so the RMSNorm
+before it (with the residual add that Inductor joins to the norm) and the SwiGLU before the MLP's down projection
+each cost a launch of their own. Here the prologue (the norm's statistics are a reduction over the row, cheap to
+recompute in every program; SwiGLU is pointwise) and the epilogue (bias, residual) run in the same programs.
+
+One program per (row, block of BLOCK_N output columns), looping over K. The rows of one block are neighbouring
+programs, so they read its weights from memory once and share them through L2. Products are accumulated in
+float32, and each step is rounded to the input dtype where the separate torch ops would round, so a 16-bit result
+matches theirs to rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import linear_blocks
+
+# The prologue, a compile-time choice.
+PLAIN = tl.constexpr(0)
+NORM = tl.constexpr(1)
+SWIGLU = tl.constexpr(2)
+
+
+@triton.jit
+def fused_linear_kernel(
+    x, up, weight, bias, norm_weight, residual, out,
+    N, K, eps,
+    stride_xm, stride_um, stride_wn, stride_rm, stride_om,
+    PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    m = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    x_row = x + m * stride_xm
+    if PROLOGUE == NORM:   # the row's mean square first (the row is small and stays in cache for the loop)
+        squares = tl.zeros([BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            xk = tl.load(x_row + k0 + ks, mask=k0 + ks < K, other=0.0).to(tl.float32)
+            squares += xk * xk
+        # As float32: a Python float argument reaches Inductor-compiled graphs as float64.
+        rstd = tl.rsqrt(tl.sum(squares, axis=0) / K + eps).to(tl.float32)
+    # Products summed over K at the end, not per block: one cross-thread reduction instead of one per block.
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = k0 + ks < K
+        xk = tl.load(x_row + k0 + ks, mask=k_ok, other=0.0)
+        if PROLOGUE == NORM:
+            w_norm = tl.load(norm_weight + k0 + ks, mask=k_ok, other=0.0).to(tl.float32)
+            xk = (xk.to(tl.float32) * rstd * (1.0 + w_norm)).to(xk.dtype)
+        elif PROLOGUE == SWIGLU:   # x is the gate
+            gate = xk.to(tl.float32)
+            uk = tl.load(up + m * stride_um + k0 + ks, mask=k_ok, other=0.0)
+            xk = ((gate * tl.sigmoid(gate)).to(xk.dtype).to(tl.float32) * uk.to(tl.float32)).to(xk.dtype)
+        w = tl.load(weight + cols[:, None] * stride_wn + (k0 + ks)[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        acc += w.to(tl.float32) * xk.to(tl.float32)[None, :]
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(bias + cols, mask=n_ok, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        y = y.to(out.dtype.element_ty).to(tl.float32) + \
+            tl.load(residual + m * stride_rm + cols, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(out + m * stride_om + cols, y.to(out.dtype.element_ty), mask=n_ok)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., C] as [rows, C] with a unit last stride (a view where the layout allows)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def fused_linear(x, weight, bias=None, norm_weight=None, up=None, residual=None, eps: float = 1e-6, launch=None):
+    """See reference.fused_linear for the contract. Returns [..., N] in x's dtype."""
+    N, K = weight.shape
+    lead = x.shape[:-1]
+    x2 = _rows(x)
+    rows = x2.shape[0]
+    out = torch.empty(rows, N, dtype=x.dtype, device=x.device)
+    up2 = _rows(up) if up is not None else x2
+    res2 = _rows(residual) if residual is not None else out
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    # A plain int: Inductor's launcher of user kernels takes constexpr arguments as Python scalars.
+    prologue = (NORM if norm_weight is not None else SWIGLU if up is not None else PLAIN).value
+    block_n, block_k, warps = linear_blocks(N, K, rows)
+    kernel = launch(fused_linear_kernel) if launch else fused_linear_kernel
+    kernel[(rows, triton.cdiv(N, block_n))](
+        x2, up2, weight, bias if bias is not None else out, norm_weight if norm_weight is not None else out, res2,
+        out, N, K, eps, x2.stride(0), up2.stride(0), weight.stride(0), res2.stride(0), out.stride(0),
+        PROLOGUE=prologue, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    return out.view(*lead, N)
