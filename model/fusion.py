@@ -99,7 +99,8 @@ class FusedDecoderLayer(nn.Module):
         setattr(mixer, output, nn.Identity())
         self.mixer = mixer
         if isinstance(layer.mlp, MLP):
-            self.mlp, self.post_attention_layernorm = FusedMLP(layer.mlp, layer.post_attention_layernorm, max_rows), None
+            self.mlp = FusedMLP(layer.mlp, layer.post_attention_layernorm, max_rows)
+            self.post_attention_layernorm = None
         else:   # MoE: the router and the experts read the normed input too; only the shared expert is rewritten
             layer.mlp.shared_expert = FusedMLP(layer.mlp.shared_expert, None, max_rows)
             self.mlp, self.post_attention_layernorm = layer.mlp, layer.post_attention_layernorm

@@ -12,8 +12,8 @@ from torch import nn
 from torch.nn.attention import sdpa_kernel
 
 from .config import Qwen3NextConfig
-from .kernels import decode_attention
-from .kernels.reference import SDPA_BACKENDS, gated_rms_norm, rms_norm
+from . import kernels
+from .kernels.reference import SDPA_BACKENDS, apply_partial_rotary, gated_rms_norm, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -59,16 +59,6 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, D]; rotates the first cos.shape[-1] channels (half-split convention), passes the rest."""
-    rot = cos.shape[-1]
-    cos, sin = cos[:, None], sin[:, None]
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    x1, x2 = x_rot[..., : rot // 2], x_rot[..., rot // 2:]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
-
-
 class Attention(nn.Module):
     """Gated full attention: q_proj yields query and a per-channel output gate; q/k RMSNorm; partial RoPE; GQA."""
 
@@ -94,26 +84,19 @@ class Attention(nn.Module):
         # Each head's slice of q_proj holds [query | gate] for that head.
         q, gate = q.view(B, T, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
         gate = gate.reshape(B, T, -1)
-        q = self.q_norm(q).transpose(1, 2)
-        k = self.k_norm(k.view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)
-
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         groups = self.num_heads // self.num_kv_heads
         if key_cache is None:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            q = apply_partial_rotary(self.q_norm(q).transpose(1, 2), cos, sin)
+            k = apply_partial_rotary(self.k_norm(k).transpose(1, 2), cos, sin).repeat_interleave(groups, dim=1)
+            v = v.transpose(1, 2).repeat_interleave(groups, dim=1)
             with sdpa_kernel(SDPA_BACKENDS):
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
         else:
-            # index_put_ rather than scatter_: Inductor turns an index_put into an in-place write of the T new slots,
-            # while a scatter into a graph input becomes a copy of the whole cache each step.
-            rows = torch.arange(B, device=x.device)[:, None]
-            key_cache[rows, :, positions] = k.transpose(1, 2).to(key_cache.dtype)
-            value_cache[rows, :, positions] = v.transpose(1, 2).to(value_cache.dtype)
-            # The query heads sharing a KV head (head h uses KV head h // groups) become more query rows of that
-            # head, so the cache is read as it is rather than copied once per query head.
-            q = q.contiguous().view(B, self.num_kv_heads, groups * T, self.head_dim)
-            out = decode_attention(q, key_cache[:, :, :attend_len], value_cache[:, :, :attend_len], positions)
+            q = kernels.norm_rope_cache(q, k, v, self.q_norm.weight, self.k_norm.weight, cos, sin, positions,
+                                        key_cache, value_cache, self.q_norm.eps)
+            out = kernels.decode_attention(q, key_cache[:, :, :attend_len], value_cache[:, :, :attend_len], positions)
             out = out.unflatten(2, (groups, T)).permute(0, 3, 1, 2, 4)              # [B, T, Hkv, groups, D]
         out = out.reshape(B, T, -1) * torch.sigmoid(gate)
         return self.o_proj(out)

@@ -246,3 +246,47 @@ def test_fused_linear(rows, K, N, prologue, dtype):
         print(f"\nfused linear {dtype} rows={rows} K={K} N={N} {prologue} bias={with_bias} residual={with_residual}: "
               f"rel {err:.2e}")
         assert got.dtype == dtype and got.shape == (rows, N) and err < TOL[dtype]
+
+
+# ---- a cached attention layer's q/k norms, rotary embedding and cache writes ------------------------------------
+
+ROPE_CASES = shapes(
+    # (batch, steps, query heads, KV heads, head dim, rotary channels, cache slots)
+    [(1, 1, 4, 1, 64, 16, 4096), (32, 1, 8, 2, 256, 64, 8448), (3, 4, 16, 2, 256, 64, 300), (2, 1, 6, 3, 80, 20, 97)],
+    [(1, 1, 4, 1, 64, 16, 300), (3, 2, 6, 3, 80, 20, 97), (2, 1, 2, 2, 48, 0, 40)])
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,H,Hkv,D,rot,S", ROPE_CASES)
+def test_norm_rope_cache(B, T, H, Hkv, D, rot, S, dtype):
+    """Against the float64 reference: the queries returned, and the caches written at each row's positions and
+    nowhere else. q, k and v are views of one projection's output, as in the model (q interleaved with its gate)."""
+    from model.kernels import triton_rope_cache
+    g = torch.Generator().manual_seed(B * 13 + D + S)
+    qkv = torch.randn(B, T, H * 2 * D + 2 * Hkv * D, generator=g).to(dtype)
+    q = qkv[..., :H * 2 * D].view(B, T, H, 2 * D)[..., :D]
+    k = qkv[..., H * 2 * D:H * 2 * D + Hkv * D].view(B, T, Hkv, D)
+    v = qkv[..., H * 2 * D + Hkv * D:].view(B, T, Hkv, D)
+    q_norm_weight, k_norm_weight = torch.randn(D, generator=g) * 0.1, torch.randn(D, generator=g) * 0.1
+    angles = torch.rand(B, T, rot // 2, generator=g) * 6.0
+    cos, sin = torch.cat([angles, angles], -1).cos().to(dtype), torch.cat([angles, angles], -1).sin().to(dtype)
+    first = torch.randint(0, S - T, (B,), generator=g)
+    positions = first[:, None] + torch.arange(T)
+    caches = [torch.randn(B, Hkv, S, D, generator=g).to(dtype) for _ in range(2)]
+    want_caches = [c.double() for c in caches]
+    want = ref.norm_rope_cache(q.double(), k.double(), v.double(), q_norm_weight.double(), k_norm_weight.double(),
+                               cos.double(), sin.double(), positions, *want_caches, 1e-6)
+    got_caches = on_device(*caches)
+    got = triton_rope_cache.norm_rope_cache(*on_device(q, k, v, q_norm_weight, k_norm_weight, cos, sin, positions),
+                                            *got_caches, 1e-6)
+    err = rel(got.cpu(), want)
+    cache_err = max(rel(c.cpu(), w) for c, w in zip(got_caches, want_caches))
+    untouched = torch.ones(B, S, dtype=torch.bool)
+    untouched[torch.arange(B)[:, None], positions] = False
+    unchanged = all(torch.equal(c.cpu().transpose(1, 2)[untouched], o.transpose(1, 2)[untouched])
+                    for c, o in zip(got_caches, caches))
+    print(f"\nnorm rope cache {dtype} B={B} T={T} H={H} Hkv={Hkv} D={D} rot={rot}: q rel {err:.2e}, "
+          f"caches rel {cache_err:.2e}")
+    assert got.dtype == dtype and got.shape == (B, Hkv, H // Hkv * T, D) and unchanged
+    assert err < TOL[dtype] and cache_err < TOL[dtype]

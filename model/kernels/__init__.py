@@ -1,12 +1,13 @@
 """The one dispatch point for the model's kernels.
 
 `gated_delta_rule`, `causal_conv1d`, the fused decode step `gated_deltanet_decode`, `decode_attention` (new
-tokens over the KV cache) and `fused_linear` (a few rows' projection with its norm or SwiGLU and residual, in the
-compiled engine's copy of the model: model/fusion.py) keep one contract (see reference.py) whichever
-implementation runs: the plain PyTorch reference on CPU (or when forced), the project's own Triton kernels on CUDA
-(ops.py: torch.library.triton_ops, visible to torch.export and Inductor), or, for comparison, fla / causal-conv1d.
-Select with `use_kernels("auto" | "torch" | "fla")` or the environment variable NEXT_DEPLOY_KERNELS. Training (autograd) runs
-the reference, or fla where its backward works; the Triton kernels are forward-only."""
+tokens over the KV cache), `norm_rope_cache` (a cached attention layer's q/k norms, rotary embedding and cache
+writes) and `fused_linear` (a few rows' projection with its norm or SwiGLU and residual, in the compiled
+engine's copy of the model: model/fusion.py) keep one contract (see reference.py) whichever implementation runs:
+the plain PyTorch reference on CPU (or when forced), the project's own Triton kernels on CUDA (ops.py:
+torch.library.triton_ops, visible to torch.export and Inductor), or, for comparison, fla / causal-conv1d. Select
+with `use_kernels("auto" | "torch" | "fla")` or the environment variable NEXT_DEPLOY_KERNELS. Training (autograd)
+runs the reference, or fla where its backward works; the Triton kernels are forward-only."""
 
 from __future__ import annotations
 
@@ -122,6 +123,22 @@ def fused_linear(x, weight, bias=None, norm_weight=None, up=None, residual=None,
         _announce("fused linear: Triton (CUDA)")
         return triton_linear.fused_linear(*args)
     return reference.fused_linear(*args)
+
+
+def norm_rope_cache(q, k, v, q_norm_weight, k_norm_weight, cos, sin, positions, key_cache, value_cache, eps):
+    """A cached attention layer's q/k norms, rotary embedding and cache writes (reference.norm_rope_cache's
+    contract): one Triton kernel on CUDA and, as the `nextdeploy::norm_rope_cache` op, in exported and compiled
+    graphs of a fixed number of steps; ONNX lowerings, graphs for any prompt length and everything else take the
+    reference."""
+    args = (q, k, v, q_norm_weight, k_norm_weight, cos, sin, positions, key_cache, value_cache, eps)
+    if _tracing():
+        if isinstance(q.shape[1], int) and _lowering is None and _choice != "fla":
+            return ops.norm_rope_cache(*args)
+    elif ops.use_triton(q, k, v, key_cache, value_cache) and not _needs_grad(q, k, v):
+        from . import triton_rope_cache
+        _announce("attention norms, rotary and cache writes: Triton (CUDA)")
+        return triton_rope_cache.norm_rope_cache(*args)
+    return reference.norm_rope_cache(*args)
 
 
 def gated_delta_rule(q, k, v, g, beta, initial_state=None):

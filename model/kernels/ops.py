@@ -121,3 +121,21 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 @fused_linear.register_fake
 def _(x, weight, bias, norm_weight, up, residual, eps, max_rows):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@triton_op(f"{NAMESPACE}::norm_rope_cache", mutates_args={"key_cache", "value_cache"})
+def norm_rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm_weight: torch.Tensor,
+                    k_norm_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                    key_cache: torch.Tensor, value_cache: torch.Tensor, eps: float) -> torch.Tensor:
+    if use_triton(q, k, v, key_cache, value_cache):
+        from . import triton_rope_cache
+        return triton_rope_cache.norm_rope_cache(q, k, v, q_norm_weight, k_norm_weight, cos, sin, positions,
+                                                 key_cache, value_cache, eps, launch=wrap_triton)
+    return reference.norm_rope_cache(q, k, v, q_norm_weight, k_norm_weight, cos, sin, positions, key_cache,
+                                     value_cache, eps).contiguous()
+
+
+@norm_rope_cache.register_fake
+def _(q, k, v, q_norm_weight, k_norm_weight, cos, sin, positions, key_cache, value_cache, eps):
+    B, T, H, D = q.shape
+    return q.new_empty(B, k.shape[2], H // k.shape[2] * T, D)

@@ -171,6 +171,38 @@ def fused_linear(x, weight, bias=None, norm_weight=None, up=None, residual=None,
     return y if residual is None else y + residual
 
 
+def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, D]; rotates the first cos.shape[-1] channels (half-split convention), passes the rest."""
+    rot = cos.shape[-1]
+    cos, sin = cos[:, None], sin[:, None]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    x1, x2 = x_rot[..., : rot // 2], x_rot[..., rot // 2:]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
+
+
+def norm_rope_cache(q, k, v, q_norm_weight, k_norm_weight, cos, sin, positions, key_cache, value_cache, eps: float):
+    """A cached attention layer's inputs from its projections: q and k each RMSNorm-ed per head (rms_norm) and
+    rotated (apply_partial_rotary), then k and v written into the caches at `positions`, in place.
+
+    q [B,T,H,D], k and v [B,T,Hkv,D] (views of the projections' outputs); q_norm_weight, k_norm_weight [D];
+    cos, sin [B,T,rot]; positions [B,T]; key_cache, value_cache [B,Hkv,S,D]. Returns the queries as
+    decode_attention takes them: [B, Hkv, H/Hkv * T, D], row r the query head r // T of the group at step r % T.
+    """
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    q = apply_partial_rotary(rms_norm(q, q_norm_weight, eps).transpose(1, 2), cos, sin)
+    k = apply_partial_rotary(rms_norm(k, k_norm_weight, eps).transpose(1, 2), cos, sin)
+    # index_put_ rather than scatter_: Inductor turns an index_put into an in-place write of the T new slots,
+    # while a scatter into a graph input becomes a copy of the whole cache each step.
+    rows = torch.arange(B, device=q.device)[:, None]
+    key_cache[rows, :, positions] = k.transpose(1, 2).to(key_cache.dtype)
+    value_cache[rows, :, positions] = v.to(value_cache.dtype)
+    # The query heads sharing a KV head (head h uses KV head h // groups) become more query rows of that head, so
+    # the cache is read as it is rather than copied once per query head.
+    return q.contiguous().view(B, Hkv, H // Hkv * T, D)
+
+
 def _write_live_rows(pool: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
     """pool[slots[i]] = rows[i] for every slot >= 0, in place; negative slots write nothing. Each pool row takes
     the value of the first live batch row that names it (an index_copy_ with clamped padding slots could let a
