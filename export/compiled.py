@@ -26,8 +26,9 @@ import torch
 
 from model import Qwen3NextForCausalLM
 from model.fusion import FUSED_LINEAR_MAX_ROWS, fuse_projections
-from runtime.compiled_backend import compile_options, compile_step, compiled_shapes, fingerprint, shape_name
-from runtime.torch_backend import share_weights, zeros_state
+from runtime.compiled_backend import (compile_options, compile_step, compiled_shapes, fingerprint, load_programs,
+                                      shape_name)
+from runtime.torch_backend import zeros_state
 
 from .graph import InPlaceStepModule, export_steps
 
@@ -48,7 +49,7 @@ def build(model: Qwen3NextForCausalLM, out: Path, device: str, max_seq_len: int,
         step = InPlaceStepModule(fuse_projections(model, fused_linear_rows)).eval()
         files, custom_ops = export_steps(step, model, max(2, buckets[-1]), max_seq_len, out, DIRECTORY)
     # Compiled from the saved programs, as the runtime will: the same graphs give the same cache keys.
-    programs = share_weights({role: torch.export.load(str(out / files[role])) for role in ("prefill", "decode")})
+    programs = load_programs(out, files)
     if device == "cuda":
         forms = ["exported", "inductor_cache"]
         options = compile_options(autotune, pdl)

@@ -140,6 +140,12 @@ def compile_options(autotune: bool = False, pdl: bool = False) -> dict:
     return options
 
 
+def load_programs(directory: Path, files: dict) -> dict:
+    """The prefill and decode programs of a compiled target, on one copy of the weights (share_weights)."""
+    import torch
+    return share_weights({role: torch.export.load(str(directory / files[role])) for role in ("prefill", "decode")})
+
+
 def compile_step(program, specs, batch: int, tokens: int, device, stream=None, options: dict | None = None):
     """torch.compile one shape of an exported step with Inductor `options` (compile_options) and run it once on
     scratch buffers, so that compiling (or loading it from the cache) happens now. Export and runtime both compile
@@ -234,15 +240,12 @@ class CompiledBackend:
         return form
 
     def _programs(self, directory: Path, target: dict, built: dict) -> dict:
-        torch = self.torch
         try:
-            programs = {role: torch.export.load(str(directory / target["files"][role]))
-                        for role in ("prefill", "decode")}
+            return load_programs(directory, target["files"])
         except Exception as e:
             raise ArtifactError(f"{directory} was exported with torch {built['torch']}, and this torch "
-                                f"({torch.__version__}) cannot load its programs ({type(e).__name__}: {e}); "
+                                f"({self.torch.__version__}) cannot load its programs ({type(e).__name__}: {e}); "
                                 "re-export with this torch") from e
-        return share_weights(programs)
 
     def _compile(self, directory: Path, target: dict) -> dict:
         torch = self.torch

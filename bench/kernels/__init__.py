@@ -15,7 +15,8 @@ without state (decode attention) returns None there.
 
 Contracts (model/kernels/reference.py): gated_delta_rule(q, k, v, g, beta, state) -> (o, new state);
 causal_conv1d(x, weight, state) -> (silu(conv) , new state); decode_attention(q, key_cache, value_cache,
-positions) -> (out, None); fused_linear in two modes, see linear_modes.
+positions) -> (out, None); norm_rope_cache(...) -> (queries, the key cache written); fused_linear in two modes,
+see linear_modes.
 """
 
 from __future__ import annotations
@@ -242,6 +243,41 @@ def _triton_attention(*args):
     return triton_attention.decode_attention(*args)
 
 
+# ---- a cached attention layer's q/k norms, rotary embedding and cache writes (triton_rope_cache.py) -----------
+
+ROPE = [dict(model="tiny", B=1, T=1, H=4, Hkv=1, D=64, rot=16, S=4096),
+        dict(model="small", B=1, T=1, H=8, Hkv=2, D=256, rot=64, S=8448),
+        dict(model="small", B=32, T=1, H=8, Hkv=2, D=256, rot=64, S=8448)]
+QUICK_ROPE = [dict(model="quick", B=2, T=1, H=4, Hkv=2, D=32, rot=8, S=40)]
+
+
+def rope_inputs(s: dict, dtype: torch.dtype, device: str, gen: torch.Generator) -> tuple:
+    B, T, H, Hkv, D, S = (s[k] for k in ("B", "T", "H", "Hkv", "D", "S"))
+    r = lambda *shape: torch.randn(*shape, generator=gen, device=device)  # noqa: E731
+    angles = r(B, T, s["rot"] // 2)
+    angles = torch.cat([angles, angles], -1)
+    positions = torch.randint(0, S, (B, T), generator=gen, device=device)
+    return (r(B, T, H, D).to(dtype), r(B, T, Hkv, D).to(dtype), r(B, T, Hkv, D).to(dtype), r(D) * 0.1, r(D) * 0.1,
+            angles.cos().to(dtype), angles.sin().to(dtype), positions, r(B, Hkv, S, D).to(dtype),
+            r(B, Hkv, S, D).to(dtype))
+
+
+def rope_bytes(s: dict, esize: int) -> int:
+    """q, k, v in, q out, the new slots of both caches written (not the caches' capacity)."""
+    B, T, H, Hkv, D = (s[k] for k in ("B", "T", "H", "Hkv", "D"))
+    return B * T * (2 * H * D + 4 * Hkv * D + 2 * s["rot"]) * esize
+
+
+def with_key_cache(norm_rope_cache: Callable) -> Callable:
+    """As a kernel of the registry: (queries, the key cache it wrote)."""
+    return lambda *args: (norm_rope_cache(*args, 1e-6), args[8])
+
+
+def _triton_rope_cache(*args):
+    from model.kernels import triton_rope_cache
+    return triton_rope_cache.norm_rope_cache(*args)
+
+
 # ---- a decode step's products with their norm / SwiGLU and residual (model/kernels/triton_linear.py) ----------
 
 # rows: the batch of a decode step; K -> N: tiny's and small's products (DeltaNet qkvz+ba, MLP down, LM head).
@@ -305,6 +341,8 @@ KERNELS: list[Kernel] = [
            without_state(reference.decode_attention), attention_bytes),
     Kernel("decode_attention", "prefill", ATTENTION_PREFILL, QUICK_ATTENTION_PREFILL, attention_inputs,
            without_state(reference.decode_attention), attention_bytes, attention_flops),
+    Kernel("norm_rope_cache", "decode", ROPE, QUICK_ROPE, rope_inputs, with_key_cache(reference.norm_rope_cache),
+           rope_bytes),
     Kernel("fused_linear", "norm", LINEAR_NORM, QUICK_LINEAR, linear_norm_inputs,
            linear_modes(reference.fused_linear), linear_bytes),
     Kernel("fused_linear", "swiglu", LINEAR_SWIGLU, QUICK_LINEAR, linear_swiglu_inputs,
@@ -335,6 +373,8 @@ IMPLS: list[Impl] = [
     # The reference is the model's masked attention over the whole cache: what the Triton kernel replaces.
     Impl("decode_attention", "reference", without_state(reference.decode_attention)),
     Impl("decode_attention", "triton", without_state(_triton_attention), own_triton),
+    Impl("norm_rope_cache", "reference", with_key_cache(reference.norm_rope_cache)),
+    Impl("norm_rope_cache", "triton", with_key_cache(_triton_rope_cache), own_triton),
     # The reference is what the step ran before: cuBLAS's product beside the pointwise work, launches apart.
     Impl("fused_linear", "reference", linear_modes(reference.fused_linear)),
     Impl("fused_linear", "triton", linear_modes(_triton_linear), own_triton),
