@@ -395,7 +395,7 @@ class CompiledEngine(Engine):
 
     def _sampler(self, sampling):
         from .device_sampling import DeviceSampler
-        return DeviceSampler(sampling, self.backend.device)
+        return DeviceSampler(sampling, self.backend.device, graphs=self.backend.graphs)
 
     def _next_logits(self, ids, state):
         ids = self._check_ids(np.asarray(ids))

@@ -15,9 +15,14 @@ from model.sampling import SamplingConfig
 
 
 class DeviceSampler:
-    def __init__(self, config: SamplingConfig, device: str | torch.device):
+    """`graphs` (CUDA): the selection after the first call on a logits buffer replays as a CUDA graph over that
+    buffer: one launch instead of about twenty (top-p sorts the vocabulary), which the compiled engine's generate()
+    pays at every token. The random draw stays outside the graph, so the draws are those of the plain calls."""
+
+    def __init__(self, config: SamplingConfig, device: str | torch.device, graphs: bool = False):
         self.config = config
         self.device = torch.device(device)
+        self.graphs = graphs and self.device.type == "cuda"
         self.generator = torch.Generator(device=self.device)
         if config.seed is None:
             self.generator.seed()
@@ -25,18 +30,65 @@ class DeviceSampler:
             self.generator.manual_seed(config.seed)
         self.seen: torch.Tensor | None = None   # [B, vocab] bool, for the repetition penalty
         self.counted: list[int] = []             # how much of each row's history `seen` holds
+        # logits buffer (and `seen`) -> (graph, its race buffer, its ids), or () when seen once
+        self.captured: dict[tuple, tuple] = {}
 
     def __call__(self, logits: torch.Tensor, history: list[list[int]] | None = None) -> torch.Tensor:
-        """logits [B, V] on the device -> token ids [B] on the device. `history`: each row's tokens so far (only
-        what was appended since the last call is sent to the device)."""
+        """logits [B, V] on the device -> token ids [B] on the device (with `graphs`, a buffer the next call
+        overwrites). `history`: each row's tokens so far (only what was appended since the last call is sent to the
+        device)."""
         if self.config.repetition_penalty != 1.0 and history is not None:
             self.observe(history, logits.shape[-1])
-        logits = self.penalized(logits)
+        captured = self.graph_for(logits) if self.graphs else None
+        if captured is None:
+            return self.select(logits, self.draw(logits))
+        graph, race, ids = captured
+        if race is not None:
+            race.exponential_(generator=self.generator)
+        graph.replay()
+        return ids
+
+    def draw(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """The race's Exp(1) variates for these logits (None: greedy, nothing drawn)."""
         if self.config.temperature == 0:
+            return None
+        return torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(
+            generator=self.generator)
+
+    def select(self, logits: torch.Tensor, race: torch.Tensor | None) -> torch.Tensor:
+        """The ids, given the race's variates (None: greedy)."""
+        logits = self.penalized(logits)
+        if race is None:
             return logits.argmax(-1)
-        probs = self.probabilities(logits)
-        race = torch.empty_like(probs).exponential_(generator=self.generator)
-        return (probs / race).argmax(-1)
+        return (self.probabilities(logits) / race).argmax(-1)
+
+    def graph_for(self, logits: torch.Tensor) -> tuple | None:
+        """(graph, race buffer, ids) of select() over this logits buffer, captured at the buffer's second use: a
+        decode graph's output comes back every step, while a prefill's logits (the first token) are a fresh tensor
+        each time, not worth a capture. None before that."""
+        key = (logits.data_ptr(), tuple(logits.shape), logits.stride(), self.seen is not None and self.seen.data_ptr())
+        entry = self.captured.get(key)
+        if entry is None:
+            self.captured[key] = ()
+            return None
+        if entry == ():
+            entry = self.captured[key] = self.capture(logits)
+        return entry
+
+    def capture(self, logits: torch.Tensor) -> tuple:
+        """A CUDA graph of select() over `logits` and a race buffer of its own, after one run on a side stream (the
+        sort's workspace and lazily loaded kernels are set up outside the capture)."""
+        race = None if self.config.temperature == 0 else \
+            torch.ones(logits.shape, dtype=torch.float32, device=logits.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self.select(logits, race)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            ids = self.select(logits, race)
+        return graph, race, ids
 
     def observe(self, history: list[list[int]], vocab_size: int) -> None:
         if self.seen is None or self.seen.shape[0] != len(history):

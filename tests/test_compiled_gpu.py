@@ -126,6 +126,27 @@ def test_device_sampling_on_cuda(compiled):
     assert "".join(engine.generate("def ", **options)) == "".join(engine.generate("def ", **options))
 
 
+def test_device_sampling_graphs_select_what_plain_calls_select():
+    """The sampler's CUDA graph, captured at a logits buffer's second use, picks the same ids as plain calls, draw for
+    draw (the random variates are drawn outside the graph from the same seeded generator)."""
+    from runtime.device_sampling import DeviceSampler
+    g = torch.Generator("cuda").manual_seed(1)
+    buffer = torch.empty(3, CONFIG["vocab_size"], device="cuda")
+    for config in (SamplingConfig(temperature=0.0, repetition_penalty=1.3),
+                   SamplingConfig(temperature=0.9, top_k=30, top_p=0.9, repetition_penalty=1.2, seed=3),
+                   SamplingConfig(temperature=1.1, top_p=0.8, seed=4)):
+        plain, graphed = DeviceSampler(config, "cuda"), DeviceSampler(config, "cuda", graphs=True)
+        history = [[1, 2], [3], []]
+        for _ in range(6):
+            buffer.copy_(torch.randn(buffer.shape, device="cuda", generator=g) * 3)
+            want = plain(buffer, history)
+            got = graphed(buffer, history).clone()
+            assert torch.equal(got, want), config
+            for row, token in zip(history, want.tolist()):
+                row.append(token)
+        assert sum(entry != () for entry in graphed.captured.values()) == 1
+
+
 def test_programmatic_dependent_launch(checkpoint, tmp_path):
     """--pdl: Inductor's kernels wait on their predecessors in the kernel itself; the same results as eager, with and
     without CUDA graphs."""
