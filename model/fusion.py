@@ -33,15 +33,17 @@ FUSED_LINEAR_MAX_ROWS = 8
 class FusedLinear(nn.Module):
     """Linear layers over one input as one: the weights stacked along the output dimension, optionally after the
     decoder RMSNorm `norm` that precedes them. Returns the product split back into each layer's output (views of
-    one tensor, last dimension contiguous), or, for one layer, the product itself."""
+    one tensor, last dimension contiguous), or, for one layer, the product itself (`float_output`: in float32 at
+    least, see reference.fused_linear)."""
 
-    def __init__(self, linears: list[nn.Linear], norm: RMSNorm | None = None, max_rows: int = 0):
+    def __init__(self, linears: list[nn.Linear], norm: RMSNorm | None = None, max_rows: int = 0,
+                 float_output: bool = False):
         super().__init__()
         has_bias = {lin.bias is not None for lin in linears}
         if len(has_bias) > 1:
             raise ValueError("cannot fuse linear layers of which only some have a bias")
         self.sizes = [lin.out_features for lin in linears]
-        self.norm, self.max_rows = norm, max_rows
+        self.norm, self.max_rows, self.float_output = norm, max_rows, float_output
         with torch.no_grad():
             self.weight = linears[0].weight if len(linears) == 1 else \
                 nn.Parameter(torch.cat([lin.weight for lin in linears]), requires_grad=False)
@@ -50,7 +52,8 @@ class FusedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         norm_weight, eps = (self.norm.weight, self.norm.eps) if self.norm is not None else (None, 1e-6)
-        y = kernels.fused_linear(x, self.weight, self.bias, norm_weight, eps=eps, max_rows=self.max_rows)
+        y = kernels.fused_linear(x, self.weight, self.bias, norm_weight, eps=eps, float_output=self.float_output,
+                                 max_rows=self.max_rows)
         return y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else y
 
 
@@ -118,13 +121,16 @@ class FusedDecoderLayer(nn.Module):
 
 
 def fuse_projections(model: nn.Module, max_rows: int = FUSED_LINEAR_MAX_ROWS) -> nn.Module:
-    """A copy of `model` with every decoder layer a FusedDecoderLayer and the final norm folded into the LM head.
+    """A copy of `model` with every decoder layer a FusedDecoderLayer and the final norm folded into the LM head,
+    whose logits come out in float32.
     Every parameter and buffer not stacked is shared with `model`, not copied; `model` itself is unchanged. For
     inference only: the stacked weights do not train. `max_rows`: see FUSED_LINEAR_MAX_ROWS (0: cuBLAS always)."""
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
     fused_model = copy.deepcopy(model, memo=shared)
     decoder = fused_model.model
     decoder.layers = nn.ModuleList(FusedDecoderLayer(layer, max_rows) for layer in decoder.layers)
-    fused_model.lm_head = FusedLinear([fused_model.lm_head], decoder.norm, max_rows)
+    # Logits in float32 from the kernel's accumulator: the engine returns them in float32, rounded to bf16 first
+    # they would lose ~1e-3 of relative accuracy, and a cast would be a launch of its own.
+    fused_model.lm_head = FusedLinear([fused_model.lm_head], decoder.norm, max_rows, float_output=True)
     decoder.norm = nn.Identity()
     return fused_model

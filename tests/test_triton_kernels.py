@@ -235,17 +235,18 @@ def test_fused_linear(rows, K, N, prologue, dtype):
     weight, bias = torch.randn(N, K, generator=g) / K ** 0.5, torch.randn(N, generator=g)
     residual, norm_weight = torch.randn(rows, N, generator=g), torch.randn(K, generator=g) * 0.1
     extra = {"norm": {"norm_weight": norm_weight}, "swiglu": {"up": up}, "none": {}}[prologue]
-    for with_bias, with_residual in [(False, False), (True, True)]:
+    for with_bias, with_residual, float_output in [(False, False, False), (True, True, True)]:
         args = dict(extra, bias=bias if with_bias else None, residual=residual if with_residual else None)
         rounded = {k: v.to(dtype) if k != "norm_weight" else v for k, v in args.items() if v is not None}
         want = ref.fused_linear(x.to(dtype).double(), weight.to(dtype).double(),
                                 **{k: v.double() for k, v in rounded.items()}, eps=1e-6)
         got = triton_linear.fused_linear(*on_device(x.to(dtype), weight.to(dtype)), eps=1e-6,
-                                         **{k: on_device(v)[0] for k, v in rounded.items()})
+                                         float_output=float_output, **{k: on_device(v)[0] for k, v in rounded.items()})
         err = rel(got.cpu(), want)
-        print(f"\nfused linear {dtype} rows={rows} K={K} N={N} {prologue} bias={with_bias} residual={with_residual}: "
-              f"rel {err:.2e}")
-        assert got.dtype == dtype and got.shape == (rows, N) and err < TOL[dtype]
+        print(f"\nfused linear {dtype} rows={rows} K={K} N={N} {prologue} bias={with_bias} residual={with_residual} "
+              f"float output={float_output}: rel {err:.2e}")
+        assert got.dtype == (torch.float32 if float_output else dtype) and got.shape == (rows, N)
+        assert err < TOL[dtype]
 
 
 # ---- a cached attention layer's q/k norms, rotary embedding and cache writes ------------------------------------

@@ -109,12 +109,12 @@ def decode_attention(q, key_cache, value_cache, positions):
 
 
 def fused_linear(x, weight, bias=None, norm_weight=None, up=None, residual=None, eps: float = 1e-6,
-                 max_rows: int = 0):
+                 float_output: bool = False, max_rows: int = 0):
     """A linear layer with its prologue (RMSNorm or SwiGLU) and epilogue (bias, residual): reference.fused_linear's
     contract. Inputs of at most `max_rows` rows take the Triton kernel on CUDA, and in exported and compiled graphs
     the `nextdeploy::fused_linear` op decides by the rows of the shape it is compiled for; ONNX lowerings and
     everything else take the reference (cuBLAS's product beside the pointwise work)."""
-    args = (x, weight, bias, norm_weight, up, residual, eps)
+    args = (x, weight, bias, norm_weight, up, residual, eps, float_output)
     if _tracing():
         if _lowering is None:
             return ops.fused_linear(*args, max_rows)

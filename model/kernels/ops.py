@@ -108,19 +108,21 @@ def _(q, key_cache, value_cache, positions):
 @triton_op(f"{NAMESPACE}::fused_linear", mutates_args=())
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  norm_weight: Optional[torch.Tensor], up: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-                 eps: float, max_rows: int) -> torch.Tensor:
+                 eps: float, float_output: bool, max_rows: int) -> torch.Tensor:
     # The row count is fixed when a graph is compiled for one shape: a decode step's few rows take the kernel, the
     # rows of a prefill chunk (or of a graph for any batch) the reference, whose product is cuBLAS's.
     rows = x.numel() // x.shape[-1]
     if isinstance(rows, int) and rows <= max_rows and use_triton(x, weight):
         from . import triton_linear
-        return triton_linear.fused_linear(x, weight, bias, norm_weight, up, residual, eps, launch=wrap_triton)
-    return reference.fused_linear(x, weight, bias, norm_weight, up, residual, eps).contiguous()
+        return triton_linear.fused_linear(x, weight, bias, norm_weight, up, residual, eps, float_output,
+                                          launch=wrap_triton)
+    return reference.fused_linear(x, weight, bias, norm_weight, up, residual, eps, float_output).contiguous()
 
 
 @fused_linear.register_fake
-def _(x, weight, bias, norm_weight, up, residual, eps, max_rows):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+def _(x, weight, bias, norm_weight, up, residual, eps, float_output, max_rows):
+    dtype = torch.promote_types(x.dtype, torch.float32) if float_output else x.dtype
+    return x.new_empty(*x.shape[:-1], weight.shape[0], dtype=dtype)
 
 
 @triton_op(f"{NAMESPACE}::norm_rope_cache", mutates_args={"key_cache", "value_cache"})

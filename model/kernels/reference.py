@@ -157,18 +157,21 @@ def rms_norm(x, weight, eps: float):
     return (xf * (1.0 + weight.float())).type_as(x)
 
 
-def fused_linear(x, weight, bias=None, norm_weight=None, up=None, residual=None, eps: float = 1e-6):
+def fused_linear(x, weight, bias=None, norm_weight=None, up=None, residual=None, eps: float = 1e-6,
+                 float_output: bool = False):
     """A linear layer with the pointwise work around it: prologue(x) @ weight.T (+ bias) (+ residual).
 
     The prologue is the decoder's RMSNorm with `norm_weight` (rms_norm), or SwiGLU's silu(x) * `up` where `up` is
     given (x is then the gate), or nothing. x, up: [..., K]; weight [N, K]; bias [N]; residual [..., N]. Returns
-    [..., N] in x's dtype, each step rounded to it as separate torch ops would."""
+    [..., N] in x's dtype, each step rounded to it as separate torch ops would; with `float_output`, in float32 (or
+    x's dtype where wider): logits, which a kernel can return unrounded (here the product is rounded first)."""
     if norm_weight is not None:
         x = rms_norm(x, norm_weight, eps)
     elif up is not None:
         x = F.silu(x) * up
     y = F.linear(x, weight, bias)
-    return y if residual is None else y + residual
+    y = y if residual is None else y + residual
+    return y.to(torch.promote_types(y.dtype, torch.float32)) if float_output else y
 
 
 def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

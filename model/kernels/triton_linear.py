@@ -10,7 +10,7 @@ recompute in every program; SwiGLU is pointwise) and the epilogue (bias, residua
 One program per (row, block of BLOCK_N output columns), looping over K. The rows of one block are neighbouring
 programs, so they read its weights from memory once and share them through L2. Products are accumulated in
 float32, and each step is rounded to the input dtype where the separate torch ops would round, so a 16-bit result
-matches theirs to rounding.
+matches theirs to rounding; logits can be returned in float32 without that last rounding.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def fused_linear_kernel(
     if HAS_BIAS:
         y += tl.load(bias + cols, mask=n_ok, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
-        y = y.to(out.dtype.element_ty).to(tl.float32) + \
+        y = y.to(x.dtype.element_ty).to(tl.float32) + \
             tl.load(residual + m * stride_rm + cols, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(out + m * stride_om + cols, y.to(out.dtype.element_ty), mask=n_ok)
 
@@ -77,13 +77,16 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def fused_linear(x, weight, bias=None, norm_weight=None, up=None, residual=None, eps: float = 1e-6, launch=None):
-    """See reference.fused_linear for the contract. Returns [..., N] in x's dtype."""
+def fused_linear(x, weight, bias=None, norm_weight=None, up=None, residual=None, eps: float = 1e-6,
+                 float_output: bool = False, launch=None):
+    """See reference.fused_linear for the contract. Returns [..., N] in x's dtype, or with `float_output` in
+    float32 (x's dtype where wider), the accumulator unrounded."""
     N, K = weight.shape
     lead = x.shape[:-1]
     x2 = _rows(x)
     rows = x2.shape[0]
-    out = torch.empty(rows, N, dtype=x.dtype, device=x.device)
+    dtype = torch.promote_types(x.dtype, torch.float32) if float_output else x.dtype
+    out = torch.empty(rows, N, dtype=dtype, device=x.device)
     up2 = _rows(up) if up is not None else x2
     res2 = _rows(residual) if residual is not None else out
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
