@@ -8,7 +8,7 @@ so a step reads what the rows hold, inside the same static graph (the bound is d
 
 Split over the sequence (flash-decoding): program (row and KV head, split, block of query rows) covers 1/NSPLIT
 of the live blocks its query rows see, with an online softmax, and writes its unnormalised output, running max and
-sum; the wrapper combines the splits. The query heads that share a KV head are query rows of one program while they
+sum; a second kernel combines the splits. The query heads that share a KV head are query rows of one program while they
 fit its registers (a decode step: each KV block is read once); a prefill chunk's many rows take many blocks of
 rows, each reading the slots up to its own last position (causal, without a mask over the cache).
 
@@ -93,6 +93,41 @@ def decode_attention_kernel(
     tl.store(sum_out + base * BM + local, l)
 
 
+@triton.jit
+def combine_splits_kernel(
+    acc, run_max, run_sum, out, R,
+    stride_ob, stride_oh, stride_or,
+    HKV: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+):
+    """Each split's unnormalised output weighted by exp(its max - the overall max), over the weighted sums; a split
+    that saw nothing (max -inf) weighs 0. One program per (row and KV head, block of query rows), as the partials
+    were written."""
+    bh = tl.program_id(0)
+    row_block = tl.program_id(1)
+    b = (bh // HKV).to(tl.int64)
+    h = bh % HKV
+    local = tl.arange(0, BM)
+    rows = row_block * BM + local
+    cols = tl.arange(0, BD)
+    base = (bh * tl.num_programs(1) + row_block) * NSPLIT
+    m = tl.full([BM], float("-inf"), tl.float32)
+    l = tl.zeros([BM], tl.float32)
+    o = tl.zeros([BM, BD], tl.float32)
+    for split in range(NSPLIT):
+        m_split = tl.load(run_max + (base + split) * BM + local)
+        m_new = tl.maximum(m, m_split)
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha, beta = tl.exp(m - shift), tl.exp(m_split - shift)
+        partial = tl.load(acc + ((base + split) * BM + local[:, None]) * BD + cols[None, :])
+        o = o * alpha[:, None] + partial * beta[:, None]
+        l = l * alpha + tl.load(run_sum + (base + split) * BM + local) * beta
+        m = m_new
+    row_ok = rows < R
+    l = tl.where(row_ok, l, 1.0)    # padding rows of the block: nothing to normalise
+    tl.store(out + b * stride_ob + h * stride_oh + rows[:, None] * stride_or + cols[None, :],
+             (o / l[:, None]).to(out.dtype.element_ty), mask=row_ok[:, None] & (cols < D)[None, :])
+
+
 def splits(programs_per_split: int, capacity: int, block: int, programs: int = 264) -> int:
     """Sequence splits per (row, KV head, block of query rows): enough programs to fill a GPU (about two per SM of
     an H100) when the rows are long, never more than the capacity has blocks of four."""
@@ -119,8 +154,9 @@ def decode_attention(q, key_cache, value_cache, positions, launch=None):
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), positions.stride(0), positions.stride(1),
         HKV=Hkv, D=D, NSPLIT=nsplit, BM=BM, BD=BD, BLOCK=block,
         PREC="ieee" if key_cache.dtype == torch.float32 else "tf32", num_warps=4)
-    # Combine the splits: weight each by exp(its max - the overall max); a split that saw nothing has sum 0.
-    top = run_max.amax(dim=2, keepdim=True)
-    weight = torch.exp(run_max - top.clamp(min=torch.finfo(torch.float32).min))
-    out = (acc * weight[..., None]).sum(2) / (run_sum * weight).sum(2)[..., None]   # [B*Hkv, row blocks, BM, BD]
-    return out.flatten(1, 2)[:, :R, :D].reshape(B, Hkv, R, D).to(q.dtype)
+    # One launch for the combine, where torch's ops were two to six.
+    out = torch.empty(B, Hkv, R, D, dtype=q.dtype, device=q.device)
+    combine = launch(combine_splits_kernel) if launch else combine_splits_kernel
+    combine[(B * Hkv, row_blocks)](acc, run_max, run_sum, out, R, out.stride(0), out.stride(1), out.stride(2),
+                                   HKV=Hkv, D=D, NSPLIT=nsplit, BM=BM, BD=BD, num_warps=4)
+    return out
