@@ -87,11 +87,19 @@ def test_manifest_describes_the_compiled_target(artifact):
     assert c["compiled_with"]["torch"] == torch.__version__ and c["compile_seconds"] > 0
     assert m["parity"]["compiled"]["rel_error"] < 1e-4 and m["parity"]["compiled"]["top1_agreement"] == 1.0
     # The programs compute projections over one input as one product, the norms folded in (model/fusion.py).
-    weights = torch.export.load(str(out / c["files"]["decode"])).state_dict
+    decode = torch.export.load(str(out / c["files"]["decode"]))
+    weights = decode.state_dict
     assert {"model.model.layers.0.mixer.fused.weight", "model.model.layers.1.mixer.fused.weight",
             "model.model.layers.1.mlp.gate_up.weight", "model.model.layers.1.mixer.fused.norm.weight",
             "model.lm_head.norm.weight"} <= weights.keys()
     assert "nextdeploy::fused_linear" in c["custom_ops"]
+    # Per layer the mixer's input and output products and the MLP's two (layer 0's MoE: its shared expert's), and
+    # the LM head, which alone returns float32; each carries --fused-linear-rows. One attention layer's inputs.
+    calls = [n for n in decode.graph.nodes if isinstance(n.target, torch._ops.OpOverload)]
+    products = [n for n in calls if n.target.name() == "nextdeploy::fused_linear"]
+    assert len(products) == 9 and {n.args[-1] for n in products} == {8}
+    assert [n.args[-2] for n in products] == [False] * 8 + [True]
+    assert sum(n.target.name() == "nextdeploy::norm_rope_cache" for n in calls) == 1
     assert not any(k.endswith(("in_proj_ba.weight", "k_proj.weight", "up_proj.weight")) for k in weights)
 
 
