@@ -13,7 +13,7 @@ from torch.nn.attention import sdpa_kernel
 
 from .config import Qwen3NextConfig
 from . import kernels
-from .kernels.reference import SDPA_BACKENDS, apply_partial_rotary, gated_rms_norm, rms_norm
+from .kernels.reference import SDPA_BACKENDS, gated_rms_norm, norm_rope, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -88,8 +88,8 @@ class Attention(nn.Module):
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
         groups = self.num_heads // self.num_kv_heads
         if key_cache is None:
-            q = apply_partial_rotary(self.q_norm(q).transpose(1, 2), cos, sin)
-            k = apply_partial_rotary(self.k_norm(k).transpose(1, 2), cos, sin).repeat_interleave(groups, dim=1)
+            q = norm_rope(q, self.q_norm.weight, cos, sin, self.q_norm.eps)
+            k = norm_rope(k, self.k_norm.weight, cos, sin, self.k_norm.eps).repeat_interleave(groups, dim=1)
             v = v.transpose(1, 2).repeat_interleave(groups, dim=1)
             with sdpa_kernel(SDPA_BACKENDS):
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)

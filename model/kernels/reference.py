@@ -145,16 +145,18 @@ def gated_rms_norm(x, z, weight, eps: float):
     """DeltaNet output norm over the last dim: x̂ * w * silu(z). The weight multiplies in x's dtype, the gate in
     float32 (transformers' rounding)."""
     dtype = x.dtype
+    return (weight * _normalized(x, eps).to(dtype) * F.silu(z.float())).to(dtype)
+
+
+def _normalized(x, eps: float):
+    """x̂ = x / rms(x) over the last dim, in float32."""
     xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (weight * xf.to(dtype) * F.silu(z.float())).to(dtype)
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
 
 
 def rms_norm(x, weight, eps: float):
     """The decoder's RMSNorm over the last dim: x̂ * (1 + w), computed in float32, returned in x's dtype."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (xf * (1.0 + weight.float())).type_as(x)
+    return (_normalized(x, eps) * (1.0 + weight.float())).type_as(x)
 
 
 def fused_linear(x, weight, bias=None, norm_weight=None, up=None, residual=None, eps: float = 1e-6,
@@ -184,9 +186,14 @@ def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
     return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
 
 
+def norm_rope(x, norm_weight, cos, sin, eps: float):
+    """Attention heads x [B,T,H,D] RMSNorm-ed per head (rms_norm), then rotated (apply_partial_rotary): [B,H,T,D]."""
+    return apply_partial_rotary(rms_norm(x, norm_weight, eps).transpose(1, 2), cos, sin)
+
+
 def norm_rope_cache(q, k, v, q_norm_weight, k_norm_weight, cos, sin, positions, key_cache, value_cache, eps: float):
-    """A cached attention layer's inputs from its projections: q and k each RMSNorm-ed per head (rms_norm) and
-    rotated (apply_partial_rotary), then k and v written into the caches at `positions`, in place.
+    """A cached attention layer's inputs from its projections: q and k each normed and rotated (norm_rope), then
+    k and v written into the caches at `positions`, in place.
 
     q [B,T,H,D], k and v [B,T,Hkv,D] (views of the projections' outputs); q_norm_weight, k_norm_weight [D];
     cos, sin [B,T,rot]; positions [B,T]; key_cache, value_cache [B,Hkv,S,D]. Returns the queries as
@@ -194,8 +201,7 @@ def norm_rope_cache(q, k, v, q_norm_weight, k_norm_weight, cos, sin, positions, 
     """
     B, T, H, D = q.shape
     Hkv = k.shape[2]
-    q = apply_partial_rotary(rms_norm(q, q_norm_weight, eps).transpose(1, 2), cos, sin)
-    k = apply_partial_rotary(rms_norm(k, k_norm_weight, eps).transpose(1, 2), cos, sin)
+    q, k = norm_rope(q, q_norm_weight, cos, sin, eps), norm_rope(k, k_norm_weight, cos, sin, eps)
     # index_put_ rather than scatter_: Inductor turns an index_put into an in-place write of the T new slots,
     # while a scatter into a graph input becomes a copy of the whole cache each step.
     rows = torch.arange(B, device=q.device)[:, None]

@@ -73,8 +73,7 @@ def norm_rope_cache(q, k, v, q_norm_weight, k_norm_weight, cos, sin, positions, 
     caches in place."""
     B, T, H, D = q.shape
     Hkv = k.shape[2]
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    cos, sin = (x.expand(B, T, -1) if x.stride(-1) == 1 else x.expand(B, T, -1).contiguous() for x in (cos, sin))
+    q, k, v, cos, sin = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, cos, sin))
     q_out = torch.empty(B, H, T, D, dtype=q.dtype, device=q.device)
     kernel = launch(norm_rope_cache_kernel) if launch else norm_rope_cache_kernel
     kernel[(B * T, H + Hkv)](
