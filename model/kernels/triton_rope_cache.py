@@ -57,11 +57,12 @@ def norm_rope_cache_kernel(
     else:
         hk = head - H
         pos = tl.load(positions + b * stride_pb + t * stride_pt).to(tl.int64)
-        y = _norm_rotate(k + b * stride_kb + t * stride_kt + hk * stride_kh, k_norm_weight, c, partner, ok, rotated,
-                         first_half, cs, sn, eps, D)
-        # Rounded to k's dtype first, as the model's k is, then to the cache's.
-        y = y.to(k.dtype.element_ty).to(key_cache.dtype.element_ty)
-        tl.store(key_cache + b * stride_kcb + hk * stride_kch + pos * stride_kcs + c, y, mask=ok)
+        key = _norm_rotate(k + b * stride_kb + t * stride_kt + hk * stride_kh, k_norm_weight, c, partner, ok, rotated,
+                           first_half, cs, sn, eps, D)
+        # Rounded to k's dtype first, as the model's k is, then to the cache's. (A name of its own: Triton merges a
+        # name assigned in both branches, and the two would differ in dtype.)
+        key = key.to(k.dtype.element_ty).to(key_cache.dtype.element_ty)
+        tl.store(key_cache + b * stride_kcb + hk * stride_kch + pos * stride_kcs + c, key, mask=ok)
         vt = tl.load(v + b * stride_vb + t * stride_vt + hk * stride_vh + c, mask=ok, other=0.0)
         tl.store(value_cache + b * stride_vcb + hk * stride_vch + pos * stride_vcs + c,
                  vt.to(value_cache.dtype.element_ty), mask=ok)

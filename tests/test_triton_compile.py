@@ -1,0 +1,125 @@
+"""Every Triton kernel of the model, launched as its wrapper launches it, compiles for the H100 (sm_90) in float32
+and bfloat16, on this GPU-less machine.
+
+Triton's interpreter (tests/test_triton_kernels.py without a GPU) runs a kernel's Python without compiling it, so
+what only the compiler checks passes there and fails on the GPU: a name assigned in both branches of an `if` with
+two dtypes did (norm_rope_cache, bfloat16). Here each wrapper gets a `launch` that compiles instead of running.
+"""
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="the kernels need Triton (the dev extra)")
+
+from tests.test_triton_kernels import decode_inputs  # noqa: E402
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles (not under the interpreter)"),
+]
+
+POINTEE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
+           torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
+H100_SHARED_BYTES = 227 * 1024
+
+
+class CompileOnly:
+    """A wrapper's `launch`: each launch compiles the kernel for `target` with the arguments' types and constants,
+    as Triton's JIT would on that GPU, and records it (name, shared memory); nothing runs."""
+
+    def __init__(self, target):
+        self.target = target
+        self.compiled = []
+
+    def __call__(self, kernel):
+        return _Launcher(self, kernel)
+
+    def compile(self, kernel, args, kwargs):
+        options = {k: kwargs.pop(k) for k in LAUNCH_OPTIONS if k in kwargs}
+        values = dict(zip(kernel.arg_names, args), **kwargs)
+        signature, constants = {}, {}
+        for p in kernel.params:
+            value = values[p.name] if p.name in values else p.default
+            if p.is_constexpr or value is None:
+                signature[p.name], constants[p.name] = "constexpr", value
+            else:
+                signature[p.name] = _type(value)
+        source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants)
+        k = triton.compile(source, target=self.target, options=options)
+        self.compiled.append((kernel.__name__, k.metadata.shared))
+
+
+class _Launcher:
+    def __init__(self, owner: CompileOnly, kernel):
+        self.owner, self.kernel = owner, kernel
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.owner.compile(self.kernel, args, kwargs)
+
+
+def _type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + POINTEE[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for a {type(value).__name__} argument")
+
+
+def launches(dtype, launch):
+    """Each wrapper at the shapes that pick its constants in the model: tiny's and Qwen3-Next's head sizes, decode
+    and prefill, each prologue and option of the fused linear."""
+    from model.kernels import triton_attention, triton_chunk, triton_conv, triton_decode, triton_linear
+    from model.kernels import triton_rope_cache
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape, dtype=dtype):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    for T in (1, 37):
+        triton_conv.causal_conv1d(randn(2, T, 200), randn(200, 4), randn(2, 200, 3), launch=launch)
+    for group, K, V in ((2, 128, 128), (1, 64, 64), (3, 48, 80)):
+        q, k, v = randn(1, 70, 2, K), randn(1, 70, 2, K), randn(1, 70, 2 * group, V)
+        triton_chunk.gated_delta_rule(q, k, v, -torch.rand(1, 70, 2 * group), torch.rand(1, 70, 2 * group).to(dtype),
+                                      randn(1, 2 * group, K, V, dtype=torch.float32), launch=launch)
+    for Hk, group, K, V, slots in ((16, 2, 128, 128, True), (4, 1, 64, 64, False)):
+        inputs = {n: t.to(dtype) if n != "recurrent_state" else t
+                  for n, t in decode_inputs(2, 1, Hk, group, K, V, 3, seed=1).items()}
+        triton_decode.gated_deltanet_decode(**inputs, slots=torch.tensor([2, -1], dtype=torch.int32) if slots else None,
+                                            eps=1e-6, launch=launch)
+    for B, Hkv, group, T, D, S in ((1, 2, 8, 1, 256, 8448), (32, 1, 4, 1, 64, 4096), (1, 2, 4, 300, 256, 2048)):
+        positions = torch.arange(T).expand(B, T) + 5
+        triton_attention.decode_attention(randn(B, Hkv, group * T, D), randn(B, Hkv, S, D), randn(B, Hkv, S, D),
+                                          positions, launch=launch)
+    for rows, K, N in ((1, 256, 1032), (8, 3584, 1024), (1, 2048, 151936 // 16)):
+        x, up, weight = randn(rows, K), randn(rows, K), randn(N, K)
+        for extra in ({}, {"norm_weight": randn(K, dtype=torch.float32)}, {"up": up}):
+            triton_linear.fused_linear(x, weight, **extra, eps=1e-6, launch=launch)
+        triton_linear.fused_linear(x, weight, randn(N), residual=randn(rows, N), eps=1e-6, float_output=True,
+                                   launch=launch)
+    for B, T, H, Hkv, D, rot, S in ((1, 1, 4, 1, 64, 16, 4096), (32, 1, 16, 2, 256, 64, 300), (2, 3, 6, 3, 80, 0, 40)):
+        qkv = randn(B, T, (H + 2 * Hkv) * D)
+        q, k, v = (t.view(B, T, -1, D) for t in qkv.split([H * D, Hkv * D, Hkv * D], -1))
+        triton_rope_cache.norm_rope_cache(q, k, v, randn(D, dtype=torch.float32), randn(D, dtype=torch.float32),
+                                          randn(B, T, rot), randn(B, T, rot), torch.arange(T).expand(B, T) + 1,
+                                          randn(B, Hkv, S, D), randn(B, Hkv, S, D), 1e-6, launch=launch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_kernel_compiles_for_the_h100(dtype):
+    from triton.backends.compiler import GPUTarget
+    compiler = CompileOnly(GPUTarget("cuda", 90, 32))
+    launches(dtype, compiler)
+    names = {name for name, _ in compiler.compiled}
+    assert names == {"causal_conv1d_kernel", "chunk_solve_kernel", "chunk_scan_kernel",
+                     "gated_deltanet_decode_kernel", "decode_attention_kernel", "combine_splits_kernel",
+                     "fused_linear_kernel", "norm_rope_cache_kernel"}
+    largest = max(compiler.compiled, key=lambda c: c[1])
+    print(f"\n{dtype}: {len(compiler.compiled)} launches compiled, most shared memory {largest[1]} B ({largest[0]})")
+    assert largest[1] <= H100_SHARED_BYTES
