@@ -91,9 +91,6 @@ def prompt_text(tokenizer, ids: list[int]) -> str:
 def generate(engine, s: Settings, device: str) -> dict | None:
     """End to end as an application sees it: prompt in, `generate_tokens` sampled tokens out (text when the target
     has a tokenizer, else token ids), temperature 0.8 / top-p 0.95, no stop token."""
-    from model.generate import generate_ids
-    from model.sampling import Sampler, SamplingConfig
-
     new = min(s.generate_tokens, engine.max_seq_len - 1)
     prompt_len = min(s.generate_prompt, engine.max_seq_len - new)
     if new < 1 or prompt_len < 1:
@@ -111,11 +108,9 @@ def generate(engine, s: Settings, device: str) -> dict | None:
         how = "text: Engine.generate (tokenize, prefill, sample and decode, detokenize)"
     else:
         def run(_):
-            state = engine.new_state(1)
-            step = lambda ids: (engine.prefill([ids], state) if len(ids) > 1 else engine.decode(ids, state))[0]  # noqa: E731
-            for _token in generate_ids(step, prompt, new, Sampler(SamplingConfig(**sampling))):
+            for _token in engine.generate_ids(prompt, max_new_tokens=new, **sampling):
                 pass
-        how = "token ids (the target has no tokenizer): prefill, sample and decode"
+        how = "token ids (the target has no tokenizer): Engine.generate_ids (prefill, sample and decode)"
     stats = time_calls(run, device, 1, s.generate_repeats)
     return {"prompt_tokens": prompt_len, "new_tokens": new, "how": how, **stats,
             "tokens_per_s": new / (stats["median_ms"] * 1e-3)}

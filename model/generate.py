@@ -36,6 +36,19 @@ def generate_ids(step: Callable[[list[int]], np.ndarray], prompt_ids: list[int],
         logits = step([token])
 
 
+def fit_new_tokens(prompt_tokens: int, max_new_tokens: int, max_seq_len: int) -> int:
+    """How many tokens to generate after a prompt: `max_new_tokens`, capped with a note at what the state has room
+    for. A prompt that leaves no room is an error."""
+    if prompt_tokens >= max_seq_len:
+        raise CapacityError(f"the prompt is {prompt_tokens} tokens but at most {max_seq_len - 1} fit with room "
+                            "to generate (the model's context, or the artifact's --max-seq-len); shorten the prompt")
+    budget = min(max_new_tokens, max_seq_len - prompt_tokens)
+    if budget < max_new_tokens:   # (with no logging set up, Python prints a warning's bare message on stderr)
+        log.warning(f"note: {max_new_tokens} new tokens do not fit; the state holds {max_seq_len} tokens and the "
+                    f"prompt takes {prompt_tokens}, so at most {budget} are generated")
+    return budget
+
+
 def generate_text(tokenizer, new_step: Callable[[int], Callable[[list[int]], np.ndarray]], prompt: str,
                   max_new_tokens: int, max_seq_len: int, sampling: SamplingConfig,
                   stop: Iterable[int] | None = None, sampler: Sampler | None = None) -> Iterator[str]:
@@ -43,13 +56,7 @@ def generate_text(tokenizer, new_step: Callable[[int], Callable[[list[int]], np.
     whose state holds n tokens; `max_seq_len` is the most any state may hold. Stops at EOS unless `stop` is given.
     `sampler` replaces Sampler(sampling), e.g. by one that samples where the logits are."""
     prompt_ids = tokenizer.encode(prompt)
-    if len(prompt_ids) >= max_seq_len:
-        raise CapacityError(f"the prompt is {len(prompt_ids)} tokens but at most {max_seq_len - 1} fit with room "
-                            "to generate (the model's context, or the artifact's --max-seq-len); shorten the prompt")
-    budget = min(max_new_tokens, max_seq_len - len(prompt_ids))
-    if budget < max_new_tokens:   # (with no logging set up, Python prints a warning's bare message on stderr)
-        log.warning(f"note: {max_new_tokens} new tokens do not fit; the state holds {max_seq_len} tokens and the "
-                    f"prompt takes {len(prompt_ids)}, so at most {budget} are generated")
+    budget = fit_new_tokens(len(prompt_ids), max_new_tokens, max_seq_len)
     stop_ids = set(stop) if stop is not None else {tokenizer.eos_id} - {None}
     step = new_step(len(prompt_ids) + budget)
     # Returned, not yielded from: the checks above run at the call, before any output is written.

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from model.errors import CapacityError, NextDeployError
-from model.generate import generate_text
+from model.generate import fit_new_tokens, generate_ids, generate_text
 from model.sampling import Sampler, SamplingConfig
 
 from .manifest import Manifest
@@ -144,6 +144,23 @@ class Engine:
         sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed)
         return generate_text(self.tokenizer, new_step, prompt, max_new_tokens, self.max_seq_len, sampling, stop,
                              sampler=self._sampler(sampling))
+
+    def generate_ids(self, prompt_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                     top_p: float = 1.0, repetition_penalty: float = 1.0, stop: Sequence[int] | None = None,
+                     seed: int | None = None) -> Iterator[int]:
+        """Stream the token ids sampled after `prompt_ids` (a non-empty list of ids): generate() without text, for
+        an application with a tokenizer of its own, or an artifact without one. Stops after `max_new_tokens` or at
+        an id in `stop` (not yielded)."""
+        ids = np.asarray(prompt_ids)
+        if ids.ndim != 1 or not ids.size:
+            raise InputError(f"prompt_ids must be a non-empty list of token ids; got shape {list(ids.shape)}")
+        ids = self._check_ids(ids)
+        budget = fit_new_tokens(len(ids), max_new_tokens, self.max_seq_len)
+        sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed)
+        state = self.new_state(1)
+        # Returned, not yielded from: the checks above run at the call.
+        return generate_ids(lambda t: self._next_logits(t, state), ids.tolist(), budget, self._sampler(sampling),
+                            set(stop or ()))
 
     # What generate() runs on; a backend that samples on its device overrides both (runtime/compiled_backend.py).
 

@@ -133,6 +133,16 @@ def test_greedy_tokens_identical_to_eager_for_32_steps(artifact, engine):
     assert "".join(engine.generate("def f(x):", max_new_tokens=32, temperature=0.0, stop=[])) == expected
 
 
+def test_generate_ids_streams_the_greedy_tokens_and_stops_at_a_stop_id(artifact, engine):
+    """Token-level generation (the device sampler's path) for applications without this artifact's tokenizer."""
+    ckpt, _ = artifact
+    prompt = [5, 17, 3, 250]
+    expected = eager_greedy(eager(ckpt), prompt, 24, 64)
+    assert list(engine.generate_ids(prompt, max_new_tokens=24)) == expected
+    cut = expected.index(expected[10])   # the first occurrence of the 11th token: stop there, not yielded
+    assert list(engine.generate_ids(prompt, max_new_tokens=24, stop=[expected[10]])) == expected[:cut]
+
+
 def test_ragged_prefill_and_padding_rows_change_nothing(engine):
     rows = [np.arange(5, 14), np.arange(40, 44), np.arange(3, 10)]
     state = engine.new_state(3)                  # bucket 4: one padding row

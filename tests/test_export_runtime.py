@@ -181,6 +181,7 @@ def test_trained_tiny_greedy_tokens_identical_for_64_steps(trained_tiny):
         engine = runtime.load(out, backend=backend)
         text = "".join(engine.generate("def f1", max_new_tokens=64, temperature=0.0, stop=[]))
         assert text == eager_text, backend
+        assert list(engine.generate_ids(prompt, max_new_tokens=64)) == seq[len(prompt):], backend
     m = json.loads((out / "manifest.json").read_text())
     assert m["parity"]["onnxruntime"]["rel_error"] < 1e-4
 
@@ -278,6 +279,12 @@ def test_bad_inputs(random_model):
     with pytest.raises(CapacityError, match="to 97 tokens"):   # ragged: the second row does not fit
         engine.prefill([[1, 2], [3] * 97], state)
     assert state.lengths.tolist() == [0, 0]   # nothing ran, not even the row that fit
+    with pytest.raises(InputError, match="non-empty list of token ids"):
+        engine.generate_ids([])
+    with pytest.raises(InputError, match="outside the vocabulary"):
+        engine.generate_ids([1, 500])
+    with pytest.raises(CapacityError, match="shorten the prompt"):
+        engine.generate_ids(list(range(1, 97)))
 
 
 def test_failed_export_leaves_nothing(random_model, tmp_path, monkeypatch, capsys):
