@@ -216,9 +216,11 @@ def test_decode_attention(B, Hkv, group, T, D, S, first, dtype):
 # ---- fused linear (a few rows' projection with its norm / SwiGLU and residual) ---------------------------------
 
 LINEAR_CASES = shapes(
-    # (rows, K, N): tiny's and small's decode products (qkvz+ba, down, LM head), odd sizes, up to 8 rows
-    [(1, 256, 1032), (8, 768, 256), (1, 1024, 6176), (8, 3584, 1024), (3, 1024, 32768), (5, 300, 77)],
-    [(1, 256, 1032), (3, 300, 77), (2, 48, 9), (8, 130, 2100)])   # the last: K in three blocks
+    # (rows, K, N): tiny's and small's decode products (qkvz+ba, down, LM head), odd sizes; rows in programs of up
+    # to 8, so more than 8 take two blocks of rows
+    [(1, 256, 1032), (8, 768, 256), (1, 1024, 6176), (8, 3584, 1024), (3, 1024, 32768), (5, 300, 77),
+     (12, 1024, 300)],
+    [(1, 256, 1032), (3, 300, 77), (2, 48, 9), (8, 130, 2100), (11, 64, 40)])   # (8, 130, ...): K in 3 blocks
 
 
 @runs_kernels

@@ -50,10 +50,15 @@ def query_rows_per_program(rows: int, head_dim: int) -> int:
     return min(dot_block(rows), ATTENTION_ACCUMULATOR // dot_block(head_dim))
 
 
-def linear_blocks(N: int, K: int, rows: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, warps) of the fused linear kernel: blocks of 4 to 64 output columns, the narrowest that
-    keep the programs near 512 (four per H100 SM, each streaming its own weight rows), and K in blocks that make
-    the [BLOCK_N, BLOCK_K] float32 accumulator 4096 elements: 32 registers per thread at 4 warps."""
-    block_n = min(64, max(4, next_power_of_2(-(-N * rows // 512))))
-    block_k = min(next_power_of_2(K), max(64, 4096 // block_n))
-    return block_n, block_k, 4
+def linear_blocks(N: int, K: int, rows: int) -> tuple[int, int, int, int]:
+    """(ROWS, BLOCK_N, BLOCK_K, warps) of the fused linear kernel. Rows in programs of up to 8, which read each
+    weight block once for all of them (with a program per row, 8 rows read it 8 times from L2, and a decode step at
+    batch 8 was slower than cuBLAS's on an H100); blocks of 4 to 64 output columns, the narrowest that keep the
+    programs near 512 (four per H100 SM, each streaming its own weight rows), and fewer where several rows would
+    leave K blocks under 64 (128-byte rows of 16-bit weights); the [ROWS, BLOCK_N, BLOCK_K] float32 accumulator
+    4096 elements: 32 registers per thread at 4 warps."""
+    block_rows = min(8, next_power_of_2(rows))
+    row_blocks = -(-rows // block_rows)
+    block_n = min(64, max(4, next_power_of_2(-(-N * row_blocks // 512))))
+    block_k = min(next_power_of_2(K), max(64, 4096 // (block_n * block_rows)))
+    return block_rows, min(block_n, 4096 // (block_k * block_rows)), block_k, 4

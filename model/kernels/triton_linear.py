@@ -7,10 +7,10 @@ before it (with the residual add that Inductor joins to the norm) and the SwiGLU
 each cost a launch of their own. Here the prologue (the norm's statistics are a reduction over the row, cheap to
 recompute in every program; SwiGLU is pointwise) and the epilogue (bias, residual) run in the same programs.
 
-One program per (row, block of BLOCK_N output columns), looping over K. The rows of one block are neighbouring
-programs, so they read its weights from memory once and share them through L2. Products are accumulated in
-float32, and each step is rounded to the input dtype where the separate torch ops would round, so a 16-bit result
-matches theirs to rounding; logits can be returned in float32 without that last rounding.
+One program per (block of up to 8 rows, block of BLOCK_N output columns), looping over K: each weight block is
+read once for the rows of a decode step. Products are accumulated in float32, and each step is rounded to the
+input dtype where the separate torch ops would round, so a 16-bit result matches theirs to rounding; logits can be
+returned in float32 without that last rounding.
 """
 
 from __future__ import annotations
@@ -30,45 +30,49 @@ SWIGLU = tl.constexpr(2)
 @triton.jit
 def fused_linear_kernel(
     x, up, weight, bias, norm_weight, residual, out,
-    N, K, eps,
+    M, N, K, eps,
     stride_xm, stride_um, stride_wn, stride_rm, stride_om,
     PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    m = tl.program_id(0).to(tl.int64)
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    m_ok = rows < M
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
-    x_row = x + m * stride_xm
-    if PROLOGUE == NORM:   # the row's mean square first (the row is small and stays in cache for the loop)
-        squares = tl.zeros([BLOCK_K], tl.float32)
+    x_rows = x + rows[:, None] * stride_xm
+    if PROLOGUE == NORM:   # each row's mean square first (the rows are small and stay in cache for the loop)
+        squares = tl.zeros([ROWS, BLOCK_K], tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            xk = tl.load(x_row + k0 + ks, mask=k0 + ks < K, other=0.0).to(tl.float32)
+            xk = tl.load(x_rows + (k0 + ks)[None, :], mask=m_ok[:, None] & (k0 + ks < K)[None, :],
+                         other=0.0).to(tl.float32)
             squares += xk * xk
         # As float32: a Python float argument reaches Inductor-compiled graphs as float64.
-        rstd = tl.rsqrt(tl.sum(squares, axis=0) / K + eps).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(squares, axis=1) / K + eps).to(tl.float32)
     # Products summed over K at the end, not per block: one cross-thread reduction instead of one per block.
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = k0 + ks < K
-        xk = tl.load(x_row + k0 + ks, mask=k_ok, other=0.0)
+        x_ok = m_ok[:, None] & k_ok[None, :]
+        xk = tl.load(x_rows + (k0 + ks)[None, :], mask=x_ok, other=0.0)
         if PROLOGUE == NORM:
             w_norm = tl.load(norm_weight + k0 + ks, mask=k_ok, other=0.0).to(tl.float32)
-            xk = (xk.to(tl.float32) * rstd * (1.0 + w_norm)).to(xk.dtype)
+            xk = (xk.to(tl.float32) * rstd[:, None] * (1.0 + w_norm[None, :])).to(xk.dtype)
         elif PROLOGUE == SWIGLU:   # x is the gate
             gate = xk.to(tl.float32)
-            uk = tl.load(up + m * stride_um + k0 + ks, mask=k_ok, other=0.0)
+            uk = tl.load(up + rows[:, None] * stride_um + (k0 + ks)[None, :], mask=x_ok, other=0.0)
             xk = ((gate * tl.sigmoid(gate)).to(xk.dtype).to(tl.float32) * uk.to(tl.float32)).to(xk.dtype)
         w = tl.load(weight + cols[:, None] * stride_wn + (k0 + ks)[None, :], mask=n_ok[:, None] & k_ok[None, :],
                     other=0.0)
-        acc += w.to(tl.float32) * xk.to(tl.float32)[None, :]
-    y = tl.sum(acc, axis=1)
+        acc += w.to(tl.float32)[None, :, :] * xk.to(tl.float32)[:, None, :]
+    y = tl.sum(acc, axis=2)
     if HAS_BIAS:
-        y += tl.load(bias + cols, mask=n_ok, other=0.0).to(tl.float32)
+        y += tl.load(bias + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_ok = m_ok[:, None] & n_ok[None, :]
     if HAS_RESIDUAL:
         y = y.to(x.dtype.element_ty).to(tl.float32) + \
-            tl.load(residual + m * stride_rm + cols, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(out + m * stride_om + cols, y.to(out.dtype.element_ty), mask=n_ok)
+            tl.load(residual + rows[:, None] * stride_rm + cols[None, :], mask=y_ok, other=0.0).to(tl.float32)
+    tl.store(out + rows[:, None] * stride_om + cols[None, :], y.to(out.dtype.element_ty), mask=y_ok)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -92,11 +96,11 @@ def fused_linear(x, weight, bias=None, norm_weight=None, up=None, residual=None,
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     # A plain int: Inductor's launcher of user kernels takes constexpr arguments as Python scalars.
     prologue = (NORM if norm_weight is not None else SWIGLU if up is not None else PLAIN).value
-    block_n, block_k, warps = linear_blocks(N, K, rows)
+    block_rows, block_n, block_k, warps = linear_blocks(N, K, rows)
     kernel = launch(fused_linear_kernel) if launch else fused_linear_kernel
-    kernel[(rows, triton.cdiv(N, block_n))](
+    kernel[(triton.cdiv(rows, block_rows), triton.cdiv(N, block_n))](
         x2, up2, weight, bias if bias is not None else out, norm_weight if norm_weight is not None else out, res2,
-        out, N, K, eps, x2.stride(0), up2.stride(0), weight.stride(0), res2.stride(0), out.stride(0),
+        out, rows, N, K, eps, x2.stride(0), up2.stride(0), weight.stride(0), res2.stride(0), out.stride(0),
         PROLOGUE=prologue, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+        ROWS=block_rows, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return out.view(*lead, N)
