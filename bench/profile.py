@@ -10,11 +10,13 @@ of the backends that run them.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import defaultdict
 
 import numpy as np
 
 TOP = 60   # longest kernels (operators) per backend in report.json, a compiled step's whole list; report.md: 3
+STEP = "bench: decode step"   # the profiler range around each profiled Engine.decode call
 CPU_VISIBLE = ("eager", "hf", "torch")   # backends whose CPU work is torch operators
 
 
@@ -34,7 +36,7 @@ def decode_profile_or_reason(name: str, engine, device: str, steps: int, warmup:
 def decode_profile(engine, device: str, steps: int, warmup: int, context: int = 32) -> dict:
     """Profile `steps` decode steps of one row after a `context`-token prompt and `warmup` untimed steps."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     from .measure import _ids
 
@@ -51,7 +53,8 @@ def decode_profile(engine, device: str, steps: int, warmup: int, context: int = 
         torch.cuda.synchronize()
     with profile(activities=activities) as prof:
         for i in range(warmup, warmup + steps):
-            engine.decode(ids[i], state)
+            with record_function(STEP):
+                engine.decode(ids[i], state)
         if cuda:
             torch.cuda.synchronize()
     calls, micros = defaultdict(int), defaultdict(float)
@@ -59,7 +62,7 @@ def decode_profile(engine, device: str, steps: int, warmup: int, context: int = 
         if cuda and e.device_type == torch.autograd.DeviceType.CUDA:
             calls[e.name] += 1
             micros[e.name] += e.device_time_total
-        elif not cuda and e.cpu_parent is None and e.name.startswith("aten::"):
+        elif not cuda and _top_level(e) and e.name.startswith("aten::"):
             calls[e.name] += 1
             micros[e.name] += e.cpu_time_total
     top = sorted(micros, key=micros.get, reverse=True)[:TOP]
@@ -69,5 +72,30 @@ def decode_profile(engine, device: str, steps: int, warmup: int, context: int = 
                       "Runtime's operators are not seen)",
             "kernels_per_step": sum(calls.values()) / steps,
             "busy_ms_per_step": sum(micros.values()) / 1e3 / steps,
+            "span_ms_per_step": device_span_ms(prof.events()) if cuda else None,
             "top": [{"name": n, "calls_per_step": calls[n] / steps, "ms_per_step": micros[n] / 1e3 / steps}
                     for n in top]}
+
+
+def _top_level(event) -> bool:
+    """An operator the step called itself, not one inside another operator."""
+    return event.cpu_parent is None or event.cpu_parent.name == STEP
+
+
+def device_span_ms(events) -> float | None:
+    """Median over the profiled steps of the time from a step's first kernel start to its last kernel end: the
+    device's share of the step (the kernels' busy time and the gaps between them); what the step takes beyond it
+    is the host's (launches, the copies in and out, Python). Each kernel belongs to the last step range begun
+    before it (a step's host call waits for its logits, so its kernels end before the next range begins)."""
+    import torch
+    cpu, gpu = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    starts = sorted(e.time_range.start for e in events if e.name == STEP and e.device_type == cpu)
+    if not starts:
+        return None
+    first, last = [float("inf")] * len(starts), [float("-inf")] * len(starts)
+    for e in events:
+        if e.device_type == gpu:
+            i = max(0, bisect_right(starts, e.time_range.start) - 1)
+            first[i], last[i] = min(first[i], e.time_range.start), max(last[i], e.time_range.end)
+    spans = [b - a for a, b in zip(first, last) if b > a]
+    return float(np.median(spans)) / 1e3 if spans else None

@@ -162,13 +162,17 @@ def profile_section(ok: dict) -> str:
     out = ["\n## Decode profile (batch 1)\n\n"]
     if first:
         out.append(f"{first['steps']} decode steps after a {first['context']}-token prompt, {first['method']}. Busy: "
-                   "the time those kernels (operators) take per step, against the unprofiled step time above.\n\n")
+                   "the time those kernels (operators) take per step, against the unprofiled step time above. "
+                   "Device (CUDA): a step's first kernel start to its last kernel end, busy time plus the gaps "
+                   "between kernels; the rest of the step is the host's (launches, copies in and out, Python)."
+                   "\n\n")
         rows = []
         for n, p in shown.items():
             longest = ", ".join(f"{t['name'][:40]} {ms(t['ms_per_step'])}" for t in p["top"][:3])
             step = at(ok[n]["decode"], "batch", 1)
-            rows.append([n, num(p["kernels_per_step"], 4), ms(p["busy_ms_per_step"]), ms(step), longest])
-        out.append(table(["backend", "kernels per step", "busy ms per step", "decode ms (b=1)",
+            rows.append([n, num(p["kernels_per_step"], 4), ms(p["busy_ms_per_step"]),
+                         ms(p.get("span_ms_per_step")), ms(step), longest])
+        out.append(table(["backend", "kernels per step", "busy ms per step", "device ms per step", "decode ms (b=1)",
                           "longest three (ms per step)"], rows))
     out += [f"\n- **{n}** not profiled: {p['reason']}" for n, p in profiled.items() if "reason" in p]
     return "".join(out) + "\n"

@@ -39,9 +39,10 @@ kind "backends":
       drift           {steps, logits_rel_error, logits_rel_error_by_step {step: error}, state_rel_error (null
                       when the backend does not expose its state), state_note, reference} or null
       profile         null (--profile-steps 0), {reason} (not profiled), or {batch 1, context, steps, method,
-                      kernels_per_step, busy_ms_per_step, top [{name, calls_per_step, ms_per_step}]}: decode
-                      steps under torch.profiler; on CUDA every CUDA kernel of the process, busy = their device
-                      time; on the CPU top-level torch operators, busy = their CPU time (bench/profile.py)
+                      kernels_per_step, busy_ms_per_step, span_ms_per_step, top [{name, calls_per_step,
+                      ms_per_step}]}: decode steps under torch.profiler; on CUDA every CUDA kernel of the process,
+                      busy = their device time, span = a step's first kernel start to last kernel end (median; null
+                      on the CPU); on the CPU top-level torch operators, busy = their CPU time (bench/profile.py)
       speedup         {"vs_eager"|"vs_hf": {prefill {prompt_length: x}, decode {batch: x}, generate: x}}:
                       baseline median / this backend's median (> 1 is faster); absent baselines are left out
 

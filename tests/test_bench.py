@@ -96,6 +96,7 @@ def test_decode_profile_counts_the_operators_of_a_step(bench_report):
         assert p["kernels_per_step"] >= 4 and p["busy_ms_per_step"] > 0
         assert p["top"] and all(t["name"].startswith("aten::") and t["calls_per_step"] > 0 for t in p["top"])
         assert sum(t["ms_per_step"] for t in p["top"]) <= p["busy_ms_per_step"] * (1 + 1e-9)
+        assert p["span_ms_per_step"] is None     # the CPU has no kernel timeline
     assert "runs its own kernels" in rep["backends"]["onnxruntime"]["profile"]["reason"]
     md = (out / "report.md").read_text()
     assert "## Decode profile (batch 1)" in md and "| eager |" in md.split("Decode profile")[1]
@@ -256,3 +257,24 @@ def test_a_failing_backend_is_recorded_and_the_run_exits_1(checkpoint, tmp_path,
     eager = json.loads((out / "report.json").read_text())["backends"]["eager"]
     assert eager["status"] == "failed" and eager["reason"] == "RuntimeError: kernel launch failed"
     assert "**eager** (failed): RuntimeError: kernel launch failed" in (out / "report.md").read_text()
+
+
+def test_device_span_is_first_kernel_start_to_last_kernel_end_per_step():
+    """Kernels belong to the last step range begun before them; the median span over steps, in ms."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from bench.profile import STEP, device_span_ms
+    cpu, gpu = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def event(name, device, start, end):
+        return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(start=start, end=end))
+    # Three steps (us): kernels at [110-130, 135-170], [520-600], [900-905, 950-990]; host ranges around them,
+    # and a CPU operator that is not a step.
+    events = [event(STEP, cpu, 100, 180), event(STEP, cpu, 500, 610), event(STEP, cpu, 880, 1000),
+              event("aten::mm", cpu, 120, 125),
+              event("k1", gpu, 110, 130), event("k2", gpu, 135, 170), event("k3", gpu, 520, 600),
+              event("k4", gpu, 900, 905), event("k5", gpu, 950, 990)]
+    assert device_span_ms(events) == pytest.approx(0.080)     # spans 60, 80, 90 us: median 80
+    assert device_span_ms([e for e in events if e.name != STEP]) is None
