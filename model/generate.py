@@ -49,18 +49,16 @@ def fit_new_tokens(prompt_tokens: int, max_new_tokens: int, max_seq_len: int) ->
     return budget
 
 
-def generate_text(tokenizer, new_step: Callable[[int], Callable[[list[int]], np.ndarray]], prompt: str,
-                  max_new_tokens: int, max_seq_len: int, sampling: SamplingConfig,
-                  stop: Iterable[int] | None = None, sampler: Sampler | None = None) -> Iterator[str]:
-    """Stream a completion of `prompt` as text. `new_step(n)` returns a fresh step function (see generate_ids)
-    whose state holds n tokens; `max_seq_len` is the most any state may hold. Stops at EOS unless `stop` is given.
-    `sampler` replaces Sampler(sampling), e.g. by one that samples where the logits are."""
+def generate_text(tokenizer, stream_ids: Callable[[list[int], int, set[int]], Iterator[int]], prompt: str,
+                  max_new_tokens: int, max_seq_len: int, stop: Iterable[int] | None = None) -> Iterator[str]:
+    """Stream a completion of `prompt` as text. `stream_ids(prompt_ids, new_tokens, stop_ids)` streams the sampled
+    ids from a fresh state (generate_ids over a step, or an engine's own loop); `max_seq_len` is the most a state
+    may hold. Stops at EOS unless `stop` is given."""
     prompt_ids = tokenizer.encode(prompt)
     budget = fit_new_tokens(len(prompt_ids), max_new_tokens, max_seq_len)
     stop_ids = set(stop) if stop is not None else {tokenizer.eos_id} - {None}
-    step = new_step(len(prompt_ids) + budget)
     # Returned, not yielded from: the checks above run at the call, before any output is written.
-    return tokenizer.stream(generate_ids(step, prompt_ids, budget, sampler or Sampler(sampling), stop_ids))
+    return tokenizer.stream(stream_ids(prompt_ids, budget, stop_ids))
 
 
 def print_stream(prompt: str, pieces: Iterable[str]) -> None:
@@ -123,9 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         tok = Tokenizer.load(args.checkpoint)
         tok.check_fits(model.config.vocab_size)
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
-        new_step = lambda n: eager_step(model, model.new_state(1, n))  # noqa: E731
-        print_stream(args.prompt, generate_text(tok, new_step, args.prompt, args.max_new_tokens,
-                                                model.config.max_position_embeddings, sampling))
+        sampler = Sampler(sampling)
+
+        def stream_ids(prompt_ids, budget, stop_ids):
+            step = eager_step(model, model.new_state(1, len(prompt_ids) + budget))
+            return generate_ids(step, prompt_ids, budget, sampler, stop_ids)
+        print_stream(args.prompt, generate_text(tok, stream_ids, args.prompt, args.max_new_tokens,
+                                                model.config.max_position_embeddings))
     except (NextDeployError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -307,14 +307,16 @@ class CompiledBackend:
         return self.step_on_device(ids, handle, rows, batch).cpu().numpy()
 
     def step_on_device(self, ids: np.ndarray, handle, rows: np.ndarray, batch: int):
-        """Like step, but the logits stay on the device (float32 [len(rows), vocab])."""
+        """Like step, but the logits stay on the device (float32 [len(rows), vocab]); a decode step's ids
+        [batch, 1] may be on the device already (a sampled token)."""
         with self.torch.no_grad():
             if ids.shape[1] == 1 and len(rows) == batch:
                 return self._decode(handle.slot, ids[:, 0], batch)
             return self.torch.cat([self._prefill(handle.slot, int(r), ids[i]) for i, r in enumerate(rows)])
 
-    def _decode(self, slot: _Slot, ids: np.ndarray, batch: int):
-        slot.ids[:batch, 0].copy_(self.torch.from_numpy(ids))
+    def _decode(self, slot: _Slot, ids, batch: int):
+        """ids [batch]: host (NumPy) or already on the device (a sampled token)."""
+        slot.ids[:batch, 0].copy_(ids if isinstance(ids, self.torch.Tensor) else self.torch.from_numpy(ids))
         if not self.graphs:
             return self.steps[(slot.bucket, 1)](slot.ids, *slot.tensors)[:batch]
         if slot.graph is None:
@@ -390,16 +392,49 @@ class CompiledBackend:
 
 
 class CompiledEngine(Engine):
-    """The engine API over the compiled backend; generate() samples on the device (runtime/device_sampling.py), so
-    only token ids leave it."""
+    """The engine API over the compiled backend. generate() samples on the device (runtime/device_sampling.py), so
+    only token ids leave it, and runs ahead: each sampled token feeds the next decode step on the device, and that
+    step is queued before the token is read on the host, so the host's share of a step (reading the token, Python,
+    launching the graphs) overlaps the device's work instead of adding to it."""
 
-    def _sampler(self, sampling):
-        from .device_sampling import DeviceSampler
-        return DeviceSampler(sampling, self.backend.device, graphs=self.backend.graphs)
+    def _stream_ids(self, sampling):
+        from .device_sampling import DeviceSampler, TokenReader
+        sampler = DeviceSampler(sampling, self.backend.device, graphs=self.backend.graphs)
+
+        def stream(prompt_ids: list[int], budget: int, stop_ids: set[int]):
+            if not prompt_ids:
+                raise ValueError("the prompt encodes to no tokens; give a non-empty prompt")
+            return self._run_ahead(self.new_state(1), prompt_ids, budget, sampler, TokenReader(self.backend.device),
+                                   stop_ids)
+        return stream
+
+    def _run_ahead(self, state, prompt_ids, budget, sampler, reader, stop_ids):
+        """model.generate.generate_ids's loop, the same sampler calls in the same order (so seeded runs give the
+        same tokens), with step n + 1 queued before token n is read. A stop token leaves one step run past it, in
+        a state nobody sees again."""
+        history = list(prompt_ids)
+        logits = self._next_logits(history, state)
+        for n in range(budget):
+            token = sampler(logits[None], [history])
+            reader.queue(token)
+            if n + 1 < budget:
+                logits = self._decode_on_device(token, state)
+            token = reader.read()
+            if token in stop_ids:
+                return
+            history.append(token)
+            yield token
 
     def _next_logits(self, ids, state):
         ids = self._check_ids(np.asarray(ids))
         self._check_room(state, [len(ids)])
         logits = self.backend.step_on_device(ids[None], state.tensors, np.zeros(1, dtype=np.int64), 1)
         state.lengths += len(ids)
+        return logits[0]
+
+    def _decode_on_device(self, token, state):
+        """One decode step on a token that is already on the device ([1], a sampler's output): no host copy."""
+        self._check_room(state, [1])
+        logits = self.backend.step_on_device(token.view(1, 1), state.tensors, np.zeros(1, dtype=np.int64), 1)
+        state.lengths += 1
         return logits[0]

@@ -123,3 +123,24 @@ class DeviceSampler:
             probs = probs.masked_fill(drop, 0.0)
             probs = probs / probs.sum(-1, keepdim=True)
         return probs
+
+
+class TokenReader:
+    """A sampled token's copy to the host, queued where it is in the device's work: reading it later waits for the
+    copy alone, not for what was queued after it (on CUDA a pinned host buffer and an event; elsewhere a copy)."""
+
+    def __init__(self, device: str | torch.device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.host = torch.empty(1, dtype=torch.int64, pin_memory=self.cuda)
+        self.copied = torch.cuda.Event() if self.cuda else None
+
+    def queue(self, token: torch.Tensor) -> None:
+        """token: [1] on the device."""
+        self.host.copy_(token[:1], non_blocking=self.cuda)
+        if self.cuda:
+            self.copied.record()
+
+    def read(self) -> int:
+        if self.cuda:
+            self.copied.synchronize()
+        return int(self.host[0])

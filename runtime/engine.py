@@ -137,13 +137,9 @@ class Engine:
         """Stream a completion of `prompt` as text pieces. Stops at EOS (or any id in `stop`)."""
         if self.tokenizer is None:
             raise InputError(f"{self.directory} has no tokenizer; export from a checkpoint with tokenizer.json")
-
-        def new_step(num_tokens: int):
-            state = self.new_state(1)
-            return lambda ids: self._next_logits(ids, state)
         sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed)
-        return generate_text(self.tokenizer, new_step, prompt, max_new_tokens, self.max_seq_len, sampling, stop,
-                             sampler=self._sampler(sampling))
+        return generate_text(self.tokenizer, self._stream_ids(sampling), prompt, max_new_tokens, self.max_seq_len,
+                             stop)
 
     def generate_ids(self, prompt_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                      top_p: float = 1.0, repetition_penalty: float = 1.0, stop: Sequence[int] | None = None,
@@ -157,15 +153,18 @@ class Engine:
         ids = self._check_ids(ids)
         budget = fit_new_tokens(len(ids), max_new_tokens, self.max_seq_len)
         sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed)
-        state = self.new_state(1)
-        # Returned, not yielded from: the checks above run at the call.
-        return generate_ids(lambda t: self._next_logits(t, state), ids.tolist(), budget, self._sampler(sampling),
-                            set(stop or ()))
+        return self._stream_ids(sampling)(ids.tolist(), budget, set(stop or ()))
 
-    # What generate() runs on; a backend that samples on its device overrides both (runtime/compiled_backend.py).
+    def _stream_ids(self, sampling: SamplingConfig):
+        """What generate() and generate_ids() run: (prompt ids, new tokens, stop ids) -> the sampled ids, from a
+        fresh state made at the call. A backend that samples on its device overrides it
+        (runtime/compiled_backend.py)."""
+        sampler = Sampler(sampling)
 
-    def _sampler(self, sampling: SamplingConfig):
-        return Sampler(sampling)
+        def stream(prompt_ids: list[int], budget: int, stop_ids: set[int]) -> Iterator[int]:
+            state = self.new_state(1)
+            return generate_ids(lambda ids: self._next_logits(ids, state), prompt_ids, budget, sampler, stop_ids)
+        return stream
 
     def _next_logits(self, ids: list[int], state: State):
         return (self.prefill([ids], state) if len(ids) > 1 else self.decode(ids, state))[0]

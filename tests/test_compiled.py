@@ -143,6 +143,23 @@ def test_generate_ids_streams_the_greedy_tokens_and_stops_at_a_stop_id(artifact,
     assert list(engine.generate_ids(prompt, max_new_tokens=24, stop=[expected[10]])) == expected[:cut]
 
 
+def test_generation_running_ahead_samples_what_the_plain_loop_samples(engine):
+    """The engine queues step n + 1 before reading token n; the tokens must be those of model.generate's plain loop
+    over the same logits with an equally seeded device sampler (sampling with every option on)."""
+    from model.generate import generate_ids
+    from model.sampling import SamplingConfig
+    from runtime.device_sampling import DeviceSampler
+    options = dict(temperature=0.9, top_k=40, top_p=0.9, repetition_penalty=1.3, seed=7)
+    prompt = [11, 4, 200, 9, 31]
+    ahead = list(engine.generate_ids(prompt, max_new_tokens=30, **options))
+    state = engine.new_state(1)
+    plain = list(generate_ids(lambda ids: engine._next_logits(ids, state), prompt, 30,
+                              DeviceSampler(SamplingConfig(**options), "cpu"), set()))
+    assert ahead == plain and len(set(ahead)) > 3
+    stop = ahead[12]
+    assert list(engine.generate_ids(prompt, max_new_tokens=30, stop=[stop], **options)) == ahead[:ahead.index(stop)]
+
+
 def test_ragged_prefill_and_padding_rows_change_nothing(engine):
     rows = [np.arange(5, 14), np.arange(40, 44), np.arange(3, 10)]
     state = engine.new_state(3)                  # bucket 4: one padding row
