@@ -2,6 +2,7 @@
 
     python -m runtime artifacts/tiny --prompt "def main(" --max-new-tokens 64
     python -m runtime artifacts/tiny --interactive            # one prompt per line; empty line or Ctrl-D quits
+    python -m runtime artifacts/tiny --prompt-ids 12 7 431    # token ids in, ids out (no tokenizer needed)
 
 In --interactive mode a prompt that cannot run (too long for the artifact) is reported and the session goes on;
 Ctrl-C stops the completion being written.
@@ -23,8 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m runtime", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("artifact", help="directory written by `python -m export`")
-    p.add_argument("--prompt", help="text to continue (default: none; give --prompt or --interactive)")
-    p.add_argument("--interactive", action="store_true", help="read prompts from the terminal, one per line")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--prompt", help="text to continue")
+    given.add_argument("--interactive", action="store_true", help="read prompts from the terminal, one per line")
+    given.add_argument("--prompt-ids", nargs="+", type=cli.integer(0), metavar="ID",
+                       help="token ids to continue instead of text, for an artifact without a tokenizer or ids "
+                       "from your own: prints the prompt's ids, then the new ones as they come")
     p.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help="what runs the artifact "
                    "(default: %(default)s)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device to run on (default: %(default)s)")
@@ -34,16 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    p = build_parser()
-    args = p.parse_args(argv)
-    if not args.prompt and not args.interactive:
-        p.error("give --prompt TEXT or --interactive")
+    args = build_parser().parse_args(argv)
+    sampling = (args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty)
 
     def complete(prompt: str) -> None:
-        print_stream(prompt, engine.generate(prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                                             args.repetition_penalty, seed=args.seed))
+        print_stream(prompt, engine.generate(prompt, *sampling, seed=args.seed))
     try:
         engine = load(args.artifact, backend=args.backend, device=args.device, checkpoint=args.checkpoint)
+        if args.prompt_ids:
+            ids = engine.generate_ids(args.prompt_ids, *sampling, seed=args.seed)
+            print_stream(" ".join(map(str, args.prompt_ids)), (f" {i}" for i in ids))
+            return 0
         if not args.interactive:
             complete(args.prompt)
             return 0

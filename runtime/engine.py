@@ -136,7 +136,8 @@ class Engine:
                  seed: int | None = None) -> Iterator[str]:
         """Stream a completion of `prompt` as text pieces. Stops at EOS (or any id in `stop`)."""
         if self.tokenizer is None:
-            raise InputError(f"{self.directory} has no tokenizer; export from a checkpoint with tokenizer.json")
+            raise InputError(f"{self.directory} has no tokenizer; export from a checkpoint with tokenizer.json, or "
+                             "give token ids (generate_ids; python -m runtime --prompt-ids)")
         sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed)
         return generate_text(self.tokenizer, self._stream_ids(sampling), prompt, max_new_tokens, self.max_seq_len,
                              stop)

@@ -100,8 +100,16 @@ def test_lowest_and_highest_opset_export_and_the_manifest_says_which(checkpoint,
         warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
         assert len(warning) == 1 and "no tokenizer.json" in warning[0] and m["tokenizer"] is None
         assert not (out / "notes.txt").exists()
-        with pytest.raises(InputError, match="no tokenizer"):
-            runtime.load(out).generate("def")
+        engine = runtime.load(out)
+        with pytest.raises(InputError, match="no tokenizer.*--prompt-ids"):
+            engine.generate("def")
+        # Token ids need no tokenizer: the CLI prints the prompt's ids, then the greedy continuation's.
+        from runtime.__main__ import main as runtime_main
+        expected = list(engine.generate_ids([5, 9], max_new_tokens=4))
+        assert runtime_main([str(out), "--prompt-ids", "5", "9", "--max-new-tokens", "4", "--temperature", "0"]) == 0
+        assert capsys.readouterr().out == " ".join(map(str, [5, 9, *expected])) + "\n"
+        assert runtime_main([str(out), "--prompt-ids", "5", "99999"]) == 2
+        assert "outside the vocabulary" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("opset", ["17", "26"])

@@ -194,6 +194,10 @@ def test_sampling_options_and_cli(trained_tiny, capsys):
     assert a == b
     assert runtime_main([str(trained_tiny[1]), "--prompt", "def f2", "--max-new-tokens", "8", "--seed", "1"]) == 0
     assert capsys.readouterr().out.startswith("def f2")
+    for clash in (["--prompt", "x", "--prompt-ids", "3"], []):   # exactly one of text, ids or --interactive
+        with pytest.raises(SystemExit) as refused:
+            runtime_main([str(trained_tiny[1]), *clash])
+        assert refused.value.code == 2
 
 
 def test_interactive_mode_reads_prompts_until_an_empty_line(trained_tiny, monkeypatch, capsys):
