@@ -24,12 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m runtime", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("artifact", help="directory written by `python -m export`")
-    given = p.add_mutually_exclusive_group(required=True)
-    given.add_argument("--prompt", help="text to continue")
+    given = p.add_mutually_exclusive_group()   # one of them is required (checked in main, with the ways named)
+    given.add_argument("--prompt", help="text to continue (default: none; give --prompt, --prompt-ids or "
+                       "--interactive)")
     given.add_argument("--interactive", action="store_true", help="read prompts from the terminal, one per line")
     given.add_argument("--prompt-ids", nargs="+", type=cli.integer(0), metavar="ID",
-                       help="token ids to continue instead of text, for an artifact without a tokenizer or ids "
-                       "from your own: prints the prompt's ids, then the new ones as they come")
+                       help="token ids (whole numbers >= 0) to continue instead of text, for an artifact without a "
+                       "tokenizer or ids from your own: prints the prompt's ids, then the new ones as they come "
+                       "(default: none)")
     p.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help="what runs the artifact "
                    "(default: %(default)s)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device to run on (default: %(default)s)")
@@ -39,7 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    if not (args.prompt or args.prompt_ids or args.interactive):
+        p.error("give --prompt TEXT, --prompt-ids ID [ID ...] or --interactive")
     sampling = (args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty)
 
     def complete(prompt: str) -> None:
