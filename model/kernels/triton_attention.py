@@ -34,6 +34,15 @@ def slots_per_block(head_dim_block: int, element_size: int) -> int:
 
 
 @triton.jit
+def _live_blocks(pos, BLOCK: tl.constexpr, NSPLIT: tl.constexpr):
+    """(live slots, blocks of them, blocks per split) of a block of query rows at positions `pos`: the split of
+    the live blocks the attention kernel runs and the combine reads back."""
+    live = tl.max(pos, axis=0) + 1
+    n_blocks = tl.cdiv(live, BLOCK)
+    return live, n_blocks, tl.cdiv(n_blocks, NSPLIT)
+
+
+@triton.jit
 def decode_attention_kernel(
     q, key_cache, value_cache, positions, acc_out, max_out, sum_out,
     R, T,
@@ -53,9 +62,7 @@ def decode_attention_kernel(
     col_ok = cols < D
     # Query row r is query head (r // T) of this KV head's group at step r % T, which may see slots <= its position.
     pos = tl.load(positions + b * stride_pb + (rows % T) * stride_pt, mask=row_ok, other=-1)
-    live = tl.max(pos, axis=0) + 1
-    n_blocks = tl.cdiv(live, BLOCK)
-    per_split = tl.cdiv(n_blocks, NSPLIT)
+    live, n_blocks, per_split = _live_blocks(pos, BLOCK, NSPLIT)
     first = split * per_split
     last = tl.minimum(first + per_split, n_blocks)
 
@@ -115,8 +122,8 @@ def combine_splits_kernel(
     cols = tl.arange(0, BD)
     # The attention kernel's split of the live blocks, recomputed: splits at or past `used` covered nothing.
     pos = tl.load(positions + b * stride_pb + (rows % T) * stride_pt, mask=row_ok, other=-1)
-    n_blocks = tl.cdiv(tl.max(pos, axis=0) + 1, BLOCK)
-    used = tl.cdiv(n_blocks, tl.maximum(tl.cdiv(n_blocks, NSPLIT), 1))
+    _, n_blocks, per_split = _live_blocks(pos, BLOCK, NSPLIT)
+    used = tl.cdiv(n_blocks, tl.maximum(per_split, 1))
     base = (bh * tl.num_programs(1) + row_block) * NSPLIT
     m = tl.full([BM], float("-inf"), tl.float32)
     l = tl.zeros([BM], tl.float32)
