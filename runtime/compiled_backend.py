@@ -426,15 +426,16 @@ class CompiledEngine(Engine):
             yield token
 
     def _next_logits(self, ids, state):
-        ids = self._check_ids(np.asarray(ids))
-        self._check_room(state, [len(ids)])
-        logits = self.backend.step_on_device(ids[None], state.tensors, np.zeros(1, dtype=np.int64), 1)
-        state.lengths += len(ids)
-        return logits[0]
+        return self._advance(self._check_ids(np.asarray(ids))[None], state)
 
     def _decode_on_device(self, token, state):
         """One decode step on a token that is already on the device ([1], a sampler's output): no host copy."""
-        self._check_room(state, [1])
-        logits = self.backend.step_on_device(token.view(1, 1), state.tensors, np.zeros(1, dtype=np.int64), 1)
-        state.lengths += 1
+        return self._advance(token.view(1, 1), state)
+
+    def _advance(self, ids, state):
+        """ids [1, T] (host, or on the device for a decode step) through the one-row state: its logits, on the
+        device."""
+        self._check_room(state, [ids.shape[1]])
+        logits = self.backend.step_on_device(ids, state.tensors, np.zeros(1, dtype=np.int64), 1)
+        state.lengths += ids.shape[1]
         return logits[0]
