@@ -59,7 +59,7 @@ def decode_profile(engine, device: str, steps: int, warmup: int, context: int = 
             torch.cuda.synchronize()
     calls, micros = defaultdict(int), defaultdict(float)
     for e in prof.events():
-        if cuda and e.device_type == torch.autograd.DeviceType.CUDA:
+        if cuda and _device_work(e):
             calls[e.name] += 1
             micros[e.name] += e.device_time_total
         elif not cuda and _top_level(e) and e.name.startswith("aten::"):
@@ -77,6 +77,14 @@ def decode_profile(engine, device: str, steps: int, warmup: int, context: int = 
                     for n in top]}
 
 
+def _device_work(event) -> bool:
+    """A kernel or copy on the device. The profiler also draws each step range on the device's timeline (a user
+    annotation spanning the step's kernels, under the range's name): that one is not work, and counting it would
+    add one kernel and a whole step's time to every step."""
+    import torch
+    return event.device_type == torch.autograd.DeviceType.CUDA and event.name != STEP
+
+
 def _top_level(event) -> bool:
     """An operator the step called itself, not one inside another operator."""
     return event.cpu_parent is None or event.cpu_parent.name == STEP
@@ -88,13 +96,13 @@ def device_span_ms(events) -> float | None:
     is the host's (launches, the copies in and out, Python). Each kernel belongs to the last step range begun
     before it (a step's host call waits for its logits, so its kernels end before the next range begins)."""
     import torch
-    cpu, gpu = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    cpu = torch.autograd.DeviceType.CPU
     starts = sorted(e.time_range.start for e in events if e.name == STEP and e.device_type == cpu)
     if not starts:
         return None
     first, last = [float("inf")] * len(starts), [float("-inf")] * len(starts)
     for e in events:
-        if e.device_type == gpu:
+        if _device_work(e):
             i = max(0, bisect_right(starts, e.time_range.start) - 1)
             first[i], last[i] = min(first[i], e.time_range.start), max(last[i], e.time_range.end)
     spans = [b - a for a, b in zip(first, last) if b > a]

@@ -271,9 +271,10 @@ def test_device_span_is_first_kernel_start_to_last_kernel_end_per_step():
     def event(name, device, start, end):
         return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(start=start, end=end))
     # Three steps (us): kernels at [110-130, 135-170], [520-600], [900-905, 950-990]; host ranges around them,
-    # and a CPU operator that is not a step.
+    # and a CPU operator that is not a step; the profiler's device-side copy of a step range (which may start
+    # before and end after that step's kernels) is not a kernel.
     events = [event(STEP, cpu, 100, 180), event(STEP, cpu, 500, 610), event(STEP, cpu, 880, 1000),
-              event("aten::mm", cpu, 120, 125),
+              event("aten::mm", cpu, 120, 125), event(STEP, gpu, 105, 175), event(STEP, gpu, 505, 605),
               event("k1", gpu, 110, 130), event("k2", gpu, 135, 170), event("k3", gpu, 520, 600),
               event("k4", gpu, 900, 905), event("k5", gpu, 950, 990)]
     assert device_span_ms(events) == pytest.approx(0.080)     # spans 60, 80, 90 us: median 80
