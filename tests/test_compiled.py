@@ -13,6 +13,7 @@ import torch
 import runtime
 from export.__main__ import main as export_main
 from model import CapacityError, Qwen3NextForCausalLM
+from model.fusion import FUSED_LINEAR_MAX_ROWS
 from model.tokenizer import Tokenizer
 from runtime import ArtifactError
 from runtime.compiled_backend import chunk_lengths, compile_options, default_decode_buckets, default_prefill_chunks
@@ -82,7 +83,7 @@ def test_manifest_describes_the_compiled_target(artifact):
     m = json.loads((out / "manifest.json").read_text())
     c = m["targets"]["compiled"]
     assert c["forms"] == ["exported", "aoti"] and c["decode_buckets"] == [1, 4] and c["prefill_chunks"] == [4]
-    assert c["autotune"] is False and c["pdl"] is False and c["fused_linear_rows"] == 8
+    assert c["autotune"] is False and c["pdl"] is False and c["fused_linear_rows"] == FUSED_LINEAR_MAX_ROWS
     assert set(c["files"]) == {"prefill", "decode", "aoti:decode-b1", "aoti:decode-b4", "aoti:prefill-t4"}
     assert c["compiled_with"]["torch"] == torch.__version__ and c["compile_seconds"] > 0
     assert m["parity"]["compiled"]["rel_error"] < 1e-4 and m["parity"]["compiled"]["top1_agreement"] == 1.0
@@ -97,7 +98,7 @@ def test_manifest_describes_the_compiled_target(artifact):
     # the LM head, which alone returns float32; each carries --fused-linear-rows. One attention layer's inputs.
     calls = [n for n in decode.graph.nodes if isinstance(n.target, torch._ops.OpOverload)]
     products = [n for n in calls if n.target.name() == "nextdeploy::fused_linear"]
-    assert len(products) == 9 and {n.args[-1] for n in products} == {8}
+    assert len(products) == 9 and {n.args[-1] for n in products} == {FUSED_LINEAR_MAX_ROWS}
     assert [n.args[-2] for n in products] == [False] * 8 + [True]
     assert sum(n.target.name() == "nextdeploy::norm_rope_cache" for n in calls) == 1
     assert not any(k.endswith(("in_proj_ba.weight", "k_proj.weight", "up_proj.weight")) for k in weights)
