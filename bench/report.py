@@ -178,11 +178,16 @@ def profile_section(ok: dict) -> str:
     return "".join(out) + "\n"
 
 
+TIMING = {"graph": "\nTiming: each call's device time, from CUDA graph replays of several calls back to back (as a "
+                   "decode step's graph runs them: the host's launch is not in the figure).\n",
+          "calls": "\nTiming: each call on its own, the host's launch included (as an eager model runs them).\n"}
+
+
 def kernels_markdown(report: dict) -> str:
     out = [f"# Kernel bench ({report['dtype']})\n", preamble(report),
            "\nError: relative to a float64 token-by-token loop (output; state in brackets). Throughput: "
            "GB/s moved (inputs, outputs, states), or TFLOP/s counted as the token-by-token recurrence's "
-           "work.\n"]
+           "work.\n", TIMING[report["settings"]["timing"]]]
     groups = {}
     for r in report["results"]:
         groups.setdefault((r["kernel"], r["mode"]), []).append(r)
@@ -198,5 +203,7 @@ def kernels_markdown(report: dict) -> str:
             body.append([r["label"], r["impl"], ms(r["median_ms"]), num(r["gb_per_s"]), num(r["tflop_per_s"]),
                          err, times(r["speedup_vs_reference"])])
         out.append(table(["shape", "impl", "ms", "GB/s", "TFLOP/s", "rel error", "vs reference"], body))
+        out += [f"\n- {r['label']}, {r['impl']}: timed by {r['timing']}\n" for r in rows
+                if r["status"] == "ok" and r["timing"] != report["settings"]["timing"]]
     out.append(plots_section(report))
     return "".join(out)

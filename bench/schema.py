@@ -49,8 +49,11 @@ kind "backends":
 kind "kernels":
     dtype             the dtype of the kernels' inputs
     results           [{kernel, mode, shape {name: size}, label, impl, status "ok"|"unavailable"|"failed",
-                      reason, <timing>, bytes, flops, gb_per_s, tflop_per_s, rel_error, state_rel_error,
-                      speedup_vs_reference}]; errors are against a float64 token-by-token loop
+                      reason, timing, <timing>, bytes, flops, gb_per_s, tflop_per_s, rel_error, state_rel_error,
+                      speedup_vs_reference}]; errors are against a float64 token-by-token loop. timing: how the row
+                      was timed, settings.timing ("graph": CUDA graph replays of calls_per_graph calls, the time
+                      per call; "calls": each call on its own, the host's launch included), or "calls (no CUDA
+                      graph: why)" where an implementation could not be captured; null where it did not run
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ BY_KIND = {
 }
 BACKEND = ("status", "reason", "load_s", "prefill", "decode", "generate", "memory", "accuracy", "drift", "profile",
            "speedup")
-KERNEL_RESULT = ("kernel", "mode", "shape", "label", "impl", "status", "reason", "median_ms", "gb_per_s",
+KERNEL_RESULT = ("kernel", "mode", "shape", "label", "impl", "status", "reason", "timing", "median_ms", "gb_per_s",
                  "tflop_per_s", "rel_error", "speedup_vs_reference")
 
 

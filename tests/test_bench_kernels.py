@@ -47,6 +47,9 @@ def test_report_covers_every_kernel_and_implementation(kernel_report):
         assert (out / name).read_bytes()[:4] == b"\x89PNG" and (out / name).stat().st_size > 5000
     md = (out / "report.md").read_text()
     assert "## gated_delta_rule (decode)" in md and rep["environment"]["device"]["name"] in md
+    # On the CPU every call is timed on its own (CUDA graphs are CUDA's), and the report says so.
+    assert rep["settings"]["timing"] == "calls" and "the host's launch included" in md
+    assert {r["timing"] for r in rep["results"] if r["status"] == "ok"} == {"calls"}
 
 
 def test_conv_loop_is_the_reference_convolution():
@@ -89,7 +92,9 @@ def test_bad_inputs(tmp_path, capsys):
               "implementation triton of gated_delta_rule cannot "
               "run: the Triton kernels run on CUDA"),
              (["--out", out, "--device", "cpu", "--impls", "fla"], "implementation fla of gated_delta_rule cannot run: "
-              "CUDA kernels")]
+              "CUDA kernels"),
+             (["--out", out, "--device", "cpu", "--timing", "graph"], "--timing graph replays CUDA graphs; use "
+              "--device cuda, or --timing calls")]
     if not torch.cuda.is_available():
         cases.append((["--out", out, "--device", "cuda"], "device 'cuda' needs a CUDA GPU"))
     for argv, message in cases:

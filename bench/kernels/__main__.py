@@ -35,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="untimed calls per shape (0: none; default: %(default)s)")
     p.add_argument("--repeats", type=cli.integer(1, 10000), default=20,
                    help="timed calls per shape (default: %(default)s)")
+    p.add_argument("--timing", choices=["graph", "calls"],
+                   help="graph: each call's device time from CUDA graph replays of several calls back to back, "
+                   "as a decode step's graph runs the kernels (no host launch in the figure; an implementation "
+                   "that cannot be captured is timed per call, and its row says so); calls: each call between "
+                   "CUDA events, the host's launch included, as an eager model runs them (default: graph on cuda, "
+                   "calls on cpu)")
     p.add_argument("--seed", type=cli.integer(0), default=0,
                    help="seed of the random inputs, >= 0 (default: %(default)s)")
     return p
@@ -47,11 +53,11 @@ def rel(a, b) -> float:
 def measure(kernel, impl, shape, dtype, device, args) -> dict:
     import torch
     from bench.kernels import label
-    from bench.timing import time_calls
+    from bench.timing import time_calls, time_in_graph
     gen = torch.Generator(device=device).manual_seed(args.seed)
     inputs = kernel.make_inputs(shape, dtype, device, gen)
     row = {"kernel": kernel.name, "mode": kernel.mode, "shape": shape, "label": label(shape), "impl": impl.name,
-           "status": "ok", "reason": None}
+           "status": "ok", "reason": None, "timing": args.timing}
     try:
         with torch.no_grad():
             # The exact answer first: an in-place kernel changes its inputs.
@@ -61,7 +67,16 @@ def measure(kernel, impl, shape, dtype, device, args) -> dict:
             row.update(rel_error=rel(out, want_out),
                        state_rel_error=None if want_state is None else rel(state, want_state))
             del out, state, want_out, want_state
-            stats = time_calls(lambda _: impl.run(*inputs), device, args.warmup, args.repeats, cuda_events=True)
+            stats = None
+            if args.timing == "graph":
+                try:
+                    stats = time_in_graph(lambda: impl.run(*inputs), args.warmup, args.repeats)
+                except Exception as e:
+                    first = (str(e).strip().splitlines() or [""])[0]
+                    row["timing"] = f"calls (no CUDA graph: {type(e).__name__}: {first})"
+                    torch.cuda.synchronize()
+            if stats is None:
+                stats = time_calls(lambda _: impl.run(*inputs), device, args.warmup, args.repeats, cuda_events=True)
     except Exception as e:  # a shape an implementation refuses (or runs out of memory on) is recorded, not fatal
         first = (str(e).strip().splitlines() or [""])[0]
         return {**row, "status": "failed", "reason": f"{type(e).__name__}: {first}", "median_ms": None,
@@ -89,6 +104,9 @@ def main(argv=None) -> int:
     torch_device(device)
     dtype_name = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     dtype = getattr(torch, dtype_name)
+    if args.timing == "graph" and device != "cuda":
+        raise BenchError("--timing graph replays CUDA graphs; use --device cuda, or --timing calls")
+    args.timing = args.timing or ("graph" if device == "cuda" else "calls")
     kernel_names = pick(args.kernels, list(dict.fromkeys(k.name for k in KERNELS)), "kernel")
     impl_names = pick(args.impls, list(dict.fromkeys(i.name for i in IMPLS)), "implementation")
     impls = [i for i in IMPLS if i.name in impl_names and i.kernel in kernel_names]
@@ -108,7 +126,7 @@ def main(argv=None) -> int:
             reason = impl.needs(device)
             if reason:
                 results.append({"kernel": kernel.name, "mode": kernel.mode, "shape": {}, "label": "all shapes",
-                                "impl": impl.name, "status": "unavailable", "reason": reason, "median_ms": None,
+                                "impl": impl.name, "status": "unavailable", "reason": reason, "timing": None, "median_ms": None,
                                 "gb_per_s": None, "tflop_per_s": None, "rel_error": None,
                                 "speedup_vs_reference": None})
     for kernel, impl, shape in tqdm(tasks, desc="kernels", unit="shape", disable=None):
@@ -124,7 +142,8 @@ def main(argv=None) -> int:
         if base and r["status"] == "ok":
             r["speedup_vs_reference"] = base["median_ms"] / r["median_ms"]
     rep = {**header("kernels", "bench.kernels", argv, device),
-           "settings": {"device": device, "quick": args.quick, "warmup": args.warmup, "repeats": args.repeats,
+           "settings": {"device": device, "quick": args.quick, "timing": args.timing, "warmup": args.warmup,
+                        "repeats": args.repeats,
                         "seed": args.seed, "kernels": kernel_names, "impls": impl_names, "notes": []},
            "dtype": dtype_name, "results": results}
     publish(out, rep, report.kernels_markdown, plots.kernel_plots)
