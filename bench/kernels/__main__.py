@@ -126,8 +126,8 @@ def main(argv=None) -> int:
             reason = impl.needs(device)
             if reason:
                 results.append({"kernel": kernel.name, "mode": kernel.mode, "shape": {}, "label": "all shapes",
-                                "impl": impl.name, "status": "unavailable", "reason": reason, "timing": None, "median_ms": None,
-                                "gb_per_s": None, "tflop_per_s": None, "rel_error": None,
+                                "impl": impl.name, "status": "unavailable", "reason": reason, "timing": None,
+                                "median_ms": None, "gb_per_s": None, "tflop_per_s": None, "rel_error": None,
                                 "speedup_vs_reference": None})
     for kernel, impl, shape in tqdm(tasks, desc="kernels", unit="shape", disable=None):
         if impl.needs(device):
