@@ -178,8 +178,9 @@ def profile_section(ok: dict) -> str:
     return "".join(out) + "\n"
 
 
-TIMING = {"graph": "\nTiming: each call's device time, from CUDA graph replays of several calls back to back (as a "
-                   "decode step's graph runs them: the host's launch is not in the figure).\n",
+TIMING = {"graph": "\nTiming: each call's device time, the median of 10 CUDA graph replays of as many calls back to "
+                   "back as fill 20 ms (as a decode step's graph runs them: the host's launch is not in the figure; "
+                   "the counts of calls above hold for rows timed per call).\n",
           "calls": "\nTiming: each call on its own, the host's launch included (as an eager model runs them).\n"}
 
 

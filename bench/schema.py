@@ -51,9 +51,9 @@ kind "kernels":
     results           [{kernel, mode, shape {name: size}, label, impl, status "ok"|"unavailable"|"failed",
                       reason, timing, <timing>, bytes, flops, gb_per_s, tflop_per_s, rel_error, state_rel_error,
                       speedup_vs_reference}]; errors are against a float64 token-by-token loop. timing: how the row
-                      was timed, settings.timing ("graph": CUDA graph replays of calls_per_graph calls, the time
-                      per call; "calls": each call on its own, the host's launch included), or "calls (no CUDA
-                      graph: why)" where an implementation could not be captured; null where it did not run
+                      was timed, settings.timing ("graph": 10 CUDA graph replays of many calls each, the time per
+                      call, repeats 10; "calls": each call on its own, the host's launch included), or "calls (no
+                      CUDA graph: why)" where an implementation could not be captured; null where it did not run
 """
 
 from __future__ import annotations

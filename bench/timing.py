@@ -59,40 +59,13 @@ def time_calls(call: Callable[[object], object], device: str, warmup: int, repea
     return summarize(times)
 
 
-def time_in_graph(call: Callable[[], object], warmup: int, repeats: int, budget_ms: float = 2.0) -> dict:
-    """The device time of one `call` as it costs inside a CUDA graph: `call` captured several times back to back in
-    one graph (as many as fit `budget_ms`, 1 to 100), each replay timed with CUDA events and divided by the calls.
-    A kernel of a few microseconds launched from Python takes longer to launch than to run, so timing single calls
-    measures the host; a decode step's graph launches none of them from the host. Returns summarize()'s fields and
-    `calls_per_graph`; raises what the capture raises where `call` cannot be captured (it synchronises, say)."""
-    import torch
-    side = torch.cuda.Stream()   # warm-up off the default stream, as capture requires (lazy init, autotuning)
-    side.wait_stream(torch.cuda.current_stream())
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    with torch.cuda.stream(side):
-        for _ in range(max(1, warmup)):
-            start.record()
-            call()
-            end.record()
-    torch.cuda.current_stream().wait_stream(side)
-    end.synchronize()
-    calls = max(1, min(100, int(budget_ms / max(start.elapsed_time(end), 1e-3))))
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                call()
-        graph.replay()   # untimed: the first replay uploads the graph
-        times = []
-        for _ in range(repeats):
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / calls)
-    finally:
-        del graph
-    return {**summarize(times), "calls_per_graph": calls}
+def time_in_graph(call: Callable[[], object], rep_ms: float = 20.0) -> dict:
+    """The device time of one `call` as it costs inside a CUDA graph: Triton's do_bench_cudagraph captures as many
+    calls back to back as fill about `rep_ms` and times 10 replays, per call. A kernel of a few microseconds launched
+    from Python takes longer to launch than to run, so timing single calls measures the host; a decode step's graph
+    launches none of them from the host. Raises what the capture raises where `call` cannot be captured."""
+    from triton.testing import do_bench_cudagraph
+    return summarize(do_bench_cudagraph(call, rep=rep_ms, return_mode="all"))
 
 
 def copy_bandwidth(device: str, nbytes: int, repeats: int = 10) -> dict:

@@ -25,13 +25,12 @@ def test_every_kernel_implementation_runs_on_cuda_within_bfloat16_error():
                 continue
             for shape in (kernel.shapes[0], kernel.shapes[4]):    # tiny, and Qwen3-Next's heads
                 row = measure(kernel, impl, shape, torch.bfloat16, "cuda", args)
-                print(f"\n{kernel.key} {impl.name} {row['label']}: {row.get('median_ms')} ms ({row['timing']}, "
-                      f"{row.get('calls_per_graph')} per graph), error {row['rel_error']} (state "
-                      f"{row.get('state_rel_error')})")
+                print(f"\n{kernel.key} {impl.name} {row['label']}: {row.get('median_ms')} ms ({row['timing']}), "
+                      f"error {row['rel_error']} (state {row.get('state_rel_error')})")
                 assert row["status"] == "ok", row["reason"]
                 # The project's kernels and references are timed inside CUDA graphs, as the engines run them.
                 if impl.name in ("reference", "triton", "triton-rows"):
-                    assert row["timing"] == "graph" and 1 <= row["calls_per_graph"] <= 100
+                    assert row["timing"] == "graph" and row["repeats"] == 10
                 assert row["rel_error"] < 2e-2 and row["state_rel_error"] < 2e-2
 
 

@@ -32,9 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "those that cannot run here are listed with the reason)")
     p.add_argument("--quick", action="store_true", help="two small shapes per kernel, sized for a CPU")
     p.add_argument("--warmup", type=cli.integer(0, 1000), default=3,
-                   help="untimed calls per shape (0: none; default: %(default)s)")
+                   help="untimed calls per shape, timed per call (0: none; default: %(default)s)")
     p.add_argument("--repeats", type=cli.integer(1, 10000), default=20,
-                   help="timed calls per shape (default: %(default)s)")
+                   help="timed calls per shape, timed per call; graph timing replays 10 times (default: "
+                   "%(default)s)")
     p.add_argument("--timing", choices=["graph", "calls"],
                    help="graph: each call's device time from CUDA graph replays of several calls back to back, "
                    "as a decode step's graph runs the kernels (no host launch in the figure; an implementation "
@@ -70,7 +71,7 @@ def measure(kernel, impl, shape, dtype, device, args) -> dict:
             stats = None
             if args.timing == "graph":
                 try:
-                    stats = time_in_graph(lambda: impl.run(*inputs), args.warmup, args.repeats)
+                    stats = time_in_graph(lambda: impl.run(*inputs))
                 except Exception as e:
                     first = (str(e).strip().splitlines() or [""])[0]
                     row["timing"] = f"calls (no CUDA graph: {type(e).__name__}: {first})"
