@@ -7,7 +7,8 @@ against a float64 token-by-token loop.
 Kernels: the gated delta rule (prefill: long sequences, decode: one token at batch 1..64) and causal conv1d
 (prefill, and the one-token state update), plus any registered in bench/kernels/__init__.py. Implementations:
 `reference` (model/kernels, plain PyTorch), `fla` and `causal-conv1d` (CUDA, when installed), and any registered;
-one that cannot run here is listed with the reason. Per shape: min / median / max ms, GB/s moved, TFLOP/s (the
+one that cannot run here is listed with the reason. Per shape: min / median / max ms (on CUDA each call's device
+time inside CUDA graph replays, as an engine's graphs run them; see --timing), GB/s moved, TFLOP/s (the
 recurrence's work) for the gated delta rule, relative error of output and state, and speedup over the reference.
 REPORT_DIR receives report.json (schema: bench/schema.py), report.md and one chart per kernel and mode.
 """
@@ -32,9 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "those that cannot run here are listed with the reason)")
     p.add_argument("--quick", action="store_true", help="two small shapes per kernel, sized for a CPU")
     p.add_argument("--warmup", type=cli.integer(0, 1000), default=3,
-                   help="untimed calls per shape, timed per call (0: none; default: %(default)s)")
+                   help="untimed calls per shape before the timed ones, with --timing calls (0: none; default: "
+                   "%(default)s)")
     p.add_argument("--repeats", type=cli.integer(1, 10000), default=20,
-                   help="timed calls per shape, timed per call; graph timing replays 10 times (default: "
+                   help="timed calls per shape, with --timing calls; graph timing takes 10 replays (default: "
                    "%(default)s)")
     p.add_argument("--timing", choices=["graph", "calls"],
                    help="graph: each call's device time from CUDA graph replays of several calls back to back, "
