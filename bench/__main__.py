@@ -116,6 +116,7 @@ def checkpoint_capacity(args) -> int:
 def measure_backend(name, target, device, s, ref, copy_bw, config, dtype_bytes) -> dict:
     from . import measure, profile
     from .backends import Unavailable, open_engine
+    from .run import failure
     from .timing import MemoryProbe
     entry = dict(status="ok", reason=None, load_s=None, prefill=[], decode=[], generate=None,
                  memory={"peak_bytes": None, "method": "not measured"}, accuracy=None, drift=None, profile=None,
@@ -142,8 +143,7 @@ def measure_backend(name, target, device, s, ref, copy_bw, config, dtype_bytes) 
     except Unavailable as e:
         return {**entry, "status": "unavailable", "reason": str(e)}
     except Exception as e:  # one backend's failure is recorded; the others are still measured
-        first = (str(e).strip().splitlines() or [""])[0]
-        return {**entry, "status": "failed", "reason": f"{type(e).__name__}: {first}"}
+        return {**entry, "status": "failed", "reason": failure(e)}
     finally:
         del engine
         gc.collect()

@@ -18,9 +18,10 @@
 #             compiled: compare its decode with the tiny stage's compiled row
 #   tiny-pdl  the same with --pdl (programmatic dependent launch between Inductor's kernels)
 # A stage that would not finish inside BUDGET seconds (default 580) after the stages before it is skipped and named
-# at the end, with the command that runs it (the first stage always runs: its export is kept for the next call). Logs, report.md / report.json and a chart or two per run go to $OUT (or $WORK/out);
-# the Markdown tables are printed last. fla / causal-conv1d / onnxruntime-gpu are found on PYTHONPATH (the
-# wheels README); .gpuwheels/*.whl, when present, are installed into /tmp/site first.
+# at the end, with the command that runs it (the first stage always runs: its export is kept for the next call).
+# Logs, report.md / report.json and a chart or two per run go to $OUT (or $WORK/out); the Markdown tables are
+# printed last. fla / causal-conv1d / onnxruntime-gpu are found on PYTHONPATH (the wheels README); .gpuwheels/*.whl,
+# when present, are installed into /tmp/site first.
 # A CPU smoke run of the script itself: DEVICE=cpu BENCH_ARGS="--drift-steps 8 ..." KERNEL_ARGS=--quick.
 set -uo pipefail
 cd "$(dirname "$0")/.."

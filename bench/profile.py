@@ -26,11 +26,11 @@ def decode_profile_or_reason(name: str, engine, device: str, steps: int, warmup:
     if device == "cpu" and name not in CPU_VISIBLE:
         return {"reason": f"on the CPU the profiler sees torch operators only, and {name} runs its own kernels; "
                           "profile it on CUDA, where every library's kernels are seen"}
+    from .run import failure
     try:
         return decode_profile(engine, device, steps, warmup)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0]
-        return {"reason": f"the profiler failed ({type(e).__name__}: {first})"}
+        return {"reason": f"the profiler failed ({failure(e)})"}
 
 
 def decode_profile(engine, device: str, steps: int, warmup: int, context: int = 32) -> dict:

@@ -21,6 +21,11 @@ def pick(requested: list[str] | None, known: list[str], what: str, hint: str = "
     return list(dict.fromkeys(requested))
 
 
+def failure(e: Exception) -> str:
+    """An exception as a report's one-line reason: its type and the first line of its message."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
 def header(kind: str, module: str, argv: list[str] | None, device: str) -> dict:
     """The fields every report starts with (bench/schema.py), the device's copy bandwidth measured now."""
     from . import environment, schema

@@ -56,6 +56,7 @@ def rel(a, b) -> float:
 def measure(kernel, impl, shape, dtype, device, args) -> dict:
     import torch
     from bench.kernels import label
+    from bench.run import failure
     from bench.timing import time_calls, time_in_graph
     gen = torch.Generator(device=device).manual_seed(args.seed)
     inputs = kernel.make_inputs(shape, dtype, device, gen)
@@ -75,14 +76,12 @@ def measure(kernel, impl, shape, dtype, device, args) -> dict:
                 try:
                     stats = time_in_graph(lambda: impl.run(*inputs))
                 except Exception as e:
-                    first = (str(e).strip().splitlines() or [""])[0]
-                    row["timing"] = f"calls (no CUDA graph: {type(e).__name__}: {first})"
+                    row["timing"] = f"calls (no CUDA graph: {failure(e)})"
                     torch.cuda.synchronize()
             if stats is None:
                 stats = time_calls(lambda _: impl.run(*inputs), device, args.warmup, args.repeats, cuda_events=True)
     except Exception as e:  # a shape an implementation refuses (or runs out of memory on) is recorded, not fatal
-        first = (str(e).strip().splitlines() or [""])[0]
-        return {**row, "status": "failed", "reason": f"{type(e).__name__}: {first}", "median_ms": None,
+        return {**row, "status": "failed", "reason": failure(e), "median_ms": None,
                 "gb_per_s": None, "tflop_per_s": None, "rel_error": None, "speedup_vs_reference": None}
     seconds = stats["median_ms"] * 1e-3
     moved = kernel.bytes(shape, inputs[0].element_size())
@@ -146,8 +145,8 @@ def main(argv=None) -> int:
             r["speedup_vs_reference"] = base["median_ms"] / r["median_ms"]
     rep = {**header("kernels", "bench.kernels", argv, device),
            "settings": {"device": device, "quick": args.quick, "timing": args.timing, "warmup": args.warmup,
-                        "repeats": args.repeats,
-                        "seed": args.seed, "kernels": kernel_names, "impls": impl_names, "notes": []},
+                        "repeats": args.repeats, "seed": args.seed, "kernels": kernel_names, "impls": impl_names,
+                        "notes": []},
            "dtype": dtype_name, "results": results}
     publish(out, rep, report.kernels_markdown, plots.kernel_plots)
     return 1 if any(r["status"] == "failed" for r in results) else 0
