@@ -23,7 +23,7 @@ def test_every_kernel_implementation_runs_on_cuda_within_bfloat16_error():
             if impl.needs("cuda"):
                 print(f"\n{kernel.key} {impl.name}: {impl.needs('cuda')}")
                 continue
-            for shape in (kernel.shapes[0], kernel.shapes[4]):    # tiny, and Qwen3-Next's heads
+            for shape in (kernel.shapes[0], kernel.shapes[-1]):    # tiny, and the largest (Qwen3-Next or small)
                 row = measure(kernel, impl, shape, torch.bfloat16, "cuda", args)
                 print(f"\n{kernel.key} {impl.name} {row['label']}: {row.get('median_ms')} ms ({row['timing']}), "
                       f"error {row['rel_error']} (state {row.get('state_rel_error')})")
@@ -31,7 +31,9 @@ def test_every_kernel_implementation_runs_on_cuda_within_bfloat16_error():
                 # The project's kernels and references are timed inside CUDA graphs, as the engines run them.
                 if impl.name in ("reference", "triton", "triton-rows"):
                     assert row["timing"] == "graph" and row["repeats"] == 10
-                assert row["rel_error"] < 2e-2 and row["state_rel_error"] < 2e-2
+                assert row["rel_error"] < 2e-2
+                # Stateless kernels (attention over a cache, the fused products) have no state to compare.
+                assert row["state_rel_error"] is None or row["state_rel_error"] < 2e-2
 
 
 def test_bench_of_a_cuda_artifact(tmp_path):

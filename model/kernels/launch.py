@@ -50,6 +50,16 @@ def query_rows_per_program(rows: int, head_dim: int) -> int:
     return min(dot_block(rows), ATTENTION_ACCUMULATOR // dot_block(head_dim))
 
 
+def combine_blocks(rows: int, block_rows: int, head_dim_block: int, splits: int) -> tuple[int, int, int]:
+    """(ROWS, COLS, SPLITS) of a program combining the attention's splits: the query rows in use (at most 16 of the
+    attention's block of them; a decode step's 4 of 16 read no padding), 64 columns of the head dim, and as many
+    splits per load as keep the [SPLITS, ROWS, COLS] float32 block at 8192 elements (64 registers per thread at 4
+    warps): a whole 4096-slot cache's 16 splits in one load at tiny's heads."""
+    rows = min(block_rows, next_power_of_2(rows), 16)
+    cols = min(head_dim_block, 64)
+    return rows, cols, max(1, min(next_power_of_2(splits), 8192 // (rows * cols)))
+
+
 def linear_blocks(N: int, K: int, rows: int) -> tuple[int, int, int, int]:
     """(ROWS, BLOCK_N, BLOCK_K, warps) of the fused linear kernel. Rows in programs of up to 8, which read each
     weight block once for all of them (with a program per row, 8 rows read it 8 times from L2, and a decode step at

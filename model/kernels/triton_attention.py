@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import dot_block, query_rows_per_program
+from .launch import combine_blocks, dot_block, query_rows_per_program
 
 SLOT_BYTES = 32 * 1024    # one K (or V) block of the loop; Triton pipelines a few of each through shared memory
 
@@ -105,38 +105,46 @@ def combine_splits_kernel(
     acc, run_max, run_sum, positions, out, R, T,
     stride_pb, stride_pt, stride_ob, stride_oh, stride_or,
     HKV: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, SPLITS: tl.constexpr, ALL_SPLITS: tl.constexpr,
 ):
     """Each split's unnormalised output weighted by exp(its max - the overall max), over the weighted sums; a split
-    that saw nothing (max -inf) weighs 0. One program per (row and KV head, block of query rows), as the partials
-    were written. Only the splits the live blocks reached are read: the loop over them is a chain of dependent
-    loads, and a short context leaves most of a large capacity's splits empty (all 16 splits at 4096 slots took
-    5 us on an H100 at a context of 128, which fills 2 of them)."""
+    that saw nothing (max -inf) weighs 0. Program (row and KV head, ROWS of a block of query rows, COLS of the head
+    dim). Only the splits the live blocks reached are read, SPLITS of them per load: a loop that read one split at
+    a time was a chain of dependent loads in a single program at batch 1 (15 splits took 7.4 us on an H100 at 4096
+    slots, 3x the attention kernel before it)."""
     bh = tl.program_id(0)
-    row_block = tl.program_id(1)
+    parts = BM // ROWS
+    row_block = tl.program_id(1) // parts
     b = (bh // HKV).to(tl.int64)
     h = bh % HKV
-    local = tl.arange(0, BM)
+    local = (tl.program_id(1) % parts) * ROWS + tl.arange(0, ROWS)
     rows = row_block * BM + local
     row_ok = rows < R
-    cols = tl.arange(0, BD)
-    # The attention kernel's split of the live blocks, recomputed: splits at or past `used` covered nothing.
-    pos = tl.load(positions + b * stride_pb + (rows % T) * stride_pt, mask=row_ok, other=-1)
+    cols = tl.program_id(2) * COLS + tl.arange(0, COLS)
+    # The attention kernel's split of the live blocks of its BM rows, recomputed: splits at or past `used` covered
+    # nothing.
+    block_rows = row_block * BM + tl.arange(0, BM)
+    pos = tl.load(positions + b * stride_pb + (block_rows % T) * stride_pt, mask=block_rows < R, other=-1)
     _, n_blocks, per_split = _live_blocks(pos, BLOCK, NSPLIT)
     used = tl.cdiv(n_blocks, tl.maximum(per_split, 1))
-    base = (bh * tl.num_programs(1) + row_block) * NSPLIT
-    m = tl.full([BM], float("-inf"), tl.float32)
-    l = tl.zeros([BM], tl.float32)
-    o = tl.zeros([BM, BD], tl.float32)
-    for split in range(used):
-        m_split = tl.load(run_max + (base + split) * BM + local)
-        m_new = tl.maximum(m, m_split)
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha, beta = tl.exp(m - shift), tl.exp(m_split - shift)
-        partial = tl.load(acc + ((base + split) * BM + local[:, None]) * BD + cols[None, :])
-        o = o * alpha[:, None] + partial * beta[:, None]
-        l = l * alpha + tl.load(run_sum + (base + split) * BM + local) * beta
-        m = m_new
+    base = (bh * (tl.num_programs(1) // parts) + row_block) * NSPLIT
+    # The overall max and the weighted sum first, from every split's [ROWS] scalars at once.
+    every = tl.arange(0, ALL_SPLITS)
+    at = (base + every[:, None]) * BM + local[None, :]
+    seen = (every < used)[:, None]
+    m_split = tl.load(run_max + at, mask=seen, other=float("-inf"))
+    m = tl.max(m_split, axis=0)
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.sum(tl.load(run_sum + at, mask=seen, other=0.0) * tl.exp(m_split - shift[None, :]), axis=0)
+    o = tl.zeros([ROWS, COLS], tl.float32)
+    for first in range(0, used, SPLITS):
+        some = first + tl.arange(0, SPLITS)
+        at_some = (base + some[:, None]) * BM + local[None, :]
+        ok = (some < used)[:, None]
+        weight = tl.exp(tl.load(run_max + at_some, mask=ok, other=float("-inf")) - shift[None, :])
+        partial = tl.load(acc + at_some[:, :, None] * BD + cols[None, None, :],
+                          mask=(ok & row_ok[None, :])[:, :, None], other=0.0)
+        o += tl.sum(partial * weight[:, :, None], axis=0)
     l = tl.where(row_ok, l, 1.0)    # padding rows of the block: nothing to normalise
     tl.store(out + b * stride_ob + h * stride_oh + rows[:, None] * stride_or + cols[None, :],
              (o / l[:, None]).to(out.dtype.element_ty), mask=row_ok[:, None] & (cols < D)[None, :])
@@ -170,8 +178,10 @@ def decode_attention(q, key_cache, value_cache, positions, launch=None):
         PREC="ieee" if key_cache.dtype == torch.float32 else "tf32", num_warps=4)
     # One launch for the combine, where torch's ops were two to six.
     out = torch.empty(B, Hkv, R, D, dtype=q.dtype, device=q.device)
+    rows, cols, some = combine_blocks(R, BM, BD, nsplit)
     combine = launch(combine_splits_kernel) if launch else combine_splits_kernel
-    combine[(B * Hkv, row_blocks)](acc, run_max, run_sum, positions, out, R, T, positions.stride(0),
-                                   positions.stride(1), out.stride(0), out.stride(1), out.stride(2),
-                                   HKV=Hkv, D=D, NSPLIT=nsplit, BM=BM, BD=BD, BLOCK=block, num_warps=4)
+    combine[(B * Hkv, row_blocks * (BM // rows), BD // cols)](
+        acc, run_max, run_sum, positions, out, R, T, positions.stride(0), positions.stride(1), out.stride(0),
+        out.stride(1), out.stride(2), HKV=Hkv, D=D, NSPLIT=nsplit, BM=BM, BD=BD, BLOCK=block, ROWS=rows, COLS=cols,
+        SPLITS=some, ALL_SPLITS=triton.next_power_of_2(nsplit), num_warps=4)
     return out
