@@ -77,6 +77,14 @@ def _tracing() -> bool:
     return torch.compiler.is_exporting() or torch.compiler.is_compiling()
 
 
+def _exporting() -> bool:
+    """Whether torch.export is tracing, read from the flag export sets: Dynamo in torch 2.11 answers True for
+    torch.compiler.is_exporting() in any torch.compile'd code (later versions read the flag), which put the
+    export-only ops, which have no backward, into compiled training steps on the GPU machine."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else flag
+
+
 def gated_deltanet_decode(qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, conv_state, recurrent_state, slots,
                           eps):
     """The fused decode step: the `nextdeploy::gated_deltanet_decode` op in traced graphs; eagerly its kernel is
@@ -143,7 +151,7 @@ def norm_rope_cache(q, k, v, q_norm_weight, k_norm_weight, cos, sin, positions, 
 
 def gated_delta_rule(q, k, v, g, beta, initial_state=None):
     """The gated delta rule; while exporting, the `nextdeploy::gated_delta_rule` custom op."""
-    if torch.compiler.is_exporting():
+    if _exporting():
         if initial_state is None:
             B, _, Hv, V = v.shape
             initial_state = torch.zeros(B, Hv, k.shape[-1], V, dtype=torch.float32, device=v.device)
@@ -153,7 +161,7 @@ def gated_delta_rule(q, k, v, g, beta, initial_state=None):
 
 def causal_conv1d(x, weight, state=None):
     """Causal conv1d + SiLU; while exporting, the `nextdeploy::causal_conv1d` custom op."""
-    if torch.compiler.is_exporting():
+    if _exporting():
         if state is None:
             state = x.new_zeros(x.shape[0], x.shape[2], weight.shape[-1] - 1)
         return (_lowering or ops).causal_conv1d(x, weight, state)

@@ -57,6 +57,35 @@ def gated_delta_rule_recurrent(q, k, v, g, beta, initial_state=None):
     return o.to(out_dtype), S
 
 
+def unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
+    """(I + A)^-1 for strictly lower-triangular A [..., C, C]: A is nilpotent, so the inverse is the finite series
+    sum_j (-A)^j = (I - A)(I + A^2)(I + A^4)..., 2 log2(C) - 2 batched products (10 at C = 64). On an H100 cuBLAS's
+    batched triangular solve took 16% of small's compiled training step (58 ms, forward and backward) where
+    products are what GPUs do fast."""
+    power = -A
+    inverse = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device) + power
+    for _ in range(max(0, (A.shape[-1] - 1).bit_length() - 1)):
+        power = power @ power
+        inverse = inverse + inverse @ power
+    return inverse
+
+
+class UnitLowerInverse(torch.autograd.Function):
+    """unit_lower_inverse with the inverse's own gradient, -M^-T dX M^-T (M = I + A), in two products rather than
+    the backward of the ten in the series."""
+
+    @staticmethod
+    def forward(ctx, A):
+        inverse = unit_lower_inverse(A)
+        ctx.save_for_backward(inverse)
+        return inverse
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return -(inverse.mT @ grad @ inverse.mT)
+
+
 def gated_delta_rule_chunked(q, k, v, g, beta, initial_state=None, chunk_size: int = 64):
     """Same contract as `gated_delta_rule_recurrent`, computed a chunk at a time with the UT transform.
 
@@ -86,9 +115,8 @@ def gated_delta_rule_chunked(q, k, v, g, beta, initial_state=None, chunk_size: i
     decay_ij = (c[..., :, None] - c[..., None, :]).masked_fill(~causal, float("-inf")).exp()
     strict = decay_ij.masked_fill(torch.eye(C, dtype=torch.bool, device=v.device), 0.0)
     A = beta[..., None] * (k @ k.transpose(-1, -2)) * strict
-    eye = torch.eye(C, dtype=A.dtype, device=A.device)
     rhs = torch.cat([beta[..., None] * v, (beta * c.exp())[..., None] * k], dim=-1)
-    solved = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
+    solved = UnitLowerInverse.apply(A) @ rhs
     W, Kc = solved[..., :Vd], solved[..., Vd:]                 # U = W - Kc @ S0
     attn = (q @ k.transpose(-1, -2)) * decay_ij
     q_decayed = q * c.exp()[..., None]
@@ -111,12 +139,13 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | N
     """
     B, T, C = x.shape
     width = weight.shape[-1]
-    xt = x.transpose(1, 2).to(weight.dtype)
     if state is None:
-        state = xt.new_zeros(B, C, width - 1)
-    full = torch.cat([state.to(weight.dtype), xt], dim=-1)
-    y = F.silu(F.conv1d(full, weight[:, None, :], groups=C))
-    return y.transpose(1, 2).to(x.dtype), full[:, :, full.shape[-1] - (width - 1):]
+        state = x.new_zeros(B, C, width - 1, dtype=weight.dtype)
+    full = torch.cat([state.to(weight.dtype).transpose(1, 2), x.to(weight.dtype)], dim=1)   # [B, W-1+T, C]
+    # A sum of W shifted products, not F.conv1d: compiled, forward and backward are each one fused kernel (a
+    # depthwise conv1d's three cuDNN/ATen kernels took 9% of small's compiled training step on an H100).
+    y = F.silu(sum(full[:, i:i + T] * weight[:, i] for i in range(width)))
+    return y.to(x.dtype), full[:, full.shape[1] - (width - 1):].transpose(1, 2)
 
 
 # ---- the Gated DeltaNet layer around the two kernels: layout, gates, output norm, and the fused decode step ----
