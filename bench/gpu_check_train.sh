@@ -12,4 +12,6 @@ OUT="${OUT:-$(mktemp -d)}"
 mkdir -p "$OUT"
 if [ "$plan" = two-gpu ]; then budget=400 tests="-k two_gpus" limit=60; else budget=370 tests="" limit=110; fi
 python3 -m bench.train_speed "$plan" --out "$OUT/train_speed" --budget-s "$budget"
-timeout "$limit" python3 -m pytest -q -rs tests/test_train_gpu.py $tests 2>&1 | tail -n 6 | tee "$OUT/test_train_gpu.txt"
+# The whole pytest output is kept; printed: its failures' assertion lines and the summary.
+timeout "$limit" python3 -m pytest -q -rfs tests/test_train_gpu.py $tests > "$OUT/test_train_gpu.txt" 2>&1
+grep -E "^E |^FAILED|^SKIPPED|passed|failed" "$OUT/test_train_gpu.txt" | head -n 30
