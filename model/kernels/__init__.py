@@ -196,7 +196,7 @@ def run_gated_delta_rule(q, k, v, g, beta, initial_state=None):
         # Chunks of 128: half the sequential chunk steps of 64, each a few small products launched from the host
         # (small's compiled training step on an H100: 370 -> 290 ms; 256 fails in Inductor's cumsum codegen). On
         # CPUs 64 is faster (tiny: 600 against 700 ms a step).
-        _announce("gated delta rule: torch reference, chunks of 128 (GPU training)")
+        _announce(f"gated delta rule: torch reference, chunks of {GPU_TRAINING_CHUNK} (GPU training)")
         return reference.gated_delta_rule_chunked(q, k, v, g, beta, initial_state, chunk_size=GPU_TRAINING_CHUNK)
     _announce("gated delta rule: torch reference (recurrent for short inputs, chunked for long)")
     return ops.reference_gated_delta_rule(q, k, v, g, beta, initial_state)
