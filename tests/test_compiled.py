@@ -185,7 +185,8 @@ def test_cuda_graph_bookkeeping_with_a_stand_in_for_graphs(artifact, monkeypatch
     """The CUDA path's bookkeeping, run on the CPU with a stand-in for CUDA graphs that reruns the recorded step at
     each replay: decode over a slot's fixed buffers, and prefill through the one-row stage (a row's state copied in,
     each chunk's ids into its fixed buffer, the state copied back, the logits cloned out of the graph's output,
-    which the next row's replay overwrites). Ragged rows, then decode steps: the direct path's logits."""
+    which the next row's replay overwrites), and decode between host buffers (the ids copied in and the logits out
+    inside the graph). Ragged rows, then decode steps: the direct path's logits."""
     from runtime.compiled_backend import CompiledBackend
 
     class Replay:

@@ -70,7 +70,13 @@ def test_cuda_graphs_replay_the_compiled_step(compiled):
     a, b = graphs.new_state(3), plain.new_state(3)             # bucket 4: a padding row
     got = [[e.prefill(ids[:, :21], s)] for e, s in ((graphs, a), (plain, b))]
     for t in range(21, 60):
-        got[0].append(graphs.decode(ids[:, t], a))
+        # Host ids in and host logits out (Engine.decode's graph), alternating with device logits (the graph
+        # device sampling replays) on the same state.
+        if t % 3:
+            got[0].append(graphs.decode(ids[:, t], a))
+        else:
+            got[0].append(graphs.backend.step_on_device(ids[:, t:t + 1], a.tensors, np.arange(3), 3).cpu().numpy())
+            a.lengths += 1
         got[1].append(plain.decode(ids[:, t], b))
     diff = np.abs(np.stack(got[0]) - np.stack(got[1])).max()
     print(f"\n{dtype}: CUDA graph replay vs direct calls of the compiled step, max abs difference {diff:.2e}")
