@@ -308,7 +308,8 @@ class CompiledBackend:
 
     def step(self, ids: np.ndarray, handle, rows: np.ndarray, batch: int) -> np.ndarray:
         if self.graphs and ids.shape[1] == 1 and len(rows) == batch:
-            return self._decode_host(handle.slot, ids[:, 0], batch)
+            with self.torch.no_grad():      # (grad mode is part of what compiled code is specialised on)
+                return self._decode_host(handle.slot, ids[:, 0], batch)
         return self.step_on_device(ids, handle, rows, batch).cpu().numpy()
 
     def _decode_host(self, slot: _Slot, ids: np.ndarray, batch: int) -> np.ndarray:
