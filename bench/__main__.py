@@ -14,7 +14,8 @@ torch.profiler). By default every backend is measured and those that cannot run 
 backend named in --backends that cannot run is an error. Lengths and batches beyond the target's capacity are clipped.
 
 REPORT_DIR receives report.json (schema: bench/schema.py), report.md and PNG charts, written atomically; an
-earlier report there is replaced, any other non-empty directory only with --overwrite.
+earlier report there is replaced, any other non-empty directory only with --overwrite. Stopped by Ctrl-C or SIGTERM
+after a backend finished, it still writes the report of the backends measured, the others marked interrupted.
 """
 
 from __future__ import annotations
@@ -225,18 +226,41 @@ def main(argv=None) -> int:
         print("computing the float32 and float64 references ...", file=sys.stderr)
         ref = Reference(target.checkpoint, config.vocab_size, min(2, target.manifest.max_batch),
                         s["accuracy_steps"], s["drift_steps"], device, target.manifest.dtype)
-    with tqdm(names, desc="backends", unit="backend", disable=None) as bar:
-        for name in bar:
-            bar.set_postfix_str(name)
-            t0 = time.perf_counter()
-            entry = measure_backend(name, target, device, s, ref, rep["copy_bandwidth"]["gb_per_s"], config,
-                                    dtype_bytes)
-            rep["backends"][name] = entry
-            tqdm.write(f"{name}: {entry['status']}{': ' + entry['reason'] if entry['reason'] else ''} "
-                       f"({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+    try:
+        with tqdm(names, desc="backends", unit="backend", disable=None) as bar:
+            for name in bar:
+                bar.set_postfix_str(name)
+                t0 = time.perf_counter()
+                entry = measure_backend(name, target, device, s, ref, rep["copy_bandwidth"]["gb_per_s"], config,
+                                        dtype_bytes)
+                rep["backends"][name] = entry
+                tqdm.write(f"{name}: {entry['status']}{': ' + entry['reason'] if entry['reason'] else ''} "
+                           f"({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+    except (KeyboardInterrupt, cli.Terminated) as stop:
+        # The backends measured so far are kept: a report of them, the rest listed as interrupted, then the
+        # usual exit code for the signal.
+        if rep["backends"]:
+            rest = [n for n in names if n not in rep["backends"]]
+            for name in rest:
+                rep["backends"][name] = interrupted(stop, rest, args)
+            speedups(rep["backends"], rep["baselines"])
+            publish(out, rep, report.backends_markdown, plots.backend_plots)
+        raise
     speedups(rep["backends"], rep["baselines"])
     publish(out, rep, report.backends_markdown, plots.backend_plots)
     return 1 if any(b["status"] == "failed" for b in rep["backends"].values()) else 0
+
+
+def interrupted(stop: BaseException, rest: list[str], args) -> dict:
+    """The report entry of a backend that the run did not finish, naming the command that measures the rest."""
+    how = "SIGTERM" if isinstance(stop, cli.Terminated) else "Ctrl-C"
+    again = ["python", "-m", "bench", args.target, "--out", "NEW_REPORT_DIR", "--backends", *rest]
+    if args.device:
+        again += ["--device", args.device]
+    return dict(status="interrupted", reason=f"the run was stopped ({how}) before this backend finished; measure "
+                f"the rest with `{' '.join(again)}`", load_s=None, prefill=[], decode=[], generate=None,
+                memory={"peak_bytes": None, "method": "not measured"}, accuracy=None, drift=None, profile=None,
+                speedup={})
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ kind "backends":
     capacity_bytes    {weights, state, total, batch, seq_len}: weights plus the whole state at capacity
     baselines         ["eager", "hf"]: the backends speedups are taken against
     backends          {name: backend}, every backend asked for, in the order measured:
-      status          "ok" | "unavailable" | "failed"
+      status          "ok" | "unavailable" | "failed" | "interrupted" (Ctrl-C or SIGTERM while it or an earlier
+                      backend ran: the report holds what finished)
       reason          null when ok; else why, naming the fix (export command, package to install, ...)
       load_s          seconds to open the backend
       prefill         [{prompt_length, batch, <timing>, tokens_per_s}]

@@ -259,6 +259,29 @@ def test_a_failing_backend_is_recorded_and_the_run_exits_1(checkpoint, tmp_path,
     assert "**eager** (failed): RuntimeError: kernel launch failed" in (out / "report.md").read_text()
 
 
+def test_a_stopped_run_keeps_what_it_measured(checkpoint, tmp_path, monkeypatch, capsys):
+    """SIGTERM (a timeout) while the second backend runs: the report holds the first, names the second as
+    interrupted with the command that measures it, and the run exits as terminated."""
+    from bench import measure
+    decode, calls = measure.decode, []
+
+    def stopped_on_the_second_backend(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise cli.Terminated()
+        return decode(*args)
+    monkeypatch.setattr(measure, "decode", stopped_on_the_second_backend)
+    out = tmp_path / "stopped"
+    code, err = run_cli(bench_main, [str(checkpoint), "--out", str(out), "--backends", "eager", "hf", *QUICK], capsys)
+    assert code == 143 and "terminated" in err
+    rep = json.loads((out / "report.json").read_text())
+    assert schema.missing_fields(rep) == []
+    assert rep["backends"]["eager"]["status"] == "ok" and rep["backends"]["eager"]["decode"]
+    hf = rep["backends"]["hf"]
+    assert hf["status"] == "interrupted" and "SIGTERM" in hf["reason"] and "--backends hf`" in hf["reason"]
+    assert "**hf** (interrupted)" in (out / "report.md").read_text()
+
+
 def test_device_span_is_first_kernel_start_to_last_kernel_end_per_step():
     """Kernels belong to the last step range begun before them; the median span over steps, in ms."""
     from types import SimpleNamespace
