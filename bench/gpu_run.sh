@@ -11,7 +11,9 @@
 #   hf-tiny   bench transformers (hf) beside eager on the tiny checkpoint in bfloat16: a run of its own, since hf
 #             decodes at ~60 ms a step (one generate run, a shorter drift)
 #   kernels   python -m bench.kernels over every shape (reference, fla, causal-conv1d)
-#   small     a random-weight `small` checkpoint, a bfloat16 CUDA torch + compiled artifact, bench them all
+#   small     a random-weight `small` checkpoint, a bfloat16 CUDA torch + compiled artifact, bench torch / eager /
+#             compiled
+#   hf-small  bench transformers (hf) beside eager on that `small` checkpoint (hf decodes it at ~85 ms a step)
 #   ort-tiny  with onnxruntime-gpu: a float32 CUDA onnxruntime artifact of tiny, bench onnxruntime / eager / hf
 #   ort-small with onnxruntime-gpu: a float16 CUDA onnxruntime artifact of small, bench onnxruntime / eager
 #   tiny-autotune  tiny's compiled target again with --autotune (Inductor's Triton matmuls against cuBLAS), bench
@@ -26,7 +28,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 TINY_CKPT=${1:-}
-STAGES=${STAGES:-"tiny hf-tiny kernels small ort-tiny ort-small tiny-pdl tiny-autotune"}
+STAGES=${STAGES:-"tiny hf-tiny kernels small hf-small ort-tiny ort-small tiny-pdl tiny-autotune"}
 BUDGET=${BUDGET:-580}
 WORK=${WORK:-/tmp/nd-bench}
 DEVICE=${DEVICE:-cuda}
@@ -58,10 +60,10 @@ ORT_GPU=$(python3 -c "import onnxscript, onnxruntime as o; print(int('CUDAExecut
 
 skipped=()
 ran=0
-# Seconds seen on an H100 (tiny-autotune, tiny-pdl: guessed; small: its export alone took 389 s from a cold
+# Seconds seen on an H100 (tiny-autotune, tiny-pdl, hf-small: guessed; small: its export alone took 389 s from a cold
 # compile cache, so a run under 10 minutes per call exports in one call and benches in the next, the artifact kept).
-declare -A ESTIMATE=([tiny]=420 [hf-tiny]=300 [kernels]=150 [small]=900 [ort-tiny]=350 [ort-small]=450
-                    [tiny-autotune]=450 [tiny-pdl]=300)
+declare -A ESTIMATE=([tiny]=420 [hf-tiny]=300 [kernels]=150 [small]=900 [hf-small]=420 [ort-tiny]=350
+                    [ort-small]=450 [tiny-autotune]=450 [tiny-pdl]=300)
 reports=()
 
 step() {  # step NAME LOG CMD...: run, log, print one line
@@ -144,7 +146,12 @@ stage_kernels() {
 }
 stage_small() {
     small_checkpoint && export_art small-bf16 "$WORK/runs/small" "${COMPILED[@]}" --dtype bfloat16 --max-batch 32 \
-        --max-seq-len 8448 && bench_run small-bf16 "$WORK/art/small-bf16" --repeats 3 --drift-steps 512
+        --max-seq-len 8448 && bench_run small-bf16 "$WORK/art/small-bf16" --repeats 3 --drift-steps 512 \
+        --backends torch eager compiled
+}
+stage_hf-small() {
+    small_checkpoint && bench_run hf-small "$WORK/runs/small" --dtype bfloat16 --backends eager hf --repeats 3 \
+        --generate-repeats 1 --drift-steps 128 --accuracy-steps 128
 }
 stage_ort-tiny() {
     tiny_checkpoint && export_art tiny-ort-fp32 "$TINY_CKPT" --target onnxruntime --dtype float32 --max-batch 32 \
