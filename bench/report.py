@@ -189,6 +189,7 @@ def kernels_markdown(report: dict) -> str:
            "\nError: relative to a float64 token-by-token loop (output; state in brackets). Throughput: "
            "GB/s moved (inputs, outputs, states), or TFLOP/s counted as the token-by-token recurrence's "
            "work.\n", TIMING[report["settings"]["timing"]]]
+    out += [f"\n- {note}\n" for note in report["settings"]["notes"]]
     groups = {}
     for r in report["results"]:
         groups.setdefault((r["kernel"], r["mode"]), []).append(r)

@@ -82,6 +82,27 @@ def run_cli(argv, capsys):
     return e.value.code, capsys.readouterr().err
 
 
+def test_a_stopped_run_keeps_what_it_measured(tmp_path, monkeypatch, capsys):
+    """SIGTERM (a timeout) at the third shape: the report holds the two measured and says where the run stopped."""
+    import bench.kernels.__main__ as entry
+    measure, calls = entry.measure, []
+
+    def stopped_at_the_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise cli.Terminated()
+        return measure(*args)
+    monkeypatch.setattr(entry, "measure", stopped_at_the_third)
+    out = tmp_path / "stopped"
+    code, err = run_cli(["--out", str(out), "--device", "cpu", "--impls", "reference", *FAST], capsys)
+    assert code == 143 and "terminated" in err
+    rep = json.loads((out / "report.json").read_text())
+    assert schema.missing_fields(rep) == [] and len(rep["results"]) == 2
+    assert all(r["status"] == "ok" for r in rep["results"])
+    assert "stopped (SIGTERM) after 2 of" in rep["settings"]["notes"][0]
+    assert rep["settings"]["notes"][0] in (out / "report.md").read_text()
+
+
 def test_bad_inputs(tmp_path, capsys):
     out = str(tmp_path / "k")
     cases = [(["--out", out, "--kernels", "softmax"],

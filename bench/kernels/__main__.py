@@ -10,7 +10,8 @@ Kernels: the gated delta rule (prefill: long sequences, decode: one token at bat
 one that cannot run here is listed with the reason. Per shape: min / median / max ms (on CUDA each call's device
 time inside CUDA graph replays, as an engine's graphs run them; see --timing), GB/s moved, TFLOP/s (the
 recurrence's work) for the gated delta rule, relative error of output and state, and speedup over the reference.
-REPORT_DIR receives report.json (schema: bench/schema.py), report.md and one chart per kernel and mode.
+REPORT_DIR receives report.json (schema: bench/schema.py), report.md and one chart per kernel and mode; stopped by
+Ctrl-C or SIGTERM after a shape was measured, the run still writes the report of what it measured, saying so.
 """
 
 from __future__ import annotations
@@ -131,26 +132,39 @@ def main(argv=None) -> int:
                                 "impl": impl.name, "status": "unavailable", "reason": reason, "timing": None,
                                 "median_ms": None, "gb_per_s": None, "tflop_per_s": None, "rel_error": None,
                                 "speedup_vs_reference": None})
-    for kernel, impl, shape in tqdm(tasks, desc="kernels", unit="shape", disable=None):
-        if impl.needs(device):
-            continue
-        results.append(measure(kernel, impl, shape, dtype, device, args))
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    reference = {(r["kernel"], r["mode"], r["label"]): r for r in results
-                 if r["impl"] == "reference" and r["status"] == "ok"}
-    for r in results:
-        base = reference.get((r["kernel"], r["mode"], r["label"]))
-        if base and r["status"] == "ok":
-            r["speedup_vs_reference"] = base["median_ms"] / r["median_ms"]
-    rep = {**header("kernels", "bench.kernels", argv, device),
-           "settings": {"device": device, "quick": args.quick, "timing": args.timing, "warmup": args.warmup,
-                        "repeats": args.repeats, "seed": args.seed, "kernels": kernel_names, "impls": impl_names,
-                        "notes": []},
-           "dtype": dtype_name, "results": results}
-    publish(out, rep, report.kernels_markdown, plots.kernel_plots)
-    return 1 if any(r["status"] == "failed" for r in results) else 0
+    def publish_results(notes: list[str]) -> None:
+        reference = {(r["kernel"], r["mode"], r["label"]): r for r in results
+                     if r["impl"] == "reference" and r["status"] == "ok"}
+        for r in results:
+            base = reference.get((r["kernel"], r["mode"], r["label"]))
+            if base and r["status"] == "ok":
+                r["speedup_vs_reference"] = base["median_ms"] / r["median_ms"]
+        rep = {**header("kernels", "bench.kernels", argv, device),
+               "settings": {"device": device, "quick": args.quick, "timing": args.timing, "warmup": args.warmup,
+                            "repeats": args.repeats, "seed": args.seed, "kernels": kernel_names,
+                            "impls": impl_names, "notes": notes},
+               "dtype": dtype_name, "results": results}
+        publish(out, rep, report.kernels_markdown, plots.kernel_plots)
 
+    measured = 0
+    try:
+        for kernel, impl, shape in tqdm(tasks, desc="kernels", unit="shape", disable=None):
+            if impl.needs(device):
+                continue
+            results.append(measure(kernel, impl, shape, dtype, device, args))
+            measured += 1
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    except (KeyboardInterrupt, cli.Terminated) as stop:
+        # What was measured is kept: a report of it, saying where the run stopped; then the signal's exit code.
+        if measured:
+            how = "SIGTERM" if isinstance(stop, cli.Terminated) else "Ctrl-C"
+            runnable = sum(1 for _, impl, _ in tasks if not impl.needs(device))
+            publish_results([f"the run was stopped ({how}) after {measured} of {runnable} shapes; the rest were "
+                             "not measured (--kernels and --impls pick fewer)"])
+        raise
+    publish_results([])
+    return 1 if any(r["status"] == "failed" for r in results) else 0
 
 if __name__ == "__main__":
     cli.run(main)
