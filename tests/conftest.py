@@ -46,6 +46,19 @@ def eager_greedy(model, prompt_ids: list[int], steps: int, max_seq_len: int) -> 
     return seq[len(prompt_ids):]
 
 
+def terminated_at_call(n: int, fn):
+    """`fn`, except that its n-th call raises what SIGTERM raises under model.cli.run (a timeout's stop)."""
+    from model import cli
+    calls = []
+
+    def wrapper(*args):
+        calls.append(1)
+        if len(calls) == n:
+            raise cli.Terminated()
+        return fn(*args)
+    return wrapper
+
+
 def snapshot(directory: Path) -> dict:
     """Every file under `directory` (hidden ones too) with its bytes' hash: compared before and after."""
     return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"

@@ -13,7 +13,7 @@ from export import verify
 from export.__main__ import main as export_main
 from model import Qwen3NextForCausalLM, cli
 from model.tokenizer import Tokenizer
-from tests.conftest import randomize, small_config
+from tests.conftest import randomize, small_config, terminated_at_call
 
 pytest.importorskip("onnxruntime", reason="the artifact's onnxruntime target needs onnxruntime (dev extra)")
 pytest.importorskip("transformers", reason="the hf backend needs transformers (dev extra)")
@@ -263,14 +263,7 @@ def test_a_stopped_run_keeps_what_it_measured(checkpoint, tmp_path, monkeypatch,
     """SIGTERM (a timeout) while the second backend runs: the report holds the first, names the second as
     interrupted with the command that measures it, and the run exits as terminated."""
     from bench import measure
-    decode, calls = measure.decode, []
-
-    def stopped_on_the_second_backend(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise cli.Terminated()
-        return decode(*args)
-    monkeypatch.setattr(measure, "decode", stopped_on_the_second_backend)
+    monkeypatch.setattr(measure, "decode", terminated_at_call(2, measure.decode))   # the second backend's decode
     out = tmp_path / "stopped"
     code, err = run_cli(bench_main, [str(checkpoint), "--out", str(out), "--backends", "eager", "hf", *QUICK], capsys)
     assert code == 143 and "terminated" in err

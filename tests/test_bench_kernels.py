@@ -12,6 +12,7 @@ from bench.kernels.__main__ import build_parser
 from bench.kernels.__main__ import main as kernels_main
 from model import cli
 from model.kernels import reference
+from tests.conftest import terminated_at_call
 
 FAST = ["--quick", "--warmup", "0", "--repeats", "1"]
 
@@ -85,14 +86,7 @@ def run_cli(argv, capsys):
 def test_a_stopped_run_keeps_what_it_measured(tmp_path, monkeypatch, capsys):
     """SIGTERM (a timeout) at the third shape: the report holds the two measured and says where the run stopped."""
     import bench.kernels.__main__ as entry
-    measure, calls = entry.measure, []
-
-    def stopped_at_the_third(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise cli.Terminated()
-        return measure(*args)
-    monkeypatch.setattr(entry, "measure", stopped_at_the_third)
+    monkeypatch.setattr(entry, "measure", terminated_at_call(3, entry.measure))
     out = tmp_path / "stopped"
     code, err = run_cli(["--out", str(out), "--device", "cpu", "--impls", "reference", *FAST], capsys)
     assert code == 143 and "terminated" in err
