@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     from .backends import BenchError, describe, known_backends, open_target, why_unavailable
     from model.device import torch_device
 
-    from .run import header, pick, publish
+    from .run import STOPS, header, pick, publish
 
     names = pick(args.backends, known_backends(), "backend", " (onnxruntime needs pip install onnxruntime or "
                  "onnxruntime-gpu, hf needs pip install transformers, and further backends come with newer versions "
@@ -236,7 +236,7 @@ def main(argv=None) -> int:
                 rep["backends"][name] = entry
                 tqdm.write(f"{name}: {entry['status']}{': ' + entry['reason'] if entry['reason'] else ''} "
                            f"({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
-    except (KeyboardInterrupt, cli.Terminated) as stop:
+    except STOPS as stop:
         # The backends measured so far are kept: a report of them, the rest listed as interrupted, then the
         # usual exit code for the signal.
         if rep["backends"]:
@@ -253,14 +253,14 @@ def main(argv=None) -> int:
 
 def interrupted(stop: BaseException, rest: list[str], args) -> dict:
     """The report entry of a backend that the run did not finish, naming the command that measures the rest."""
-    how = "SIGTERM" if isinstance(stop, cli.Terminated) else "Ctrl-C"
+    from .run import stopped_by
     again = ["python", "-m", "bench", args.target, "--out", "NEW_REPORT_DIR", "--backends", *rest]
     if args.device:
         again += ["--device", args.device]
-    return dict(status="interrupted", reason=f"the run was stopped ({how}) before this backend finished; measure "
-                f"the rest with `{' '.join(again)}`", load_s=None, prefill=[], decode=[], generate=None,
-                memory={"peak_bytes": None, "method": "not measured"}, accuracy=None, drift=None, profile=None,
-                speedup={})
+    return dict(status="interrupted", reason=f"the run was stopped ({stopped_by(stop)}) before this backend "
+                f"finished; measure the rest with `{' '.join(again)}`", load_s=None, prefill=[], decode=[],
+                generate=None, memory={"peak_bytes": None, "method": "not measured"}, accuracy=None, drift=None,
+                profile=None, speedup={})
 
 
 if __name__ == "__main__":

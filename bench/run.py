@@ -7,7 +7,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from model import cli
+
 from .backends import BenchError
+
+# What Ctrl-C and SIGTERM raise under model.cli.run: a run stopped by either still publishes what it measured.
+STOPS = (KeyboardInterrupt, cli.Terminated)
 
 
 def pick(requested: list[str] | None, known: list[str], what: str, hint: str = "") -> list[str]:
@@ -24,6 +29,11 @@ def pick(requested: list[str] | None, known: list[str], what: str, hint: str = "
 def failure(e: Exception) -> str:
     """An exception as a report's one-line reason: its type and the first line of its message."""
     return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
+def stopped_by(stop: BaseException) -> str:
+    """Which of STOPS ended a run, as its report says it."""
+    return "SIGTERM" if isinstance(stop, cli.Terminated) else "Ctrl-C"
 
 
 def header(kind: str, module: str, argv: list[str] | None, device: str) -> dict:

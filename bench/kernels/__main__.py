@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     from bench import plots, report, schema
     from bench.backends import BenchError
     from bench.kernels import IMPLS, KERNELS
-    from bench.run import header, pick, publish
+    from bench.run import STOPS, header, pick, publish, stopped_by
     from model.device import torch_device
     from model.io import check_output_dir
 
@@ -155,13 +155,12 @@ def main(argv=None) -> int:
             measured += 1
             if device == "cuda":
                 torch.cuda.empty_cache()
-    except (KeyboardInterrupt, cli.Terminated) as stop:
+    except STOPS as stop:
         # What was measured is kept: a report of it, saying where the run stopped; then the signal's exit code.
         if measured:
-            how = "SIGTERM" if isinstance(stop, cli.Terminated) else "Ctrl-C"
             runnable = sum(1 for _, impl, _ in tasks if not impl.needs(device))
-            publish_results([f"the run was stopped ({how}) after {measured} of {runnable} shapes; the rest were "
-                             "not measured (--kernels and --impls pick fewer)"])
+            publish_results([f"the run was stopped ({stopped_by(stop)}) after {measured} of {runnable} shapes; the "
+                             "rest were not measured (--kernels and --impls pick fewer)"])
         raise
     publish_results([])
     return 1 if any(r["status"] == "failed" for r in results) else 0
