@@ -77,15 +77,26 @@ def decode(engine, s: Settings, device: str, probe: MemoryProbe, config, dtype_b
     return rows
 
 
-def prompt_text(tokenizer, ids: list[int]) -> str:
-    """Text that encodes to at most len(ids) tokens, as close as it gets (random ids decode to text that
-    re-encodes differently; cut the re-encoding until it fits)."""
-    encoded = tokenizer.encode(tokenizer.decode(ids))
-    for cut in range(len(ids), 0, -1):
-        text = tokenizer.decode(encoded[:cut])
-        if len(tokenizer.encode(text)) <= len(ids):
-            return text
-    return tokenizer.decode(ids[:1])
+def prompt_text(tokenizer, length: int, rng, tries: int = 8) -> str:
+    """Text that encodes to `length` tokens, or to as many short of it as the draws allow. Random ids of the
+    tokenizer's own vocabulary (a model's may be larger: ids past the tokenizer's decode to nothing) decode to text
+    that re-encodes to other tokens, often fewer; a token that is part of a character decodes to U+FFFD, three
+    bytes: such tokens are left out. Draw until the re-encoding is long enough, then try cuts near `length`."""
+    best, best_length = None, 0
+    for _ in range(tries):
+        text, encoded = "", []
+        while len(encoded) < length + 8:
+            pieces = (tokenizer.decode([i]) for i in rng.integers(0, tokenizer.vocab_size, length + 8).tolist())
+            text += "".join(piece for piece in pieces if "\ufffd" not in piece)
+            encoded = tokenizer.encode(text)
+        for cut in [*range(length, length + 9), *range(length - 1, 0, -1)]:
+            candidate = tokenizer.decode(encoded[:cut])
+            n = len(tokenizer.encode(candidate))
+            if n == length:
+                return candidate
+            if best_length < n < length:
+                best, best_length = candidate, n
+    return best if best is not None else tokenizer.decode(encoded[:1])
 
 
 def generate(engine, s: Settings, device: str) -> dict | None:
@@ -95,10 +106,10 @@ def generate(engine, s: Settings, device: str) -> dict | None:
     prompt_len = min(s.generate_prompt, engine.max_seq_len - new)
     if new < 1 or prompt_len < 1:
         return None
-    prompt = _ids(np.random.default_rng(2), engine.vocab_size, prompt_len).tolist()
+    rng = np.random.default_rng(2)
     sampling = dict(temperature=0.8, top_p=0.95, seed=0)
     if engine.tokenizer is not None:
-        text = prompt_text(engine.tokenizer, prompt)
+        text = prompt_text(engine.tokenizer, prompt_len, rng)
         prompt_len = len(engine.tokenizer.encode(text))
         new = min(new, engine.max_seq_len - prompt_len)
 
@@ -107,6 +118,8 @@ def generate(engine, s: Settings, device: str) -> dict | None:
                 pass
         how = "text: Engine.generate (tokenize, prefill, sample and decode, detokenize)"
     else:
+        prompt = _ids(rng, engine.vocab_size, prompt_len).tolist()
+
         def run(_):
             for _token in engine.generate_ids(prompt, max_new_tokens=new, **sampling):
                 pass

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import schema
+from bench import measure, schema
 from bench.__main__ import build_parser
 from bench.__main__ import main as bench_main
 from export import verify
@@ -76,6 +76,7 @@ def test_report_schema_and_backends(bench_report):
             assert 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["repeats"] >= 1
         assert b["decode"][0]["bytes_per_step"]["total"] > b["decode"][0]["bytes_per_step"]["weights"] > 0
         assert b["generate"]["new_tokens"] == 3 and b["generate"]["how"].startswith("text")
+        assert b["generate"]["prompt_tokens"] == 6
         assert b["memory"]["method"]
     torch_backend = rep["backends"]["torch"]
     assert torch_backend["status"] == "unavailable"
@@ -111,6 +112,16 @@ def test_a_failing_profile_costs_only_the_profile(monkeypatch):
     monkeypatch.setattr(profile, "decode_profile", broken)
     assert profile.decode_profile_or_reason("eager", None, "cuda", 3, 0) == \
         {"reason": "the profiler failed (RuntimeError: CUPTI_ERROR_NOT_INITIALIZED)"}
+
+
+def test_generate_prompt_has_the_length_asked_for(checkpoint):
+    """Random text re-encodes to fewer tokens than it was drawn from (a GPU report once said "28-token prompt" for
+    --generate-prompt 128): the prompt is drawn until it has the length asked for."""
+    tokenizer = Tokenizer.load(checkpoint)
+    for length in (1, 2, 7, 128, 300):
+        for seed in range(3):
+            text = measure.prompt_text(tokenizer, length, np.random.default_rng(seed))
+            assert len(tokenizer.encode(text)) == length, (length, seed, text)
 
 
 def test_plots_written(bench_report):
