@@ -21,8 +21,8 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from model.kernels.launch import (CHUNK, chunk_scan_block_v, chunk_solve_precision, decode_warps, dot_block,
-                                  next_power_of_2)
+from model.kernels.launch import (CHUNK, chunk_scan_launch, chunk_solve_precision, chunk_solve_warps, decode_warps,
+                                  dot_block, next_power_of_2)
 
 NAMESPACE = "nextdeploy"
 VERSION = "1"
@@ -200,7 +200,8 @@ def _solve_plan(d, model_dtype, attrs) -> Launch:
     # As model/kernels/triton_chunk.gated_delta_rule launches it (num_stages: Triton's default).
     return Launch(dict(HV=d["Hv"], GROUP=_group(d), K=K, V=V, BK=dot_block(K), BV=dot_block(V),
                        PREC=chunk_solve_precision(model_dtype)),
-                  num_warps=4, num_stages=3, grid=(cdiv(d["T"], CHUNK), d["B"] * d["Hv"]), args=(d["T"],))
+                  num_warps=chunk_solve_warps(K), num_stages=3, grid=(cdiv(d["T"], CHUNK), d["B"] * d["Hv"]),
+                  args=(d["T"],))
 
 
 GATED_DELTA_RULE_SOLVE = Plugin(
@@ -224,11 +225,11 @@ GATED_DELTA_RULE_SOLVE = Plugin(
 
 def _scan_plan(d, model_dtype, attrs) -> Launch:
     K, V = d["K"], d["V"]
-    # As model/kernels/triton_chunk.gated_delta_rule launches it, whatever the model's dtype: float32 operands in
-    # tf32x3, two pipeline stages.
-    bv = chunk_scan_block_v(K, V)
-    return Launch(dict(HV=d["Hv"], K=K, V=V, BK=dot_block(K), BV=bv, PREC="tf32x3"),
-                  num_warps=4, num_stages=2, grid=(d["B"] * d["Hv"], cdiv(V, bv)), args=(d["N"],))
+    # As model/kernels/triton_chunk.gated_delta_rule launches it: float32 operands, tf32 products for 16-bit models.
+    scan = chunk_scan_launch(K, V, model_dtype)
+    return Launch(dict(HV=d["Hv"], K=K, V=V, BK=dot_block(K), BV=scan["BV"], PREC=scan["PREC"]),
+                  num_warps=scan["num_warps"], num_stages=scan["num_stages"], grid=(d["B"] * d["Hv"],
+                  cdiv(V, scan["BV"])), args=(d["N"],))
 
 
 GATED_DELTA_RULE_SCAN = Plugin(

@@ -21,10 +21,29 @@ def chunk_solve_precision(dtype: str) -> str:
     return "tf32x3" if dtype == "float32" else "tf32"
 
 
+def chunk_solve_warps(K: int) -> int:
+    """Warps of the solve kernel: 8 at K = 128, where 4 spill 3 KB a thread (ptxas, sm_90; on an H100, bf16, batch
+    1: the whole rule 801 -> 697 us at `small`'s heads and T=2048, 5047 -> 4038 us at Qwen3-Next's and T=8192,
+    outputs identical); 4 at K = 64 (269 against 265 us at `tiny`'s)."""
+    return 8 if K > 64 else 4
+
+
 def chunk_scan_block_v(K: int, V: int) -> int:
-    """Columns of V per scan program: the scan's operands, in two pipeline stages, must fit an H100's shared
-    memory (227 KB) at K = 128."""
+    """Columns of V per scan program: the scan's operands must fit an H100's shared memory (227 KB) at K = 128."""
     return min(dot_block(V), 64 if K <= 64 else 32)
+
+
+def chunk_scan_launch(K: int, V: int, dtype: str) -> dict:
+    """The serial scan's launch: columns of V per program (BV), product precision (PREC), warps and pipeline
+    stages. Its operands are float32 (the solve writes them so); a float32 model's products run in tf32x3 (about
+    float32) over two stages. A 16-bit model's run in plain tf32 (the state rounded to tf32 inside the products,
+    finer than the model's own rounding) over one stage: two stages of tf32 operands want 262 KB of shared memory at
+    K = 128, over the H100's 227 KB. Measured on an H100 (bf16, batch 1, Qwen3-Next's heads, T=8192, solve at 8
+    warps): 4038 us in tf32x3 against 2360 us in tf32, outputs 2.0e-3 and state 7.3e-4 apart; wider or narrower
+    blocks and 8 warps were slower in both."""
+    if dtype == "float32":
+        return dict(BV=chunk_scan_block_v(K, V), PREC="tf32x3", num_warps=4, num_stages=2)
+    return dict(BV=chunk_scan_block_v(K, V), PREC="tf32", num_warps=4, num_stages=1)
 
 
 def decode_warps(K: int, V: int) -> int:

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import CHUNK, chunk_scan_block_v, chunk_solve_precision, dot_block
+from .launch import CHUNK, chunk_scan_launch, chunk_solve_precision, chunk_solve_warps, dot_block
 
 SUB = tl.constexpr(16)   # block size of the triangular solve
 
@@ -247,7 +247,7 @@ def _store_block(ptr, row0, T, stride_t, cols, n_cols, value):
              mask=(rows[:, None] < T) & (cols[None, :] < n_cols))
 
 
-def gated_delta_rule(q, k, v, g, beta, initial_state, launch=None, block_v=None, num_warps=4, num_stages=2):
+def gated_delta_rule(q, k, v, g, beta, initial_state, launch=None):
     """The contract of reference.gated_delta_rule_chunked with the state given: q, k [B,T,Hk,K]; v [B,T,Hv,V];
     g, beta [B,T,Hv]; initial_state [B,Hv,K,V] float32. Inputs may be strided views (last dim contiguous).
     Returns (o [B,T,Hv,V] in v's dtype, final state [B,Hv,K,V] float32). `launch` wraps each kernel
@@ -258,12 +258,11 @@ def gated_delta_rule(q, k, v, g, beta, initial_state, launch=None, block_v=None,
     g = g.float()
     state = initial_state.float().contiguous()
     wrap = launch or (lambda kernel: kernel)
-    prec = chunk_solve_precision(str(v.dtype).removeprefix("torch."))
+    dtype = str(v.dtype).removeprefix("torch.")
     BK, BVfull = dot_block(K), dot_block(V)
     n_chunks = triton.cdiv(T, CHUNK)
     # Everything the serial scan reads per step. Float32 even for 16-bit models: the scan's
-    # 16-bit tensor-core path faulted on the H100 for K = 128 (Triton 3.6), and the serial chain is bound by
-    # latency, not by the products' rate.
+    # 16-bit tensor-core path faulted on the H100 for K = 128 (Triton 3.6).
     w = torch.empty(B, Hv, n_chunks * CHUNK, V + 3 * K + CHUNK, dtype=torch.float32, device=v.device)
     decay = torch.empty(B, Hv, n_chunks, dtype=torch.float32, device=v.device)
     wrap(chunk_solve_kernel)[(n_chunks, B * Hv)](
@@ -271,18 +270,13 @@ def gated_delta_rule(q, k, v, g, beta, initial_state, launch=None, block_v=None,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), g.stride(0), g.stride(1), beta.stride(0), beta.stride(1), w.stride(0), w.stride(1), w.stride(2),
         decay.stride(0), decay.stride(1),
-        GROUP=Hv // Hk, K=K, V=V, BK=BK, BV=BVfull, PREC=prec, num_warps=4)
+        GROUP=Hv // Hk, K=K, V=V, BK=BK, BV=BVfull, PREC=chunk_solve_precision(dtype), num_warps=chunk_solve_warps(K))
     o = torch.empty(B, T, Hv, V, dtype=v.dtype, device=v.device)
     final = torch.empty(B, Hv, K, V, dtype=torch.float32, device=v.device)
-    BV = block_v or chunk_scan_block_v(K, V)
-    wrap(chunk_scan_kernel)[(B * Hv, triton.cdiv(V, BV))](
+    scan = chunk_scan_launch(K, V, dtype)
+    wrap(chunk_scan_kernel)[(B * Hv, triton.cdiv(V, scan["BV"]))](
         w, decay, o, state, final, T, Hv,
         w.stride(0), w.stride(1), w.stride(2), decay.stride(0), decay.stride(1),
         o.stride(0), o.stride(1), o.stride(2), state.stride(0), state.stride(1),
-        # tf32x3 (about float32) whatever the model's precision: its operands stage through less shared memory than
-        # plain tf32's (155 KB against 262 KB at K = 128 with two stages), and the chain is latency-bound anyway.
-        K=K, V=V, BK=BK, BV=BV, PREC="tf32x3", num_warps=num_warps,
-        # Software pipelining keeps a chunk's operands per stage in shared memory; two stages fit the H100's
-        # 227 KB at these block sizes. (One stage faulted on the H100 with Triton 3.6.)
-        num_stages=num_stages)
+        K=K, V=V, BK=BK, **scan)
     return o, final
