@@ -139,6 +139,32 @@ def test_batch_rows_independent_and_ragged_prefill(random_model):
         assert rel(engine.decode([b + 1], single), nxt[b:b + 1]) < 1e-5
 
 
+@pytest.mark.parametrize("path", ["numpy", "bound"])
+def test_onnxruntime_runs_long_prompts_in_pieces(random_model, monkeypatch, path):
+    """Prompts over onnx_backend.PREFILL_CHUNK tokens run as several runs (the exported attention's scores are
+    [heads, T, max_seq_len]): the same logits and state as one run, for rows of one length and ragged ones, on the
+    NumPy path and the CUDA path's bound state (with CPU values)."""
+    from runtime import onnx_backend
+    ckpt, out = random_model
+    load = runtime.load if path == "numpy" else cuda_path_on_cpu
+    ids = np.random.default_rng(3).integers(0, 101, size=(2, 33))
+    ragged = [ids[0, :33], ids[1, :21]]
+    whole = load(out)
+    one_run = [whole.prefill(ids, s := whole.new_state(2)), whole.decode([5, 6], s)]
+    one_run_ragged = [whole.prefill(ragged, s := whole.new_state(2)), whole.decode([5, 6], s)]
+    calls = []
+    monkeypatch.setattr(onnx_backend, "PREFILL_CHUNK", 8)
+    pieces = load(out)
+    step = pieces.backend.step      # the pieces call it again, through the instance: each call is seen
+    monkeypatch.setattr(pieces.backend, "step", lambda ids, *rest: calls.append(ids.shape) or step(ids, *rest))
+    got = [pieces.prefill(ids, s := pieces.new_state(2)), pieces.decode([5, 6], s)]
+    assert calls == [(2, 33)] + [(2, 8)] * 4 + [(2, 1), (2, 1)] and s.lengths.tolist() == [34, 34]
+    got_ragged = [pieces.prefill(ragged, s := pieces.new_state(2)), pieces.decode([5, 6], s)]
+    for a, b in zip(got + got_ragged, one_run + one_run_ragged):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert rel(got[0], eager_logits(ckpt, ids)[:, -1]) < 1e-4
+
+
 def test_clone_and_restore_give_identical_continuations(random_model):
     engine = runtime.load(random_model[1])
     state = engine.new_state(1)
