@@ -226,6 +226,7 @@ def main(argv=None) -> int:
         print("computing the float32 and float64 references ...", file=sys.stderr)
         ref = Reference(target.checkpoint, config.vocab_size, min(2, target.manifest.max_batch),
                         s["accuracy_steps"], s["drift_steps"], device, target.manifest.dtype)
+    stop = None
     try:
         with tqdm(names, desc="backends", unit="backend", disable=None) as bar:
             for name in bar:
@@ -236,18 +237,19 @@ def main(argv=None) -> int:
                 rep["backends"][name] = entry
                 tqdm.write(f"{name}: {entry['status']}{': ' + entry['reason'] if entry['reason'] else ''} "
                            f"({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
-    except STOPS as stop:
+    except STOPS as e:
         # The backends measured so far are kept: a report of them, the rest listed as interrupted, then the
         # usual exit code for the signal.
-        if rep["backends"]:
-            rest = [n for n in names if n not in rep["backends"]]
-            for name in rest:
-                rep["backends"][name] = interrupted(stop, rest, args)
-            speedups(rep["backends"], rep["baselines"])
-            publish(out, rep, report.backends_markdown, plots.backend_plots)
-        raise
+        if not rep["backends"]:
+            raise
+        stop = e
+        rest = [n for n in names if n not in rep["backends"]]
+        for name in rest:
+            rep["backends"][name] = interrupted(stop, rest, args)
     speedups(rep["backends"], rep["baselines"])
     publish(out, rep, report.backends_markdown, plots.backend_plots)
+    if stop is not None:
+        raise stop
     return 1 if any(b["status"] == "failed" for b in rep["backends"].values()) else 0
 
 

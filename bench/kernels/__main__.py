@@ -165,5 +165,6 @@ def main(argv=None) -> int:
     publish_results([])
     return 1 if any(r["status"] == "failed" for r in results) else 0
 
+
 if __name__ == "__main__":
     cli.run(main)
