@@ -10,8 +10,9 @@ anchor). All are measured in one run, one after another, through the runtime Eng
 each prompt length, decode ms/token at each batch, generate end to end, peak memory during decode, the bandwidth
 a decode step achieves, and accuracy against the eager model (teacher-forced vs float32, long-run drift vs
 float64); with --profile-steps, what a decode step is made of (kernels per step and their time, under
-torch.profiler). By default every backend is measured and those that cannot run are listed with the reason; a
-backend named in --backends that cannot run is an error. Lengths and batches beyond the target's capacity are clipped.
+torch.profiler), and with --profile-prefill, a prefill of that many tokens. By default every backend is measured and
+those that cannot run are listed with the reason; a backend named in --backends that cannot run is an error. Lengths
+and batches beyond the target's capacity are clipped.
 
 REPORT_DIR receives report.json (schema: bench/schema.py), report.md and PNG charts, written atomically; an
 earlier report there is replaced, any other non-empty directory only with --overwrite. Stopped by Ctrl-C or SIGTERM
@@ -27,9 +28,11 @@ import time
 
 from model import cli
 
+from .profile import PREFILL_CALLS
+
 DEFAULTS = dict(prompt_lengths=[128, 512, 2048, 8192], batches=[1, 8, 32], warmup=3, repeats=10, decode_context=128,
                 decode_steps=32, generate_prompt=128, generate_tokens=256, generate_repeats=3, accuracy_steps=256,
-                drift_steps=4096, profile_steps=0)
+                drift_steps=4096, profile_steps=0, profile_prefill=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode steps at batch 1 to run under torch.profiler: kernels per step, the GPU time they "
                    "take and the longest of them (on the CPU: torch operators, for eager, hf and torch); 0 skips "
                    "(default: %(default)s)")
+    r.add_argument("--profile-prefill", type=cli.integer(0), default=d["profile_prefill"], metavar="TOKENS",
+                   help=f"prompt length of {PREFILL_CALLS} prefills at batch 1 (each into a fresh state) to run under "
+                   "torch.profiler, as for --profile-steps; 0 skips (default: %(default)s)")
     return p
 
 
@@ -100,6 +106,10 @@ def plan(args, target) -> tuple[dict, list[str]]:
             notes.append(f"{key.replace('_', ' ')} {s[key]} clipped to {max(room, 0)} (capacity {cap.max_seq_len} "
                          f"tokens, {taken})")
             s[key] = max(room, 0)
+    if s["profile_prefill"] > cap.max_seq_len:
+        notes.append(f"profile prefill {s['profile_prefill']} clipped to {cap.max_seq_len} (the target holds "
+                     f"{cap.max_seq_len} tokens)")
+        s["profile_prefill"] = cap.max_seq_len
     if target.checkpoint is None and (s["accuracy_steps"] or s["drift_steps"]):
         notes.append(f"accuracy not measured: {target.checkpoint_problem}")
         s["accuracy_steps"] = s["drift_steps"] = 0
@@ -111,7 +121,7 @@ def checkpoint_capacity(args) -> int:
     from .accuracy import PREFILL
     return max(*args.prompt_lengths, args.decode_context + args.warmup + args.decode_steps,
                args.generate_prompt + args.generate_tokens, PREFILL + args.accuracy_steps + 1,
-               PREFILL + args.drift_steps, args.warmup + args.profile_steps + 1)
+               PREFILL + args.drift_steps, args.warmup + args.profile_steps + 1, args.profile_prefill)
 
 
 def measure_backend(name, target, device, s, ref, copy_bw, config, dtype_bytes) -> dict:
@@ -121,7 +131,7 @@ def measure_backend(name, target, device, s, ref, copy_bw, config, dtype_bytes) 
     from .timing import MemoryProbe
     entry = dict(status="ok", reason=None, load_s=None, prefill=[], decode=[], generate=None,
                  memory={"peak_bytes": None, "method": "not measured"}, accuracy=None, drift=None, profile=None,
-                 speedup={})
+                 prefill_profile=None, speedup={})
     probe = MemoryProbe(device)
     t0 = time.perf_counter()
     engine = None
@@ -141,6 +151,8 @@ def measure_backend(name, target, device, s, ref, copy_bw, config, dtype_bytes) 
         if s["profile_steps"]:
             entry["profile"] = profile.decode_profile_or_reason(name, engine, device, s["profile_steps"],
                                                                 s["warmup"])
+        if s["profile_prefill"]:
+            entry["prefill_profile"] = profile.prefill_profile_or_reason(name, engine, device, s["profile_prefill"])
     except Unavailable as e:
         return {**entry, "status": "unavailable", "reason": str(e)}
     except Exception as e:  # one backend's failure is recorded; the others are still measured
@@ -262,7 +274,7 @@ def interrupted(stop: BaseException, rest: list[str], args) -> dict:
     return dict(status="interrupted", reason=f"the run was stopped ({stopped_by(stop)}) before this backend "
                 f"finished; measure the rest with `{' '.join(again)}`", load_s=None, prefill=[], decode=[],
                 generate=None, memory={"peak_bytes": None, "method": "not measured"}, accuracy=None, drift=None,
-                profile=None, speedup={})
+                profile=None, prefill_profile=None, speedup={})
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ class Settings:
     accuracy_steps: int
     drift_steps: int
     profile_steps: int
+    profile_prefill: int
 
 
 def clip(values: list[int], limit: int) -> list[int]:

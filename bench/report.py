@@ -143,6 +143,7 @@ def backends_markdown(report: dict) -> str:
                    f"{num(floor['rel_error'])}, top-1 agreement {num(floor['top1_agreement'], 4)}: the part of each "
                    "backend's error that returning logits in that dtype costs.\n")
     out.append(profile_section(ok))
+    out.append(prefill_profile_section(ok))
     missing = {n: b for n, b in report["backends"].items() if b["status"] != "ok"}
     if missing:
         out.append("\n## Not measured\n\n" + "".join(f"- **{n}** ({b['status']}): {b['reason']}\n"
@@ -174,6 +175,30 @@ def profile_section(ok: dict) -> str:
                          ms(p.get("span_ms_per_step")), ms(step), longest])
         out.append(table(["backend", "kernels per step", "busy ms per step", "device ms per step", "decode ms (b=1)",
                           "longest three (ms per step)"], rows))
+    out += [f"\n- **{n}** not profiled: {p['reason']}" for n, p in profiled.items() if "reason" in p]
+    return "".join(out) + "\n"
+
+
+def prefill_profile_section(ok: dict) -> str:
+    """Kernels (operators) per prefill call and what they take, beside the unprofiled prefill of that length."""
+    profiled = {n: b["prefill_profile"] for n, b in ok.items() if b.get("prefill_profile")}
+    if not profiled:
+        return ""
+    shown = {n: p for n, p in profiled.items() if "reason" not in p}
+    first = next(iter(shown.values()), None)
+    out = ["\n## Prefill profile (batch 1)\n\n"]
+    if first:
+        out.append(f"{first['calls']} prefills of {first['prompt_length']} tokens, each into a fresh state, "
+                   f"{first['method']}. Busy and device time per call as in the decode profile; the prefill column "
+                   "is the unprofiled prefill of that length above, where it was measured.\n\n")
+        rows = []
+        for n, p in shown.items():
+            longest = ", ".join(f"{t['name'][:40]} {ms(t['ms_per_call'])}" for t in p["top"][:3])
+            timed = at(ok[n]["prefill"], "prompt_length", p["prompt_length"])
+            rows.append([n, num(p["kernels_per_call"], 4), ms(p["busy_ms_per_call"]), ms(p.get("span_ms_per_call")),
+                         ms(timed), longest])
+        out.append(table(["backend", "kernels per call", "busy ms per call", "device ms per call",
+                          f"prefill {first['prompt_length']} (ms)", "longest three (ms per call)"], rows))
     out += [f"\n- **{n}** not profiled: {p['reason']}" for n, p in profiled.items() if "reason" in p]
     return "".join(out) + "\n"
 

@@ -1,12 +1,12 @@
 """report.json, as `python -m bench` (kind "backends") and `python -m bench.kernels` (kind "kernels") write it.
 
-Version 1. Times are milliseconds, sizes bytes, bandwidths GB/s (1e9 bytes/s). A timing is
-{min_ms, median_ms, max_ms, repeats}: `repeats` calls timed after the warm-up calls. Absolute figures hold for
-environment.device.name only. Unmeasurable figures are null with a reason beside them, never left out.
+Version 2 (version 1 had no prefill_profile). Times are milliseconds, sizes bytes, bandwidths GB/s (1e9 bytes/s). A
+timing is {min_ms, median_ms, max_ms, repeats}: `repeats` calls timed after the warm-up calls. Absolute figures hold
+for environment.device.name only. Unmeasurable figures are null with a reason beside them, never left out.
 
 Both kinds:
     schema            "next-deploy/bench"
-    schema_version    1 (a reader refuses a larger number)
+    schema_version    2 (a reader refuses a larger number)
     kind              "backends" | "kernels"
     command           argv of the run
     environment       device {type, name, memory_bytes, capability, cuda, driver}, python, platform,
@@ -44,6 +44,10 @@ kind "backends":
                       ms_per_step}]}: decode steps under torch.profiler; on CUDA every CUDA kernel of the process,
                       busy = their device time, span = a step's first kernel start to last kernel end (median; null
                       on the CPU); on the CPU top-level torch operators, busy = their CPU time (bench/profile.py)
+      prefill_profile null (--profile-prefill 0), {reason}, or {batch 1, prompt_length, calls, method,
+                      kernels_per_call, busy_ms_per_call, span_ms_per_call, top [{name, calls_per_call,
+                      ms_per_call}]}: prefills of prompt_length tokens, each into a fresh state, under
+                      torch.profiler; the figures as for profile, per prefill call
       speedup         {"vs_eager"|"vs_hf": {prefill {prompt_length: x}, decode {batch: x}, generate: x}}:
                       baseline median / this backend's median (> 1 is faster); absent baselines are left out
 
@@ -63,7 +67,7 @@ import json
 from pathlib import Path
 
 SCHEMA = "next-deploy/bench"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 REPORT = "report.json"
 
 COMMON = ("schema", "schema_version", "kind", "command", "environment", "settings", "copy_bandwidth", "plots",
@@ -73,13 +77,13 @@ BY_KIND = {
     "kernels": ("dtype", "results"),
 }
 BACKEND = ("status", "reason", "load_s", "prefill", "decode", "generate", "memory", "accuracy", "drift", "profile",
-           "speedup")
+           "prefill_profile", "speedup")
 KERNEL_RESULT = ("kernel", "mode", "shape", "label", "impl", "status", "reason", "timing", "median_ms", "gb_per_s",
                  "tflop_per_s", "rel_error", "speedup_vs_reference")
 
 
 def missing_fields(report: dict) -> list[str]:
-    """Fields version 1 requires that `report` lacks (empty when it conforms)."""
+    """Fields this version requires that `report` lacks (empty when it conforms)."""
     missing = [k for k in COMMON + BY_KIND.get(report.get("kind"), ("kind",)) if k not in report]
     for name, b in report.get("backends", {}).items():
         missing += [f"backends.{name}.{k}" for k in BACKEND if k not in b]

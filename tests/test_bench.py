@@ -48,7 +48,7 @@ def artifact(checkpoint, tmp_path_factory):
 @pytest.fixture(scope="module")
 def bench_report(artifact, tmp_path_factory):
     out = tmp_path_factory.mktemp("reports") / "report"
-    assert bench_main([str(artifact), "--out", str(out), *FEW, "--profile-steps", "3"]) == 0
+    assert bench_main([str(artifact), "--out", str(out), *FEW, "--profile-steps", "3", "--profile-prefill", "9"]) == 0
     return out, json.loads((out / "report.json").read_text())
 
 
@@ -102,6 +102,20 @@ def test_decode_profile_counts_the_operators_of_a_step(bench_report):
     md = (out / "report.md").read_text()
     assert "## Decode profile (batch 1)" in md and "| eager |" in md.split("Decode profile")[1]
     assert "**onnxruntime** not profiled" in md
+
+
+def test_prefill_profile_counts_the_operators_of_a_prefill(bench_report):
+    out, rep = bench_report
+    for name in ("eager", "hf"):
+        p = rep["backends"][name]["prefill_profile"]
+        assert p["calls"] == 3 and p["prompt_length"] == 9 and p["batch"] == 1 and "CPU" in p["method"]
+        assert p["kernels_per_call"] >= 4 and p["busy_ms_per_call"] > 0
+        assert p["top"] and all(t["name"].startswith("aten::") and t["calls_per_call"] > 0 for t in p["top"])
+        assert sum(t["ms_per_call"] for t in p["top"]) <= p["busy_ms_per_call"] * (1 + 1e-9)
+        assert p["span_ms_per_call"] is None
+    assert "runs its own kernels" in rep["backends"]["onnxruntime"]["prefill_profile"]["reason"]
+    md = (out / "report.md").read_text().split("## Prefill profile (batch 1)")[1]
+    assert "3 prefills of 9 tokens" in md and "| eager |" in md and "**onnxruntime** not profiled" in md
 
 
 def test_a_failing_profile_costs_only_the_profile(monkeypatch):
@@ -306,3 +320,15 @@ def test_device_span_is_first_kernel_start_to_last_kernel_end_per_step():
               event("k4", gpu, 900, 905), event("k5", gpu, 950, 990)]
     assert device_span_ms(events) == pytest.approx(0.080)     # spans 60, 80, 90 us: median 80
     assert device_span_ms([e for e in events if e.name != STEP]) is None
+
+
+def test_a_prefill_profile_longer_than_the_target_is_clipped_and_said():
+    from types import SimpleNamespace
+
+    from bench.__main__ import build_parser, plan
+    args = build_parser().parse_args(["target", "--out", "x", "--profile-prefill", "5000", "--accuracy-steps", "0",
+                                      "--drift-steps", "0"])
+    target = SimpleNamespace(manifest=SimpleNamespace(max_seq_len=4096, max_batch=8), checkpoint="ckpt")
+    settings, notes = plan(args, target)
+    assert settings["profile_prefill"] == 4096
+    assert "profile prefill 5000 clipped to 4096 (the target holds 4096 tokens)" in notes
