@@ -17,8 +17,8 @@ import numpy as np
 
 TOP = 60   # longest kernels (operators) per backend in report.json, a compiled step's whole list; report.md: 3
 STEP = "bench: decode step"   # the profiler range around each profiled Engine.decode call
-PREFILL = "bench: prefill"    # ... and around each profiled Engine.prefill call
-RANGES = (STEP, PREFILL)
+PREFILL_RANGE = "bench: prefill"   # ... and around each profiled Engine.prefill call
+RANGES = (STEP, PREFILL_RANGE)
 PREFILL_CALLS = 3             # prefills profiled, after one untimed
 CPU_VISIBLE = ("eager", "hf", "torch")   # backends whose CPU work is torch operators
 
@@ -70,7 +70,7 @@ def prefill_profile(engine, device: str, length: int) -> dict:
     ids = _ids(np.random.default_rng(4), engine.vocab_size, (1, length))
     engine.prefill(ids, engine.new_state(1))
     states = [engine.new_state(1) for _ in range(PREFILL_CALLS)]
-    found = _profiled(device, PREFILL, [lambda st=st: engine.prefill(ids, st) for st in states])
+    found = _profiled(device, PREFILL_RANGE, [lambda st=st: engine.prefill(ids, st) for st in states])
     return {"batch": 1, "prompt_length": length, "calls": PREFILL_CALLS, "method": found["method"],
             "kernels_per_call": found["kernels"], "busy_ms_per_call": found["busy_ms"],
             "span_ms_per_call": found["span_ms"],

@@ -155,50 +155,42 @@ def backends_markdown(report: dict) -> str:
 def profile_section(ok: dict) -> str:
     """Kernels (operators) per decode step and what they take, beside the unprofiled step: the gap is the host's
     and the launches' share."""
-    profiled = {n: b["profile"] for n, b in ok.items() if b["profile"]}
-    if not profiled:
-        return ""
-    shown = {n: p for n, p in profiled.items() if "reason" not in p}
-    first = next(iter(shown.values()), None)
-    out = ["\n## Decode profile (batch 1)\n\n"]
-    if first:
-        out.append(f"{first['steps']} decode steps after a {first['context']}-token prompt, {first['method']}. Busy: "
-                   "the time those kernels (operators) take per step, against the unprofiled step time above. "
-                   "Device (CUDA): a step's first kernel start to its last kernel end, busy time plus the gaps "
-                   "between kernels; the rest of the step is the host's (launches, copies in and out, Python)."
-                   "\n\n")
-        rows = []
-        for n, p in shown.items():
-            longest = ", ".join(f"{t['name'][:40]} {ms(t['ms_per_step'])}" for t in p["top"][:3])
-            step = at(ok[n]["decode"], "batch", 1)
-            rows.append([n, num(p["kernels_per_step"], 4), ms(p["busy_ms_per_step"]),
-                         ms(p.get("span_ms_per_step")), ms(step), longest])
-        out.append(table(["backend", "kernels per step", "busy ms per step", "device ms per step", "decode ms (b=1)",
-                          "longest three (ms per step)"], rows))
-    out += [f"\n- **{n}** not profiled: {p['reason']}" for n, p in profiled.items() if "reason" in p]
-    return "".join(out) + "\n"
+    def intro(p):
+        return (f"{p['steps']} decode steps after a {p['context']}-token prompt, {p['method']}. Busy: the time those "
+                "kernels (operators) take per step, against the unprofiled step time above. Device (CUDA): a step's "
+                "first kernel start to its last kernel end, busy time plus the gaps between kernels; the rest of the "
+                "step is the host's (launches, copies in and out, Python).")
+    return _profile_section(ok, "profile", "Decode profile (batch 1)", intro, "step", "decode ms (b=1)",
+                            lambda b, p: at(b["decode"], "batch", 1))
 
 
 def prefill_profile_section(ok: dict) -> str:
     """Kernels (operators) per prefill call and what they take, beside the unprofiled prefill of that length."""
-    profiled = {n: b["prefill_profile"] for n, b in ok.items() if b.get("prefill_profile")}
+    def intro(p):
+        return (f"{p['calls']} prefills of {p['prompt_length']} tokens, each into a fresh state, {p['method']}. Busy "
+                "and device time per call as in the decode profile; the prefill column is the unprofiled prefill of "
+                "that length above, where it was measured.")
+    return _profile_section(ok, "prefill_profile", "Prefill profile (batch 1)", intro, "call", "prefill ms",
+                            lambda b, p: at(b["prefill"], "prompt_length", p["prompt_length"]))
+
+
+def _profile_section(ok: dict, key: str, title: str, intro, per: str, timed_header: str, timed) -> str:
+    """A profile's section: `intro(profile)`, then per backend its kernels, busy and device ms per `per`, the
+    unprofiled time `timed(backend entry, profile)` and its three longest kernels; then those not profiled."""
+    profiled = {n: b[key] for n, b in ok.items() if b.get(key)}
     if not profiled:
         return ""
     shown = {n: p for n, p in profiled.items() if "reason" not in p}
-    first = next(iter(shown.values()), None)
-    out = ["\n## Prefill profile (batch 1)\n\n"]
-    if first:
-        out.append(f"{first['calls']} prefills of {first['prompt_length']} tokens, each into a fresh state, "
-                   f"{first['method']}. Busy and device time per call as in the decode profile; the prefill column "
-                   "is the unprofiled prefill of that length above, where it was measured.\n\n")
+    out = [f"\n## {title}\n\n"]
+    if shown:
+        out.append(intro(next(iter(shown.values()))) + "\n\n")
         rows = []
         for n, p in shown.items():
-            longest = ", ".join(f"{t['name'][:40]} {ms(t['ms_per_call'])}" for t in p["top"][:3])
-            timed = at(ok[n]["prefill"], "prompt_length", p["prompt_length"])
-            rows.append([n, num(p["kernels_per_call"], 4), ms(p["busy_ms_per_call"]), ms(p.get("span_ms_per_call")),
-                         ms(timed), longest])
-        out.append(table(["backend", "kernels per call", "busy ms per call", "device ms per call",
-                          f"prefill {first['prompt_length']} (ms)", "longest three (ms per call)"], rows))
+            longest = ", ".join(f"{t['name'][:40]} {ms(t[f'ms_per_{per}'])}" for t in p["top"][:3])
+            rows.append([n, num(p[f"kernels_per_{per}"], 4), ms(p[f"busy_ms_per_{per}"]),
+                         ms(p.get(f"span_ms_per_{per}")), ms(timed(ok[n], p)), longest])
+        out.append(table(["backend", f"kernels per {per}", f"busy ms per {per}", f"device ms per {per}", timed_header,
+                          f"longest three (ms per {per})"], rows))
     out += [f"\n- **{n}** not profiled: {p['reason']}" for n, p in profiled.items() if "reason" in p]
     return "".join(out) + "\n"
 
