@@ -10,8 +10,8 @@ plan="${1:-one-gpu}"
 export NCCL_NVLS_ENABLE=0            # never NVLink multicast on these machines
 OUT="${OUT:-$(mktemp -d)}"
 mkdir -p "$OUT"
-# Test limits: the two-GPU test alone took 66 s on two H200s (60 s cut it off with nothing printed).
-if [ "$plan" = two-gpu ]; then budget=400 tests="-k two_gpus" limit=150; else budget=370 tests="" limit=150; fi
+if [ "$plan" = two-gpu ]; then budget=400 tests="-k two_gpus"; else budget=370 tests=""; fi
+limit=150   # seconds for the tests: the two-GPU one alone took 66 s on two H200s (60 cut it off, printing nothing)
 python3 -m bench.train_speed "$plan" --out "$OUT/train_speed" --budget-s "$budget"
 # The whole pytest output is kept; printed: its failures' assertion lines and the summary.
 timeout "$limit" python3 -m pytest -q -rfs tests/test_train_gpu.py $tests > "$OUT/test_train_gpu.txt" 2>&1

@@ -116,7 +116,8 @@ export_art() {  # export_art NAME CKPT ARGS...
 bench_run() {  # bench_run NAME ARTIFACT ARGS...
     local name=$1 art=$2; shift 2
     step "bench $name" "bench-$name" python3 -m bench "$art" --out "$WORK/reports/$name" --device "$DEVICE" \
-        --overwrite --profile-steps 20 --profile-prefill 2048 "$@" "${BENCH_EXTRA[@]}" && keep "$name" "$WORK/reports/$name"
+        --overwrite --profile-steps 20 --profile-prefill 2048 "$@" "${BENCH_EXTRA[@]}" && \
+        keep "$name" "$WORK/reports/$name"
 }
 
 # The compiled target compiles one graph per decode bucket and prefill chunk: a few, to keep the run short (16 for
