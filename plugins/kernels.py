@@ -53,9 +53,11 @@ def chunk_solve_entry(q, k, v, g, beta, T, u, decay,
     HK: tl.constexpr = HV // GROUP
     TERMS: tl.constexpr = V + 3 * K + 64     # u's columns per step
     N = (T + 63) // 64                       # chunks
-    chunk_solve_kernel(q, k, v, g, beta, u, decay, T, HV,
+    # One float32 buffer: U_v in its first V columns, the kernel's w (U_k onwards) in the rest.
+    chunk_solve_kernel(q, k, v, g, beta, u, u + V, decay, T, HV,
                        T * HK * K, HK * K, K, T * HK * K, HK * K, K, T * HV * V, HV * V, V,
-                       T * HV, HV, T * HV, HV, HV * N * 64 * TERMS, N * 64 * TERMS, TERMS, HV * N, N,
+                       T * HV, HV, T * HV, HV, HV * N * 64 * TERMS, N * 64 * TERMS, TERMS,
+                       HV * N * 64 * TERMS, N * 64 * TERMS, TERMS, HV * N, N,
                        GROUP, K, V, BK, BV, PREC)
 
 
@@ -65,8 +67,8 @@ def chunk_scan_entry(u, decay, initial_state, N, o, final_state,
                      PREC: tl.constexpr):
     TERMS: tl.constexpr = V + 3 * K + 64
     # T = every step of the N chunks: o covers them all (rows past the real T come out zero).
-    chunk_scan_kernel(u, decay, o, initial_state, final_state, N * 64, HV,
-                      HV * N * 64 * TERMS, N * 64 * TERMS, TERMS, HV * N, N,
+    chunk_scan_kernel(u, u + V, decay, o, initial_state, final_state, N * 64, HV,
+                      HV * N * 64 * TERMS, N * 64 * TERMS, TERMS, HV * N * 64 * TERMS, N * 64 * TERMS, TERMS, HV * N, N,
                       N * 64 * HV * V, HV * V, V, HV * K * V, K * V,
                       K, V, BK, BV, PREC)
 

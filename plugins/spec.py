@@ -225,8 +225,9 @@ GATED_DELTA_RULE_SOLVE = Plugin(
 
 def _scan_plan(d, model_dtype, attrs) -> Launch:
     K, V = d["K"], d["V"]
-    # As model/kernels/triton_chunk.gated_delta_rule launches it: float32 operands, tf32 products for 16-bit models.
-    scan = chunk_scan_launch(K, V, model_dtype)
+    # As model/kernels/triton_chunk.gated_delta_rule launches it (tf32 products for 16-bit models), over the
+    # plugin's float32 buffer.
+    scan = chunk_scan_launch(K, V, model_dtype, "float32")
     return Launch(dict(HV=d["Hv"], K=K, V=V, BK=dot_block(K), BV=scan["BV"], PREC=scan["PREC"]),
                   num_warps=scan["num_warps"], num_stages=scan["num_stages"], grid=(d["B"] * d["Hv"],
                   cdiv(V, scan["BV"])), args=(d["N"],))

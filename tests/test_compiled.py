@@ -102,6 +102,11 @@ def test_manifest_describes_the_compiled_target(artifact):
     assert [n.args[-2] for n in products] == [False] * 8 + [True]
     assert sum(n.target.name() == "nextdeploy::norm_rope_cache" for n in calls) == 1
     assert not any(k.endswith(("in_proj_ba.weight", "k_proj.weight", "up_proj.weight")) for k in weights)
+    # The prefill program (any prompt length) attends through the cache kernel, which reads only the slots in use,
+    # not through a masked attention over the whole capacity.
+    prefill = torch.export.load(str(out / c["files"]["prefill"]))
+    names = [n.target.name() for n in prefill.graph.nodes if isinstance(n.target, torch._ops.OpOverload)]
+    assert "nextdeploy::decode_attention" in names and not any("scaled_dot_product" in n for n in names)
 
 
 def test_compiled_shapes_share_one_copy_of_the_weights(engine):

@@ -29,7 +29,7 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 # out 4e9 wrong), so the interpreted run checks float32 only; the GPU checks both.
 DTYPES = [torch.float32] if INTERPRETED else [torch.float32, torch.bfloat16]
 # The chunked rule's kernels cast every operand to float32 before their products, so the interpreter checks its
-# 16-bit launches too (plain tf32 products and one pipeline stage in the scan: launch.chunk_scan_launch).
+# 16-bit launches too (plain tf32 products, the float16 buffer: launch.chunk_scan_launch).
 CHUNK_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 if INTERPRETED:

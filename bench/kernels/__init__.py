@@ -84,7 +84,8 @@ def _shape(model: str, B: int, T: int) -> dict:
 
 
 GDR_PREFILL = [_shape("tiny", 1, 256), _shape("tiny", 1, 1024), _shape("small", 1, 1024), _shape("small", 1, 4096),
-               _shape("qwen3-next", 1, 1024), _shape("qwen3-next", 1, 4096), _shape("qwen3-next", 1, 8192),
+               _shape("qwen3-next", 1, 1024), _shape("qwen3-next", 1, 2048), _shape("qwen3-next", 1, 4096),
+               _shape("qwen3-next", 1, 8192),
                _shape("qwen3-next", 4, 2048)]
 DECODE = [_shape("tiny", 1, 1), _shape("tiny", 8, 1), _shape("small", 1, 1), _shape("small", 8, 1),
           _shape("qwen3-next", 1, 1), _shape("qwen3-next", 8, 1), _shape("qwen3-next", 32, 1),
@@ -210,7 +211,9 @@ QUICK_ATTENTION = [dict(model="quick", B=1, T=1, context=20, Hq=4, Hkv=2, D=16, 
                    dict(model="quick", B=3, T=1, context=100, Hq=6, Hkv=2, D=32, S=160)]
 # A prompt chunk of one row (the compiled engine's prefill), from the start and after earlier chunks.
 ATTENTION_PREFILL = [_attention_shape("tiny", 1, 0, 2048), _attention_shape("small", 1, 0, 2048),
-                     _attention_shape("small", 1, 4096, 2048), _attention_shape("small", 1, 0, 128),
+                     _attention_shape("small", 1, 4096, 2048), _attention_shape("small", 1, 6144, 2048),
+                     _attention_shape("small", 1, 0, 128), _attention_shape("small", 1, 8064, 128),
+                     _attention_shape("small", 1, 0, 512), _attention_shape("small", 1, 7680, 512),
                      _attention_shape("qwen3-next", 1, 6144, 2048)]
 QUICK_ATTENTION_PREFILL = [dict(model="quick", B=1, T=24, context=10, Hq=4, Hkv=2, D=16, S=64)]
 

@@ -33,17 +33,23 @@ def chunk_scan_block_v(K: int, V: int) -> int:
     return min(dot_block(V), 64 if K <= 64 else 32)
 
 
-def chunk_scan_launch(K: int, V: int, dtype: str) -> dict:
+def chunk_buffer_dtype(dtype: str) -> str:
+    """The dtype of the chunked rule's buffer of state-independent terms, for a model of `dtype` (triton_chunk says
+    why): float16 for 16-bit models, float32 for float32 ones."""
+    return "float32" if dtype == "float32" else "float16"
+
+
+def chunk_scan_launch(K: int, V: int, dtype: str, buffer_dtype: str) -> dict:
     """The serial scan's launch: columns of V per program (BV), product precision (PREC), warps and pipeline
-    stages. Its operands are float32 (the solve writes them so); a float32 model's products run in tf32x3 (about
-    float32) over two stages. A 16-bit model's run in plain tf32 (the state rounded to tf32 inside the products,
-    finer than the model's own rounding) over one stage: two stages of tf32 operands want 262 KB of shared memory at
-    K = 128, over the H100's 227 KB. Measured on an H100 (bf16, batch 1, Qwen3-Next's heads, T=8192, solve at 8
-    warps): 4038 us in tf32x3 against 2360 us in tf32, outputs 2.0e-3 and state 7.3e-4 apart; wider or narrower
-    blocks and 8 warps were slower in both."""
-    if dtype == "float32":
-        return dict(BV=chunk_scan_block_v(K, V), PREC="tf32x3", num_warps=4, num_stages=2)
-    return dict(BV=chunk_scan_block_v(K, V), PREC="tf32", num_warps=4, num_stages=1)
+    stages. A float32 model's products run in tf32x3 (about float32), a 16-bit model's in plain tf32 (the state
+    rounded to tf32 inside the products, finer than the model's own rounding). Two stages (the next chunk's loads
+    overlap this one's products) where they fit shared memory: for a 16-bit model only with the float16 buffer, as
+    two stages of float32 tf32 operands want 262 KB at K = 128, over the H100's 227 KB. Measured on an H100 (bf16,
+    batch 1, Qwen3-Next's heads, T=8192, float32 buffer, one stage): 4038 us in tf32x3 against 2360 us in tf32,
+    outputs 2.0e-3 and state 7.3e-4 apart; wider or narrower blocks and 8 warps were slower in both."""
+    stages = 2 if dtype == "float32" or buffer_dtype != "float32" else 1
+    return dict(BV=chunk_scan_block_v(K, V), PREC="tf32x3" if dtype == "float32" else "tf32", num_warps=4,
+                num_stages=stages)
 
 
 def decode_warps(K: int, V: int) -> int:
