@@ -40,13 +40,13 @@ SUB = tl.constexpr(16)   # block size of the triangular solve
 
 
 @triton.jit
-def _unit_lower_inverse(A, N: tl.constexpr):
+def _unit_lower_inverse(A):
     """(I + A)^-1 for a strictly lower triangular [16, 16] A, by recursive block inversion: with D^-1 the inverse of
     the block diagonal of 2x2, then 4x4, 8x8 blocks and M the entries of I + A inside the blocks twice that size
     but outside those, the inverse over the larger blocks is D^-1 - D^-1 M D^-1. Two float32 products per level,
     and no step waits on a reduction across the program's threads, as a row-at-a-time substitution did (two per
     row)."""
-    rows = tl.arange(0, N)
+    rows = tl.arange(0, SUB)
     r, c = rows[:, None], rows[None, :]
     inv = tl.where(r == c, 1.0, 0.0) - tl.where(r // 2 == c // 2, A, 0.0)
     inv = _merge_blocks(inv, A, r, c, 4)
@@ -138,10 +138,10 @@ def chunk_solve_kernel(
     c2 = tl.cumsum(g2, axis=0) + tl.sum(g0, axis=0) + tl.sum(g1, axis=0)
     c3 = tl.cumsum(g3, axis=0) + tl.sum(g0, axis=0) + tl.sum(g1, axis=0) + tl.sum(g2, axis=0)
 
-    d0 = _unit_lower_inverse(_diagonal(k0, b0, c0, PREC), SUB)
-    d1 = _unit_lower_inverse(_diagonal(k1, b1, c1, PREC), SUB)
-    d2 = _unit_lower_inverse(_diagonal(k2, b2, c2, PREC), SUB)
-    d3 = _unit_lower_inverse(_diagonal(k3, b3, c3, PREC), SUB)
+    d0 = _unit_lower_inverse(_diagonal(k0, b0, c0, PREC))
+    d1 = _unit_lower_inverse(_diagonal(k1, b1, c1, PREC))
+    d2 = _unit_lower_inverse(_diagonal(k2, b2, c2, PREC))
+    d3 = _unit_lower_inverse(_diagonal(k3, b3, c3, PREC))
     a10 = _off_diagonal(k1, k0, b1, c1, c0, PREC)
     a20 = _off_diagonal(k2, k0, b2, c2, c0, PREC)
     a21 = _off_diagonal(k2, k1, b2, c2, c1, PREC)
@@ -287,7 +287,7 @@ def gated_delta_rule(q, k, v, g, beta, initial_state, launch=None):
     n_chunks = triton.cdiv(T, CHUNK)
     buffer_dtype = chunk_buffer_dtype(dtype)
     # Everything the serial scan reads per step. The scan computes in float32 even for 16-bit models (its 16-bit
-    # tensor-core path faulted on the H100 for K = 128, Triton 3.6); it reads w in float16 (see the top).
+    # tensor-core path faulted on the H100 for K = 128, Triton 3.6); for them it reads w in float16 (see the top).
     u_v = torch.empty(B, Hv, n_chunks * CHUNK, V, dtype=torch.float32, device=v.device)
     w = torch.empty(B, Hv, n_chunks * CHUNK, 3 * K + CHUNK, dtype=getattr(torch, buffer_dtype), device=v.device)
     decay = torch.empty(B, Hv, n_chunks, dtype=torch.float32, device=v.device)
