@@ -148,8 +148,11 @@ def gated_delta_rule_solve(dims: dict, opset: int) -> onnx.FunctionProto:
     q_decayed = b.op("Mul", q, b.op("Unsqueeze", b.op("Exp", c), b.const([-1])))
     k_to_end = b.op("Mul", k, b.op("Unsqueeze", b.op("Exp", b.op("Sub", c_last, c)), b.const([-1])))
     attn = b.op("Mul", b.op("MatMul", q, _transposed(b, k)), decay)
-    u = b.op("Concat", solved, q_decayed, k_to_end, attn, axis=-1)                     # [B, Hv, n, C, V+3K+C]
-    u = b.op("Reshape", u, b.const([0, 0, -1, V + 3 * K + CHUNK]))
+    u_v, u_k = b.op("Split", solved, b.const([V, K]), axis=-1, outputs=2)
+    o_v = b.op("MatMul", attn, u_v)
+    q_s = b.op("Sub", b.op("MatMul", attn, u_k), q_decayed)
+    u = b.op("Concat", u_v, o_v, u_k, q_s, k_to_end, axis=-1)                         # [B, Hv, n, C, 2V+3K]
+    u = b.op("Reshape", u, b.const([0, 0, -1, 2 * V + 3 * K]))
     return _function("gated_delta_rule_solve", b, [u, b.op("Exp", b.op("Squeeze", c_last, b.const([-1])))], opset)
 
 
@@ -163,22 +166,19 @@ def _chunk_step() -> onnx.GraphProto:
     solve's terms."""
     b = _Body("chunk")
     U = b.op("Sub", "u_v", b.op("MatMul", "u_k", "S"))                                  # [B, H, C, V]
-    out = b.op("Add", b.op("MatMul", "q_decayed", "S"), b.op("MatMul", "attn", U))
+    out = b.op("Sub", "o_v", b.op("MatMul", "q_s", "S"))
     k_to_end = b.op("Transpose", "k_to_end", perm=[0, 1, 3, 2])
     S = b.op("Add", b.op("Mul", b.op("Unsqueeze", "decay", b.const([-1, -2])), "S"), b.op("MatMul", k_to_end, U))
     b.nodes += [helper.make_node("Identity", [S], ["S_out"]), helper.make_node("Identity", [out], ["out"])]
-    return _graph("chunk_step", b, dict(S=4, u_v=4, u_k=4, q_decayed=4, k_to_end=4, attn=4, decay=2),
+    return _graph("chunk_step", b, dict(S=4, u_v=4, o_v=4, u_k=4, q_s=4, k_to_end=4, decay=2),
                   dict(S_out=4, out=4))
 
 
 def gated_delta_rule_scan(dims: dict, opset: int) -> onnx.FunctionProto:
     K, V = dims["K"], dims["V"]
     b = _Body("scan")
-    u = b.op("Reshape", "u", b.const([0, 0, -1, CHUNK, V + 3 * K + CHUNK]))               # [B, Hv, N, C, ...]
-    terms = b.op("Split", u, b.const([V, K, K, K, CHUNK]), axis=-1, outputs=5)
-    # The attention's lower triangle only, as the kernel reads it.
-    terms[-1] = b.op("Where", b.const(np.tril(np.ones((CHUNK, CHUNK), bool)), bool), terms[-1],
-                     b.const(0.0, np.float32))
+    u = b.op("Reshape", "u", b.const([0, 0, -1, CHUNK, 2 * V + 3 * K]))                   # [B, Hv, N, C, ...]
+    terms = b.op("Split", u, b.const([V, V, K, K, K]), axis=-1, outputs=5)
     S, out = b.op("Scan", "initial_state", *terms, "decay", outputs=2, num_scan_inputs=6,
                   scan_input_axes=[2] * 6, scan_output_axes=[2], body=_chunk_step())
     o = b.op("Reshape", out, b.const([0, 0, -1, V]))                                    # [B, Hv, N*C, V]

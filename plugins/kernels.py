@@ -49,25 +49,25 @@ def causal_conv1d_entry(x, weight, state, T, y, new_state,
 @triton.jit
 def chunk_solve_entry(q, k, v, g, beta, T, u, decay,
                       HV: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                      BV: tl.constexpr, PREC: tl.constexpr):
+                      BV: tl.constexpr, PREC: tl.constexpr, INV_PREC: tl.constexpr):
     HK: tl.constexpr = HV // GROUP
-    TERMS: tl.constexpr = V + 3 * K + 64     # u's columns per step
+    TERMS: tl.constexpr = 2 * V + 3 * K      # u's columns per step
     N = (T + 63) // 64                       # chunks
-    # One float32 buffer: U_v in its first V columns, the kernel's w (U_k onwards) in the rest.
-    chunk_solve_kernel(q, k, v, g, beta, u, u + V, decay, T, HV,
+    # One float32 buffer: the kernel's u_v (U_v, O_v) in its first 2V columns, its w (U_k onwards) in the rest.
+    chunk_solve_kernel(q, k, v, g, beta, u, u + 2 * V, decay, T, HV,
                        T * HK * K, HK * K, K, T * HK * K, HK * K, K, T * HV * V, HV * V, V,
                        T * HV, HV, T * HV, HV, HV * N * 64 * TERMS, N * 64 * TERMS, TERMS,
                        HV * N * 64 * TERMS, N * 64 * TERMS, TERMS, HV * N, N,
-                       GROUP, K, V, BK, BV, PREC)
+                       GROUP, K, V, BK, BV, PREC, INV_PREC)
 
 
 @triton.jit
 def chunk_scan_entry(u, decay, initial_state, N, o, final_state,
                      HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      PREC: tl.constexpr):
-    TERMS: tl.constexpr = V + 3 * K + 64
+    TERMS: tl.constexpr = 2 * V + 3 * K
     # T = every step of the N chunks: o covers them all (rows past the real T come out zero).
-    chunk_scan_kernel(u, u + V, decay, o, initial_state, final_state, N * 64, HV,
+    chunk_scan_kernel(u, u + 2 * V, decay, o, initial_state, final_state, N * 64, HV,
                       HV * N * 64 * TERMS, N * 64 * TERMS, TERMS, HV * N * 64 * TERMS, N * 64 * TERMS, TERMS, HV * N, N,
                       N * 64 * HV * V, HV * V, V, HV * K * V, K * V,
                       K, V, BK, BV, PREC)

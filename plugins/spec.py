@@ -5,7 +5,7 @@ One description per plugin, read by everything that must agree on it: the `tenso
 README tables and the tests, none of which need TensorRT. A plugin carries the contract of a `nextdeploy::` torch
 op (model/kernels/ops.py); the gated delta rule is two plugins, because an AOT plugin launches one kernel and the
 chunked rule is two (a solve, then a scan over the chunks), with their float32 intermediates (u [B, Hv, N*64,
-V+3*K+64] and decay [B, Hv, N] for N chunks of 64 steps) tensors between the two nodes.
+2*V+3*K] and decay [B, Hv, N] for N chunks of 64 steps) tensors between the two nodes.
 
 Dimensions are expressions over named symbols ("B", "T", "Hv*V", "W-1", "(T+63)//64"). The symbols in `dynamic`
 vary at run time (batch, tokens, pool rows); every other one is fixed when the engine is built and compiled into
@@ -21,8 +21,8 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from model.kernels.launch import (CHUNK, chunk_scan_launch, chunk_solve_precision, chunk_solve_warps, decode_warps,
-                                  dot_block, next_power_of_2)
+from model.kernels.launch import (CHUNK, chunk_inverse_precision, chunk_scan_launch, chunk_solve_precision,
+                                  chunk_solve_warps, decode_warps, dot_block, next_power_of_2)
 
 NAMESPACE = "nextdeploy"
 VERSION = "1"
@@ -192,14 +192,14 @@ CAUSAL_CONV1D = Plugin(
 
 # The solve's outputs cover N = (T+63)//64 whole chunks, in model/kernels/triton_chunk.py's layout.
 CHUNKS = f"(T+{CHUNK - 1})//{CHUNK}"
-TERMS = f"V+3*K+{CHUNK}"
+TERMS = "2*V+3*K"
 
 
 def _solve_plan(d, model_dtype, attrs) -> Launch:
     K, V = d["K"], d["V"]
     # As model/kernels/triton_chunk.gated_delta_rule launches it (num_stages: Triton's default).
     return Launch(dict(HV=d["Hv"], GROUP=_group(d), K=K, V=V, BK=dot_block(K), BV=dot_block(V),
-                       PREC=chunk_solve_precision(model_dtype)),
+                       PREC=chunk_solve_precision(model_dtype), INV_PREC=chunk_inverse_precision(model_dtype)),
                   num_warps=chunk_solve_warps(K), num_stages=3, grid=(cdiv(d["T"], CHUNK), d["B"] * d["Hv"]),
                   args=(d["T"],))
 
@@ -208,17 +208,17 @@ GATED_DELTA_RULE_SOLVE = Plugin(
     name="gated_delta_rule_solve", op="nextdeploy::gated_delta_rule (first kernel)",
     doc="Everything the chunked rule computes before it needs the state, every chunk of 64 steps in parallel: "
         "U_v = (I+A)^-1 diag(beta) V and U_k = (I+A)^-1 diag(beta exp(c)) K, with A_ij = beta_i exp(c_i - c_j) "
-        "k_i.k_j (j < i), c the cumulative log-decay in the chunk and q, k l2-normalised; the decayed q and k, the "
-        "masked intra-chunk attention and the chunk's total decay.",
+        "k_i.k_j (j < i), c the cumulative log-decay in the chunk and q, k l2-normalised; the output's "
+        "state-independent terms (O_v, Q_s below), the decayed k and the chunk's total decay.",
     inputs=(Tensor("q", ("B", "T", "Hk", "K"), "T", "raw queries (l2-normalised inside)"),
             Tensor("k", ("B", "T", "Hk", "K"), "T", "raw keys (l2-normalised inside)"),
             Tensor("v", ("B", "T", "Hv", "V"), "T", "values"),
             Tensor("g", ("B", "T", "Hv"), "float32", "log-decay per step"),
             Tensor("beta", ("B", "T", "Hv"), "T", "write strength per step")),
     outputs=(Tensor("u", ("B", "Hv", f"{CHUNKS}*{CHUNK}", TERMS), "float32",
-                    "per step of the whole chunks (zeros past T), the columns U_v (V), U_k (K), q exp(c)/sqrt(K) "
-                    "(K), k exp(c_last - c) (K) and the attention row (64: q_i.k_j exp(c_i - c_j) for j <= i, zeros "
-                    "above)"),
+                    "per step of the whole chunks (zeros past T), the columns U_v (V), O_v = P U_v (V), U_k (K), "
+                    "Q_s = P U_k - q exp(c)/sqrt(K) (K) and k exp(c_last - c) (K), with P the masked intra-chunk "
+                    "attention (P_ij = q_i.k_j exp(c_i - c_j) for j <= i)"),
              Tensor("decay", ("B", "Hv", CHUNKS), "float32", "exp(c_last) per chunk")),
     kernel="chunk_solve_entry", scalars=("T",), dynamic=("B", "T"), plan=_solve_plan)
 
@@ -235,8 +235,8 @@ def _scan_plan(d, model_dtype, attrs) -> Launch:
 
 GATED_DELTA_RULE_SCAN = Plugin(
     name="gated_delta_rule_scan", op="nextdeploy::gated_delta_rule (second kernel)",
-    doc="Walks the chunks in order with the [K, V] state S in registers: U = U_v - U_k S, the chunk's outputs "
-        "(q exp(c)/sqrt(K)) S + attention U and the next state exp(c_last) S + (k exp(c_last - c))^T U. Its "
+    doc="Walks the chunks in order with the [K, V] state S in registers: U = U_v - U_k S and the chunk's outputs "
+        "O_v - Q_s S in one product, then the next state exp(c_last) S + (k exp(c_last - c))^T U. Its "
         "outputs cover the solve's whole chunks, in float32: the graph slices the first T steps and casts them to "
         "the model's dtype (nothing here carries T or the model's dtype).",
     inputs=(Tensor("u", ("B", "Hv", f"N*{CHUNK}", TERMS), "float32", "gated_delta_rule_solve's u"),

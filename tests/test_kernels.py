@@ -32,14 +32,14 @@ def float64_loop(q, k, v, g, beta, state):
 
 def chunk_terms64(q, k, v, g, beta, chunk=64):
     """What the chunked rule computes before it needs the state, in float64 and in the layout of the Triton solve
-    kernel's outputs (model/kernels/triton_chunk.py): u [B, Hv, N*chunk, V+3K+chunk] with per step the columns
-    [U_v | U_k | q exp(c)/sqrt(K) | k exp(c_last - c) | attention row], zeros past T, and decay [B, Hv, N] =
-    exp(c_last), for N chunks."""
+    kernel's outputs (model/kernels/triton_chunk.py): u [B, Hv, N*chunk, 2V+3K] with per step the columns
+    [U_v | P U_v | U_k | P U_k - q exp(c)/sqrt(K) | k exp(c_last - c)] (P the masked intra-chunk attention), zeros
+    past T, and decay [B, Hv, N] = exp(c_last), for N chunks."""
     B, T, Hk, K = k.shape
     Hv, V = v.shape[2:]
     qn, kn, v, g, beta, _ = ref._prepare(*(x.double() for x in (q, k, v, g, beta)), None)
     n = -(-T // chunk)
-    u = torch.zeros(B, Hv, n * chunk, V + 3 * K + chunk, dtype=torch.float64)
+    u = torch.zeros(B, Hv, n * chunk, 2 * V + 3 * K, dtype=torch.float64)
     decay = torch.empty(B, Hv, n, dtype=torch.float64)
     for i, t0 in enumerate(range(0, T, chunk)):
         s = slice(t0, min(T, t0 + chunk))
@@ -49,11 +49,13 @@ def chunk_terms64(q, k, v, g, beta, chunk=64):
         decay_ij = (c[..., :, None] - c[..., None, :]).masked_fill(~causal, float("-inf")).exp()
         A = beta[:, :, s, None] * (kn[:, :, s] @ kn[:, :, s].transpose(-1, -2)) * decay_ij.tril(-1)
         rhs = torch.cat([beta[:, :, s, None] * v[:, :, s], (beta[:, :, s] * c.exp())[..., None] * kn[:, :, s]], -1)
-        u[:, :, s, :V + K] = torch.linalg.solve_triangular(torch.eye(L, dtype=A.dtype) + A, rhs, upper=False,
-                                                           unitriangular=True)
-        u[:, :, s, V + K:V + 2 * K] = qn[:, :, s] * c.exp()[..., None]
-        u[:, :, s, V + 2 * K:V + 3 * K] = kn[:, :, s] * (c[..., -1:] - c).exp()[..., None]
-        u[:, :, s, V + 3 * K:V + 3 * K + L] = (qn[:, :, s] @ kn[:, :, s].transpose(-1, -2)) * decay_ij
+        U = torch.linalg.solve_triangular(torch.eye(L, dtype=A.dtype) + A, rhs, upper=False, unitriangular=True)
+        P = (qn[:, :, s] @ kn[:, :, s].transpose(-1, -2)) * decay_ij
+        u[:, :, s, :V] = U[..., :V]
+        u[:, :, s, V:2 * V] = P @ U[..., :V]
+        u[:, :, s, 2 * V:2 * V + K] = U[..., V:]
+        u[:, :, s, 2 * V + K:2 * V + 2 * K] = P @ U[..., V:] - qn[:, :, s] * c.exp()[..., None]
+        u[:, :, s, 2 * V + 2 * K:] = kn[:, :, s] * (c[..., -1:] - c).exp()[..., None]
         decay[:, :, i] = c[..., -1].exp()
     return u, decay
 

@@ -161,14 +161,14 @@ def test_chunked_rule_intermediates_pass_from_solve_to_scan():
     solve, scan = PLUGINS["gated_delta_rule_solve"], PLUGINS["gated_delta_rule_scan"]
     q, v, g = (3, 131, 2, 48), (3, 131, 4, 80), (3, 131, 4)
     u, decay = solve.output_shapes(solve.bind([q, q, v, g, g]))
-    assert u == (3, 4, 192, 80 + 3 * 48 + 64) and decay == (3, 4, 3)
+    assert u == (3, 4, 192, 2 * 80 + 3 * 48) and decay == (3, 4, 3)
     dims = scan.bind([u, decay, (3, 4, 48, 80)])
     assert dims["N"] == 3 and scan.output_shapes(dims) == [(3, 192, 4, 80), (3, 4, 48, 80)]
     with pytest.raises(PluginSpecError, match="N\\*64 = 128"):
-        scan.bind([(3, 4, 131, 288), (3, 4, 2), (3, 4, 48, 80)])
+        scan.bind([(3, 4, 131, 304), (3, 4, 2), (3, 4, 48, 80)])
     assert solve.launch([q, q, v, g, g], solve.dtypes("bfloat16")[0]).grid == (3, 12)
     launch = scan.launch([u, decay, (3, 4, 48, 80)], scan.dtypes("bfloat16")[0])
-    assert launch.grid == (12, 2) and launch.args == (3,) and launch.constexprs["BV"] == 64
+    assert launch.grid == (12, 5) and launch.args == (3,) and launch.constexprs["BV"] == 16
 
 
 class Symbol:

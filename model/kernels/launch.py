@@ -21,6 +21,14 @@ def chunk_solve_precision(dtype: str) -> str:
     return "tf32x3" if dtype == "float32" else "tf32"
 
 
+def chunk_inverse_precision(dtype: str) -> str:
+    """The tl.dot precision of the solve's 64x64 triangular inverse (recursive block inversion): tf32x3 (about
+    float32) for float32 models, tf32 for 16-bit ones. On an H100 (bf16, Qwen3-Next's heads, T=8192) tf32x3 made
+    the solve 2593 against 688 us (shared memory and spills) and its errors no smaller: on repeated keys, beta 1,
+    no decay, the rule's output / state were 5.6e-3 / 7.0e-3 from float64 against 2.2e-3 / 1.3e-3 in tf32."""
+    return "tf32x3" if dtype == "float32" else "tf32"
+
+
 def chunk_solve_warps(K: int) -> int:
     """Warps of the solve kernel: 8 at K = 128, where 4 spill 3 KB a thread (ptxas, sm_90; on an H100, bf16, batch
     1: the whole rule 801 -> 697 us at `small`'s heads and T=2048, 5047 -> 4038 us at Qwen3-Next's and T=8192,
@@ -29,8 +37,9 @@ def chunk_solve_warps(K: int) -> int:
 
 
 def chunk_scan_block_v(K: int, V: int) -> int:
-    """Columns of V per scan program: the scan's operands must fit an H100's shared memory (227 KB) at K = 128."""
-    return min(dot_block(V), 64 if K <= 64 else 32)
+    """Columns of V per scan program: 16 at K = 64 (more programs for a serial chain that is short per chunk), 32 at
+    K = 128, where the operands must fit an H100's shared memory (227 KB)."""
+    return min(dot_block(V), 16 if K <= 64 else 32)
 
 
 def chunk_buffer_dtype(dtype: str) -> str:
@@ -46,10 +55,12 @@ def chunk_scan_launch(K: int, V: int, dtype: str, buffer_dtype: str) -> dict:
     overlap this one's products) where they fit shared memory: for a 16-bit model only with the float16 buffer, as
     two stages of float32 tf32 operands want 262 KB at K = 128, over the H100's 227 KB. Measured on an H100 (bf16,
     batch 1, Qwen3-Next's heads, T=8192, float32 buffer, one stage): 4038 us in tf32x3 against 2360 us in tf32,
-    outputs 2.0e-3 and state 7.3e-4 apart; wider or narrower blocks and 8 warps were slower in both."""
+    outputs 2.0e-3 and state 7.3e-4 apart. Eight warps at K = 128, where four spill the scan's 128-row operands
+    (`small`'s heads, T=8192: 444 against 577 us), four at K = 64 (`tiny`'s: 250 us with 16 columns a program, 285
+    at 8 warps, 379 with 64 columns)."""
     stages = 2 if dtype == "float32" or buffer_dtype != "float32" else 1
-    return dict(BV=chunk_scan_block_v(K, V), PREC="tf32x3" if dtype == "float32" else "tf32", num_warps=4,
-                num_stages=stages)
+    return dict(BV=chunk_scan_block_v(K, V), PREC="tf32x3" if dtype == "float32" else "tf32",
+                num_warps=4 if K <= 64 else 8, num_stages=stages)
 
 
 def decode_warps(K: int, V: int) -> int:
