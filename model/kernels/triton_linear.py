@@ -7,8 +7,8 @@ before it (with the residual add that Inductor joins to the norm) and the SwiGLU
 each cost a launch of their own. Here the prologue (the norm's statistics are a reduction over the row, cheap to
 recompute in every program; SwiGLU is pointwise) and the epilogue (bias, residual) run in the same programs.
 
-One program per (block of up to 8 rows, block of BLOCK_N output columns), looping over K: each weight block is
-read once for the rows of a decode step. Products are accumulated in float32, and each step is rounded to the
+One program per (block of up to 8 rows, block of BLOCK_N output columns), over K in unrolled blocks: each weight
+block is read once for the rows of a decode step. Products are accumulated in float32, and each step is rounded to the
 input dtype where the separate torch ops would round, so a 16-bit result matches theirs to rounding; logits can be
 returned in float32 without that last rounding.
 """
@@ -30,9 +30,9 @@ SWIGLU = tl.constexpr(2)
 @triton.jit
 def fused_linear_kernel(
     x, up, weight, bias, norm_weight, residual, out,
-    M, N, K, eps,
+    M, N, eps,
     stride_xm, stride_um, stride_wn, stride_rm, stride_om,
-    PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    K: tl.constexpr, PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
@@ -43,15 +43,18 @@ def fused_linear_kernel(
     x_rows = x + rows[:, None] * stride_xm
     if PROLOGUE == NORM:   # each row's mean square first (the rows are small and stay in cache for the loop)
         squares = tl.zeros([ROWS, BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in tl.static_range(0, K, BLOCK_K):
             xk = tl.load(x_rows + (k0 + ks)[None, :], mask=m_ok[:, None] & (k0 + ks < K)[None, :],
                          other=0.0).to(tl.float32)
             squares += xk * xk
         # As float32: a Python float argument reaches Inductor-compiled graphs as float64.
         rstd = tl.rsqrt(tl.sum(squares, axis=1) / K + eps).to(tl.float32)
-    # Products summed over K at the end, not per block: one cross-thread reduction instead of one per block.
+    # Products summed over K at the end, not per block: one cross-thread reduction instead of one per block. The
+    # loop is unrolled (K is a constant) so that the weight loads need not wait on each block's products: on an
+    # H100, `small`'s 97 batch-1 decode products chained in one CUDA graph took 700 against 755 us with the loop
+    # (outputs bit-identical), and a plain product without prologue or epilogue 552 against 781 us.
     acc = tl.zeros([ROWS, BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in tl.static_range(0, K, BLOCK_K):
         k_ok = k0 + ks < K
         x_ok = m_ok[:, None] & k_ok[None, :]
         xk = tl.load(x_rows + (k0 + ks)[None, :], mask=x_ok, other=0.0)
@@ -100,7 +103,7 @@ def fused_linear(x, weight, bias=None, norm_weight=None, up=None, residual=None,
     kernel = launch(fused_linear_kernel) if launch else fused_linear_kernel
     kernel[(triton.cdiv(rows, block_rows), triton.cdiv(N, block_n))](
         x2, up2, weight, bias if bias is not None else out, norm_weight if norm_weight is not None else out, res2,
-        out, rows, N, K, eps, x2.stride(0), up2.stride(0), weight.stride(0), res2.stride(0), out.stride(0),
-        PROLOGUE=prologue, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+        out, rows, N, eps, x2.stride(0), up2.stride(0), weight.stride(0), res2.stride(0), out.stride(0),
+        K=K, PROLOGUE=prologue, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         ROWS=block_rows, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return out.view(*lead, N)
