@@ -37,8 +37,9 @@ def chunk_solve_warps(K: int) -> int:
 
 
 def chunk_scan_block_v(K: int, V: int) -> int:
-    """Columns of V per scan program: 16 at K = 64 (more programs for a serial chain that is short per chunk), 32 at
-    K = 128, where the operands must fit an H100's shared memory (227 KB)."""
+    """Columns of V per scan program, the fastest measured on an H100 (bf16, batch 1, T=8192): 16 at K = 64 (more
+    programs for a serial chain that is short per chunk: 250 against 379 us with 64 at `tiny`'s heads), 32 at
+    K = 128 (Qwen3-Next's heads: 495 us against 594 with 64 and 854 with 16)."""
     return min(dot_block(V), 16 if K <= 64 else 32)
 
 
@@ -51,13 +52,13 @@ def chunk_buffer_dtype(dtype: str) -> str:
 def chunk_scan_launch(K: int, V: int, dtype: str, buffer_dtype: str) -> dict:
     """The serial scan's launch: columns of V per program (BV), product precision (PREC), warps and pipeline
     stages. A float32 model's products run in tf32x3 (about float32), a 16-bit model's in plain tf32 (the state
-    rounded to tf32 inside the products, finer than the model's own rounding). Two stages (the next chunk's loads
-    overlap this one's products) where they fit shared memory: for a 16-bit model only with the float16 buffer, as
-    two stages of float32 tf32 operands want 262 KB at K = 128, over the H100's 227 KB. Measured on an H100 (bf16,
-    batch 1, Qwen3-Next's heads, T=8192, float32 buffer, one stage): 4038 us in tf32x3 against 2360 us in tf32,
-    outputs 2.0e-3 and state 7.3e-4 apart. Eight warps at K = 128, where four spill the scan's 128-row operands
-    (`small`'s heads, T=8192: 444 against 577 us), four at K = 64 (`tiny`'s: 250 us with 16 columns a program, 285
-    at 8 warps, 379 with 64 columns)."""
+    rounded to tf32 inside the products, finer than the model's own rounding): on an H100 (bf16, batch 1,
+    Qwen3-Next's heads, T=8192, the four-product scan of then) 4038 us in tf32x3 against 2360 us in tf32, outputs
+    2.0e-3 and state 7.3e-4 apart. Two stages where the four-product scan's operands fitted shared memory (not a
+    16-bit model's float32 buffer, the plugins'); the two-product scan times the same with one (Qwen3-Next's heads,
+    T=8192: 495 against 498 us). Eight warps at K = 128, where four spill the scan's 128-row operands (`small`'s
+    heads, T=8192: 444 against 577 us), four at K = 64 (`tiny`'s: 250 us with 16 columns a program, 285 at 8 warps,
+    379 with 64 columns)."""
     stages = 2 if dtype == "float32" or buffer_dtype != "float32" else 1
     return dict(BV=chunk_scan_block_v(K, V), PREC="tf32x3" if dtype == "float32" else "tf32",
                 num_warps=4 if K <= 64 else 8, num_stages=stages)
