@@ -49,7 +49,7 @@ def causal_conv1d_entry(x, weight, state, T, y, new_state,
 @triton.jit
 def chunk_solve_entry(q, k, v, g, beta, T, u, decay,
                       HV: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                      BV: tl.constexpr, PREC: tl.constexpr, INV_PREC: tl.constexpr):
+                      BV: tl.constexpr, PREC: tl.constexpr):
     HK: tl.constexpr = HV // GROUP
     TERMS: tl.constexpr = 2 * V + 3 * K      # u's columns per step
     N = (T + 63) // 64                       # chunks
@@ -58,7 +58,7 @@ def chunk_solve_entry(q, k, v, g, beta, T, u, decay,
                        T * HK * K, HK * K, K, T * HK * K, HK * K, K, T * HV * V, HV * V, V,
                        T * HV, HV, T * HV, HV, HV * N * 64 * TERMS, N * 64 * TERMS, TERMS,
                        HV * N * 64 * TERMS, N * 64 * TERMS, TERMS, HV * N, N,
-                       GROUP, K, V, BK, BV, PREC, INV_PREC)
+                       GROUP, K, V, BK, BV, PREC)
 
 
 @triton.jit

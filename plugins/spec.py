@@ -21,8 +21,8 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from model.kernels.launch import (CHUNK, chunk_inverse_precision, chunk_scan_launch, chunk_solve_precision,
-                                  chunk_solve_warps, decode_warps, dot_block, next_power_of_2)
+from model.kernels.launch import (CHUNK, chunk_scan_launch, chunk_solve_precision, chunk_solve_warps, decode_warps,
+                                  dot_block, next_power_of_2)
 
 NAMESPACE = "nextdeploy"
 VERSION = "1"
@@ -199,7 +199,7 @@ def _solve_plan(d, model_dtype, attrs) -> Launch:
     K, V = d["K"], d["V"]
     # As model/kernels/triton_chunk.gated_delta_rule launches it (num_stages: Triton's default).
     return Launch(dict(HV=d["Hv"], GROUP=_group(d), K=K, V=V, BK=dot_block(K), BV=dot_block(V),
-                       PREC=chunk_solve_precision(model_dtype), INV_PREC=chunk_inverse_precision(model_dtype)),
+                       PREC=chunk_solve_precision(model_dtype)),
                   num_warps=chunk_solve_warps(K), num_stages=3, grid=(cdiv(d["T"], CHUNK), d["B"] * d["Hv"]),
                   args=(d["T"],))
 

@@ -17,15 +17,10 @@ def dot_block(n: int) -> int:
 
 
 def chunk_solve_precision(dtype: str) -> str:
-    """The solve's tl.dot precision: about float32 (tf32x3) for float32 models, tf32 for 16-bit ones."""
-    return "tf32x3" if dtype == "float32" else "tf32"
-
-
-def chunk_inverse_precision(dtype: str) -> str:
-    """The tl.dot precision of the solve's 64x64 triangular inverse (recursive block inversion): tf32x3 (about
-    float32) for float32 models, tf32 for 16-bit ones. On an H100 (bf16, Qwen3-Next's heads, T=8192) tf32x3 made
-    the solve 2593 against 688 us (shared memory and spills) and its errors no smaller: on repeated keys, beta 1,
-    no decay, the rule's output / state were 5.6e-3 / 7.0e-3 from float64 against 2.2e-3 / 1.3e-3 in tf32."""
+    """The solve's tl.dot precision, its 64x64 triangular inverse included: about float32 (tf32x3) for float32
+    models, tf32 for 16-bit ones. On an H100 (bf16, Qwen3-Next's heads, T=8192) the inverse in tf32x3 made the
+    solve 2593 against 688 us (shared memory and spills) and its errors no smaller: on repeated keys, beta 1, no
+    decay, the rule's output / state were 5.6e-3 / 7.0e-3 from float64 against 2.2e-3 / 1.3e-3 in tf32."""
     return "tf32x3" if dtype == "float32" else "tf32"
 
 

@@ -38,8 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import (CHUNK, chunk_buffer_dtype, chunk_inverse_precision, chunk_scan_launch, chunk_solve_precision,
-                     chunk_solve_warps, dot_block)
+from .launch import CHUNK, chunk_buffer_dtype, chunk_scan_launch, chunk_solve_precision, chunk_solve_warps, dot_block
 
 
 @triton.jit
@@ -64,7 +63,7 @@ def chunk_solve_kernel(
     stride_gb, stride_gt, stride_bb, stride_bt, stride_uvb, stride_uvh, stride_uvt, stride_wb, stride_wh, stride_wt,
     stride_db, stride_dh,
     GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr, INV_PREC: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """Columns of u_v per step: [U_v (V) | O_v (V)]; of w: [U_k (K) | Q_s (K) | k exp(c_last - c) (K)]; decay:
     exp(c_last) per chunk. The whole chunk as [64, *] blocks: (I + A)^-1 by recursive block inversion over 2, 4,
@@ -94,16 +93,16 @@ def chunk_solve_kernel(
     below = tl.exp(tl.where(r > cc, c[:, None] - c[None, :], float("-inf")))
     A = bt[:, None] * below * tl.dot(kn, tl.trans(kn), input_precision=PREC)
     inv = tl.where(r == cc, 1.0, 0.0) - tl.where(r // 2 == cc // 2, A, 0.0)
-    inv = _merge_blocks(inv, A, r, cc, 4, INV_PREC)
-    inv = _merge_blocks(inv, A, r, cc, 8, INV_PREC)
-    inv = _merge_blocks(inv, A, r, cc, 16, INV_PREC)
-    inv = _merge_blocks(inv, A, r, cc, 32, INV_PREC)
-    inv = _merge_blocks(inv, A, r, cc, 64, INV_PREC)
-    # Steps past T are written too (as zeros: their k, v and beta are zero), so the scan never reads memory nothing
-    # wrote.
+    inv = _merge_blocks(inv, A, r, cc, 4, PREC)
+    inv = _merge_blocks(inv, A, r, cc, 8, PREC)
+    inv = _merge_blocks(inv, A, r, cc, 16, PREC)
+    inv = _merge_blocks(inv, A, r, cc, 32, PREC)
+    inv = _merge_blocks(inv, A, r, cc, 64, PREC)
     attn = tl.dot(qn, tl.trans(kn), input_precision=PREC)
     attn = attn * tl.exp(tl.where(r >= cc, c[:, None] - c[None, :], float("-inf")))
     after = tl.dot(attn, inv, input_precision=PREC)    # P (I + A)^-1: O_v and Q_s from the right-hand sides
+    # Steps past T are written too (as zeros: their k, v and beta are zero), so the scan never reads memory nothing
+    # wrote.
     w_rows = w + b * stride_wb + h * stride_wh + rows[:, None] * stride_wt
     dtype = w.dtype.element_ty
     k_cols = (kc < K)[None, :]
@@ -190,7 +189,7 @@ def gated_delta_rule(q, k, v, g, beta, initial_state, launch=None):
         v.stride(2), g.stride(0), g.stride(1), beta.stride(0), beta.stride(1), u_v.stride(0), u_v.stride(1),
         u_v.stride(2), w.stride(0), w.stride(1), w.stride(2), decay.stride(0), decay.stride(1),
         GROUP=Hv // Hk, K=K, V=V, BK=BK, BV=BVfull, PREC=chunk_solve_precision(dtype),
-        INV_PREC=chunk_inverse_precision(dtype), num_warps=chunk_solve_warps(K))
+        num_warps=chunk_solve_warps(K))
     o = torch.empty(B, T, Hv, V, dtype=v.dtype, device=v.device)
     final = torch.empty(B, Hv, K, V, dtype=torch.float32, device=v.device)
     scan = chunk_scan_launch(K, V, dtype, buffer_dtype)
