@@ -75,11 +75,32 @@ def decode_attention_fits(head_dim: int) -> bool:
     return 16 * dot_block(head_dim) <= ATTENTION_ACCUMULATOR
 
 
-def query_rows_per_program(rows: int, head_dim: int) -> int:
-    """Query rows of one program of the cache attention kernel: all of them where they fit its accumulator (a
-    decode step's query heads of one KV head: the KV blocks are read once), else blocks of as many as fit, e.g.
-    16 rows at D = 256, 64 at D = 64."""
-    return min(dot_block(rows), ATTENTION_ACCUMULATOR // dot_block(head_dim))
+SLOT_BYTES = 32 * 1024    # one K (or V) block of a decode step's loop; Triton pipelines a few of each
+PREFILL_ATTENTION_ROWS = 2048   # query rows a KV head from which the attention takes prefill's blocks
+
+
+def attention_launch(rows: int, head_dim: int, element_size: int) -> dict:
+    """The cache attention kernel's launch for `rows` query rows a KV head: rows a program (BM), cache slots a loop
+    step (BLOCK), whether the blocks every row sees whole run in a loop of their own without masks (WHOLE_BLOCKS),
+    warps and pipeline stages.
+
+    Under PREFILL_ATTENTION_ROWS (decode steps, short prompt chunks): all rows in one program where they fit its
+    accumulator, so each KV block is read once (a decode step's query heads of one KV head), else blocks of as many
+    as fit (16 rows at D = 256); 64 slots a step, fewer where a block would pass SLOT_BYTES (float32 at D = 256);
+    one masked loop, four warps, three stages.
+    From PREFILL_ATTENTION_ROWS (a 512-token chunk at 4 query heads a KV head): blocks of 64 rows, 32 slots a step
+    at D = 256 (64 below), four warps, two stages, the unmasked loop on. On an H100 (bf16, 10 calls in a CUDA
+    graph, the two in one run) at `small`'s attention heads (8 query, 2 KV, D = 256), a 2,048-token chunk took 109
+    against 257 us at positions 0-2047 and 416 against 1,451 us at 6144-8191; a 128-token chunk (512 rows) 20.7
+    against 18.4 us at 0-127 and 28.9 against 23.9 at 384-511, hence the threshold. At `tiny`'s (D = 64, one KV
+    head): 22.5 against 26.4 us for 2,048 tokens. Blocks of 128 rows (8 warps) were no faster at 2,048 tokens
+    and at most 13% faster at 8,192 (single launches)."""
+    D = dot_block(head_dim)
+    if rows < PREFILL_ATTENTION_ROWS:
+        return dict(BM=min(dot_block(rows), ATTENTION_ACCUMULATOR // D),
+                    BLOCK=max(16, min(64, SLOT_BYTES // (D * element_size))), WHOLE_BLOCKS=False, num_warps=4,
+                    num_stages=3)
+    return dict(BM=64, BLOCK=32 if D >= 256 else 64, WHOLE_BLOCKS=True, num_warps=4, num_stages=2)
 
 
 def combine_blocks(rows: int, block_rows: int, head_dim_block: int, splits: int) -> tuple[int, int, int]:
