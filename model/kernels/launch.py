@@ -75,7 +75,7 @@ def decode_attention_fits(head_dim: int) -> bool:
     return 16 * dot_block(head_dim) <= ATTENTION_ACCUMULATOR
 
 
-SLOT_BYTES = 32 * 1024    # one K (or V) block of a decode step's loop; Triton pipelines a few of each
+SLOT_BYTES = 32 * 1024    # one K (or V) block of the loop under PREFILL_ATTENTION_ROWS; Triton pipelines a few
 PREFILL_ATTENTION_ROWS = 2048   # query rows a KV head from which the attention takes prefill's blocks
 
 

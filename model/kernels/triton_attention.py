@@ -10,9 +10,10 @@ Split over the sequence (flash-decoding): program (row and KV head, split, block
 of the live blocks its query rows see, with an online softmax (base 2), and writes its unnormalised output, running
 max and sum; a second kernel combines the splits (with one split the program writes its output itself). The query
 heads that share a KV head are query rows of one program while they fit its registers (a decode step: each KV
-block is read once); a prefill chunk's many rows take blocks of 64 or 128 rows, each reading the slots up to its
-own last position (causal, without a mask over the cache), the blocks before its first position in a loop without
-masks, the blocks of the last rows launched first. launch.attention_launch has the blocks and what they measured.
+block is read once); a prefill chunk's many rows take blocks of rows, each reading the slots up to its own last
+position (causal, without a mask over the cache), the blocks of the last rows launched first. Long chunks' blocks
+(64 rows) run the slots before their first position in a loop without masks. launch.attention_launch has the
+blocks and what they measured.
 
 Checked against the reference in Triton's interpreter (float32); bfloat16 and the timing against the whole-cache
 attention (bench.kernels, decode_attention) are for the GPU.
