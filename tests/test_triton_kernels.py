@@ -25,11 +25,8 @@ runs_kernels = pytest.mark.skipif(not (CUDA or INTERPRETED),
                                 reason="no CUDA device: test_kernels_in_triton_interpreter runs these in a subprocess")
 # float32 inputs: the chunked kernel's matrix products run in tf32x3 (about float32); bf16 rounds inputs and outputs.
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
-# Triton 3.6's interpreter multiplies bfloat16 tl.dot operands as their raw 16-bit patterns (a 16x16 product comes
-# out 4e9 wrong), so the interpreted run checks float32 only; the GPU checks both.
-DTYPES = [torch.float32] if INTERPRETED else [torch.float32, torch.bfloat16]
-# The chunked rule's kernels cast every operand to float32 before their products, so the interpreter checks its
-# 16-bit launches too (plain tf32 products, the float16 buffer: launch.chunk_scan_launch).
+DTYPES = [torch.float32, torch.bfloat16]
+# The chunked rule's 16-bit launches (launch.chunk_scan_launch) are checked too.
 CHUNK_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 if INTERPRETED:
@@ -43,6 +40,18 @@ if INTERPRETED:
         _patch_tensor(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
     interpreter._patch_lang_tensor = _patch_tensor_with_item
+
+    # It also multiplies bfloat16 tl.dot operands as their raw 16-bit patterns (a 16x16 product comes out 4e9
+    # wrong): convert them to float32 first, as it does its bfloat16 casts.
+    import triton.language as tl
+    _create_dot = interpreter.InterpreterBuilder.create_dot
+
+    def _create_dot_of_bfloat16(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.dtype == tl.bfloat16:
+            a, b = (interpreter.TensorHandle(interpreter._convert_float(x.data, tl.bfloat16, tl.float32, None)
+                                             .view("float32").reshape(x.data.shape), tl.float32) for x in (a, b))
+        return _create_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+    interpreter.InterpreterBuilder.create_dot = _create_dot_of_bfloat16
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or INTERPRETED, reason="runs the kernels directly (CUDA device present)")
