@@ -49,7 +49,7 @@ def causal_conv1d_entry(x, weight, state, T, y, new_state,
 @triton.jit
 def chunk_solve_entry(q, k, v, g, beta, T, u, decay,
                       HV: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                      BV: tl.constexpr, PREC: tl.constexpr):
+                      BV: tl.constexpr, PREC: tl.constexpr, BOUNDED: tl.constexpr, FREE: tl.constexpr):
     HK: tl.constexpr = HV // GROUP
     TERMS: tl.constexpr = 2 * V + 3 * K      # u's columns per step
     N = (T + 63) // 64                       # chunks
@@ -58,19 +58,19 @@ def chunk_solve_entry(q, k, v, g, beta, T, u, decay,
                        T * HK * K, HK * K, K, T * HK * K, HK * K, K, T * HV * V, HV * V, V,
                        T * HV, HV, T * HV, HV, HV * N * 64 * TERMS, N * 64 * TERMS, TERMS,
                        HV * N * 64 * TERMS, N * 64 * TERMS, TERMS, HV * N, N,
-                       GROUP, K, V, BK, BV, PREC)
+                       GROUP, K, V, BK, BV, PREC, BOUNDED, FREE)
 
 
 @triton.jit
 def chunk_scan_entry(u, decay, initial_state, N, o, final_state,
                      HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                     PREC: tl.constexpr):
+                     PREC: tl.constexpr, FREE: tl.constexpr):
     TERMS: tl.constexpr = 2 * V + 3 * K
     # T = every step of the N chunks: o covers them all (rows past the real T come out zero).
     chunk_scan_kernel(u, u + 2 * V, decay, o, initial_state, final_state, N * 64, HV,
                       HV * N * 64 * TERMS, N * 64 * TERMS, TERMS, HV * N * 64 * TERMS, N * 64 * TERMS, TERMS, HV * N, N,
                       N * 64 * HV * V, HV * V, V, HV * K * V, K * V,
-                      K, V, BK, BV, PREC)
+                      K, V, BK, BV, PREC, FREE)
 
 
 @triton.jit

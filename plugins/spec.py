@@ -21,8 +21,8 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from model.kernels.launch import (CHUNK, chunk_scan_launch, chunk_solve_precision, chunk_solve_warps, decode_warps,
-                                  dot_block, next_power_of_2)
+from model.kernels.launch import (CHUNK, chunk_operands, chunk_scan_launch, chunk_solve_precision, chunk_solve_warps,
+                                  decode_warps, dot_block, next_power_of_2)
 
 NAMESPACE = "nextdeploy"
 VERSION = "1"
@@ -199,9 +199,9 @@ def _solve_plan(d, model_dtype, attrs) -> Launch:
     K, V = d["K"], d["V"]
     # As model/kernels/triton_chunk.gated_delta_rule launches it (num_stages: Triton's default).
     return Launch(dict(HV=d["Hv"], GROUP=_group(d), K=K, V=V, BK=dot_block(K), BV=dot_block(V),
-                       PREC=chunk_solve_precision(model_dtype)),
-                  num_warps=chunk_solve_warps(K), num_stages=3, grid=(cdiv(d["T"], CHUNK), d["B"] * d["Hv"]),
-                  args=(d["T"],))
+                       PREC=chunk_solve_precision(model_dtype), **chunk_operands(model_dtype, K, V)),
+                  num_warps=chunk_solve_warps(K, V, model_dtype), num_stages=3,
+                  grid=(cdiv(d["T"], CHUNK), d["B"] * d["Hv"]), args=(d["T"],))
 
 
 GATED_DELTA_RULE_SOLVE = Plugin(
@@ -225,10 +225,11 @@ GATED_DELTA_RULE_SOLVE = Plugin(
 
 def _scan_plan(d, model_dtype, attrs) -> Launch:
     K, V = d["K"], d["V"]
-    # As model/kernels/triton_chunk.gated_delta_rule launches it (tf32 products for 16-bit models), over the
-    # plugin's float32 buffer.
+    # As model/kernels/triton_chunk.gated_delta_rule launches it (its product operands: launch.chunk_operands),
+    # over the plugin's float32 buffer.
     scan = chunk_scan_launch(K, V, model_dtype, "float32")
-    return Launch(dict(HV=d["Hv"], K=K, V=V, BK=dot_block(K), BV=scan["BV"], PREC=scan["PREC"]),
+    return Launch(dict(HV=d["Hv"], K=K, V=V, BK=dot_block(K), BV=scan["BV"], PREC=scan["PREC"],
+                       FREE=chunk_operands(model_dtype, K, V)["FREE"]),
                   num_warps=scan["num_warps"], num_stages=scan["num_stages"], grid=(d["B"] * d["Hv"],
                   cdiv(V, scan["BV"])), args=(d["N"],))
 

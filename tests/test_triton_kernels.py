@@ -26,7 +26,7 @@ runs_kernels = pytest.mark.skipif(not (CUDA or INTERPRETED),
 # float32 inputs: the chunked kernel's matrix products run in tf32x3 (about float32); bf16 rounds inputs and outputs.
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 DTYPES = [torch.float32, torch.bfloat16]
-# The chunked rule's 16-bit launches (launch.chunk_scan_launch) are checked too.
+# The chunked rule's products take float16 or the model's 16-bit dtype for 16-bit models (launch.chunk_operands).
 CHUNK_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 if INTERPRETED:
@@ -103,8 +103,8 @@ def test_causal_conv1d_reads_strided_input():
 
 CHUNK_CASES = shapes(
     [(1, 1, 1, 128, 128), (2, 7, 2, 64, 64), (1, 64, 3, 128, 128), (2, 300, 2, 64, 64), (1, 2048, 1, 128, 128),
-     (1, 300, 3, 48, 80)],
-    [(1, 1, 1, 32, 16), (2, 7, 2, 16, 32), (1, 70, 3, 32, 32), (1, 131, 1, 16, 16)])
+     (1, 300, 3, 48, 80), (1, 131, 2, 32, 16)],
+    [(1, 1, 1, 32, 16), (2, 7, 2, 16, 32), (1, 70, 3, 32, 32), (1, 131, 1, 16, 16), (1, 70, 1, 128, 64)])
 
 
 @runs_kernels
@@ -138,6 +138,19 @@ def test_chunked_gated_delta_rule_reads_strided_views():
     o, s = triton_chunk.gated_delta_rule(*on_device(q, k, v, g, beta, state))
     o64, s64 = float64_loop(q, k, v, g, beta, state)
     assert rel(o.cpu(), o64) < 1e-4 and rel(s.cpu(), s64) < 1e-4
+
+
+@runs_kernels
+def test_chunked_gated_delta_rule_keeps_bfloat16_range():
+    """A bfloat16 model's values and state may pass float16's largest number (65504): the products that carry them
+    take bfloat16 operands (launch.chunk_operands), so nothing overflows."""
+    from model.kernels import triton_chunk
+    B, T, Hk, Hv, K, V = 1, 131, 2, 4, 128, 64
+    q, k, v, g, beta, state = random_inputs(B, T, Hk, Hv, K, V, True, seed=13)
+    v, state = v * 1e6, state * 1e6
+    o, s = triton_chunk.gated_delta_rule(*on_device(q, k, v, dtype=torch.bfloat16), *on_device(g, beta, state))
+    o64, s64 = float64_loop(*(t.to(torch.bfloat16) for t in (q, k, v)), g, beta, state)
+    assert rel(o.cpu(), o64) < TOL[torch.bfloat16] and rel(s.cpu(), s64) < TOL[torch.bfloat16]
 
 
 @runs_kernels

@@ -24,39 +24,66 @@ def chunk_solve_precision(dtype: str) -> str:
     return "tf32x3" if dtype == "float32" else "tf32"
 
 
-def chunk_solve_warps(K: int) -> int:
-    """Warps of the solve kernel: 8 at K = 128, where 4 spill 3 KB a thread (ptxas, sm_90; on an H100, bf16, batch
-    1: the whole rule 801 -> 697 us at `small`'s heads and T=2048, 5047 -> 4038 us at Qwen3-Next's and T=8192,
-    outputs identical); 4 at K = 64 (269 against 265 us at `tiny`'s)."""
-    return 8 if K > 64 else 4
+def chunk_operands(dtype: str, K: int, V: int) -> dict:
+    """The dtypes of the chunked rule's product operands for a model of `dtype` and heads of K x V, as names (the
+    products accumulate in float32 either way). BOUNDED: operands whose entries stay within a few units, the
+    l2-normalised keys and queries, their decayed forms, the intra-chunk attention and (I + A)^-1 (its column j is
+    what a unit write at step j leaves in the later writes, each step's state update a contraction: at most 1).
+    FREE: those that carry the values and the state (v, U, S). 16-bit models take float16 for BOUNDED (tf32's 10
+    mantissa bits) and their own dtype for FREE (bfloat16 keeps float32's range), as fla does; float32 models
+    float32 (in tf32x3, about float32). The inverse itself is built from float32 operands (chunk_solve_precision).
+
+    Against tf32 products of float32 operands, on an H100 (bf16, batch 1, device time, Qwen3-Next's heads,
+    T=8192): the solve 846 -> 590 us (410 at its 4 warps), the scan 507 -> 291 us; errors from float64 (output /
+    state) 2.4e-3 / 7.7e-4 -> 3.0e-3 / 2.9e-3.
+
+    Only heads of K = 128 (blocks of 128; Qwen3-Next's and `small`'s) with V of 64 or more take 16-bit operands:
+    checked there on the H100 against float64 (tests/test_triton_kernels.py) and run at bench.kernels' prefill
+    shapes, eagerly and in CUDA graphs. The rest keep float32 operands. With 16-bit operands on the
+    H100 (Triton 3.6), `tiny`'s heads (K = V = 64: the scan at four warps) made an illegal memory access at T=1,
+    and heads of K = 32, V = 16 gave outputs 2.0e-2 from float64 in bfloat16 and float16 alike (the state 3.6e-4;
+    the interpreter's 4.8e-4)."""
+    if dtype == "float32" or dot_block(K) < 128 or dot_block(V) < 64:
+        return dict(BOUNDED="float32", FREE="float32")
+    return dict(BOUNDED="float16", FREE=dtype)
+
+
+def chunk_solve_warps(K: int, V: int, dtype: str) -> int:
+    """Warps of the solve kernel. With 16-bit operands (chunk_operands): 4 (on an H100, bf16, batch 1, Qwen3-Next's
+    heads, T=8192: 410 against 590 us at 8, two programs an SM). With float32 operands: 8 at K = 128, where 4
+    spill 3 KB a thread (ptxas, sm_90; then on bf16, the whole rule 5047 -> 4038 us), 4 at K = 64."""
+    return 8 if K > 64 and chunk_operands(dtype, K, V)["FREE"] == "float32" else 4
 
 
 def chunk_scan_block_v(K: int, V: int) -> int:
-    """Columns of V per scan program, the fastest measured on an H100 (bf16, batch 1, T=8192): 16 at K = 64 (more
-    programs for a serial chain that is short per chunk: 250 against 379 us with 64 at `tiny`'s heads), 32 at
-    K = 128 (Qwen3-Next's heads: 495 us against 594 with 64 and 854 with 16)."""
+    """Columns of V per program of a scan over a float32 buffer, the fastest measured on an H100 (bf16, batch 1,
+    T=8192, tf32 products of then): 16 at K = 64 (250 against 379 us with 64 at `tiny`'s heads), 32 at K = 128
+    (Qwen3-Next's heads: 495 us against 594 with 64 and 854 with 16)."""
     return min(dot_block(V), 16 if K <= 64 else 32)
 
 
-def chunk_buffer_dtype(dtype: str) -> str:
-    """The dtype of the chunked rule's buffer of state-independent terms, for a model of `dtype` (triton_chunk says
-    why): float16 for 16-bit models, float32 for float32 ones."""
-    return "float32" if dtype == "float32" else "float16"
+def chunk_buffer_dtype(dtype: str, K: int, V: int) -> str:
+    """The dtype of the chunked rule's buffer of state-independent terms (the plugins keep one float32 buffer):
+    with 16-bit operands the scan's FREE dtype (chunk_operands), else float16 for 16-bit models (the scan's tf32
+    products round to as much; their entries are at most 1) and float32 for float32 ones."""
+    free = chunk_operands(dtype, K, V)["FREE"]
+    return free if dtype == "float32" or free != "float32" else "float16"
 
 
 def chunk_scan_launch(K: int, V: int, dtype: str, buffer_dtype: str) -> dict:
-    """The serial scan's launch: columns of V per program (BV), product precision (PREC), warps and pipeline
-    stages. A float32 model's products run in tf32x3 (about float32), a 16-bit model's in plain tf32 (the state
-    rounded to tf32 inside the products, finer than the model's own rounding): on an H100 (bf16, batch 1,
-    Qwen3-Next's heads, T=8192, the four-product scan of then) 4038 us in tf32x3 against 2360 us in tf32, outputs
-    2.0e-3 and state 7.3e-4 apart. Two stages where the four-product scan's operands fitted shared memory (not a
-    16-bit model's float32 buffer, the plugins'); the two-product scan times the same with one (Qwen3-Next's heads,
-    T=8192: 495 against 498 us). Eight warps at K = 128, where four spill the scan's 128-row operands (`small`'s
-    heads, T=8192: 444 against 577 us), four at K = 64 (`tiny`'s: 250 us with 16 columns a program, 285 at 8 warps,
-    379 with 64 columns)."""
-    stages = 2 if dtype == "float32" or buffer_dtype != "float32" else 1
+    """The serial scan's launch: columns of V per program (BV, chunk_scan_block_v), the precision of float32
+    operands (PREC: tf32x3 for float32 models), warps and pipeline stages. Eight warps at K = 128, where four spill
+    the scan's 128-row operands (`small`'s heads, T=8192, tf32 products then: 444 against 577 us), four at K = 64;
+    two stages, one for a 16-bit model's float32 buffer (the plugins' one buffer: two stages of its float32
+    operands did not fit shared memory).
+
+    With 16-bit operands, four warps and three stages at 16 columns timed faster in a sweep on an H100 (bf16, batch
+    1: `small`'s heads at T=2048 46.6 against 72.4 us, `tiny`'s 31.3 against 38.4; Qwen3-Next's at T=8192 347
+    against 292) but made an illegal memory access on a GPU test's shape (bf16, K = 128, T = 64; Triton 3.6), so
+    they are not used."""
+    float32_buffer_of_16bit = dtype != "float32" and buffer_dtype == "float32"
     return dict(BV=chunk_scan_block_v(K, V), PREC="tf32x3" if dtype == "float32" else "tf32",
-                num_warps=4 if K <= 64 else 8, num_stages=stages)
+                num_warps=4 if K <= 64 else 8, num_stages=1 if float32_buffer_of_16bit else 2)
 
 
 def decode_warps(K: int, V: int) -> int:

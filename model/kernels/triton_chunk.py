@@ -17,19 +17,23 @@ and its outputs and next state are  O = exp(c) Q S0 + (Q K^T * decay) U,  S = ex
    order with the state in registers. The serial chain is what bounds long prefills, so each chunk costs two
    products: [U_k; Q_s] S0 gives U and the outputs at once (one 128-row product), then (K exp(c_last - c))^T U the
    next state.
-The intermediates round-trip through memory: U_v and O_v in float32 (they scale with v), the rest (normalised keys
-and queries times decays <= 1, and their products with (I + A)^-1) in float16 for 16-bit models, float32 for
-float32 ones.
+For 16-bit models at K = 128 the products take 16-bit operands and accumulate in float32 (launch.chunk_operands
+says which heads and why): float16 for the bounded ones (normalised keys and queries, the intra-chunk attention,
+(I + A)^-1), the model's dtype for those carrying values and the state. Other heads, and float32 models, keep
+float32 operands (tf32 for 16-bit models, tf32x3 for float32 ones). The inverse is built from float32 operands
+in the solve's precision. The intermediates round-trip through memory: U_v and O_v in float32 (they scale with
+v), the rest in launch.chunk_buffer_dtype.
 
-Measured on an H100 in one run (bf16, batch 1, device time per call: the sum of every kernel's), each form at its
-own launch, fla's chunk_gated_delta_rule beside them:
-| heads, T | 16x16 blocks, 4-product scan | 64x64 solve, 4-product scan | 64x64 solve, 2-product scan (this) | fla |
-|---|---|---|---|---|
-| `small` 8192 | 1052 us | 935 | 880 | 356 |
-| Qwen3-Next 8192 | 1571 | 1304 | 1346 | 585 |
-| Qwen3-Next 2048 | 398 | 338 | 351 | 153 |
-The two-product scan is 18-23% faster than the four-product one, and the solve's two extra products cost about as
-much at Qwen3-Next's heads (solve 690 -> 842 us at T=8192), less at `small`'s (355 -> 434).
+Measured on an H100 (bf16, batch 1, device time per call: the sum of every kernel's over 20 calls,
+torch.profiler), fla's chunk_gated_delta_rule in the same run as the 16-bit operands:
+| heads, T | float32 operands, tf32 | 16-bit operands (this) | fla |
+|---|---|---|---|
+| Qwen3-Next 256 | | 29.7 us | 41.1 |
+| Qwen3-Next 2048 | 354 us | 183 | 175 |
+| Qwen3-Next 8192 | 1353 | 698 | 678 |
+| `small` 2048 | 229 | 125 | 127 |
+| `small` 8192 | | 464 | 466 |
+(The float32-operand column is from an earlier run of the same session, same inputs.)
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import CHUNK, chunk_buffer_dtype, chunk_scan_launch, chunk_solve_precision, chunk_solve_warps, dot_block
+from .launch import (CHUNK, chunk_buffer_dtype, chunk_operands, chunk_scan_launch, chunk_solve_precision,
+                     chunk_solve_warps, dot_block)
 
 
 @triton.jit
@@ -48,6 +53,17 @@ def _merge_blocks(inv, A, r, c, SPAN: tl.constexpr, PREC: tl.constexpr):
     D^-1 - D^-1 M D^-1 (recursive block inversion)."""
     between = tl.where((r // SPAN == c // SPAN) & (r // (SPAN // 2) != c // (SPAN // 2)), A, 0.0)
     return inv - tl.dot(tl.dot(inv, between, input_precision=PREC), inv, input_precision=PREC)
+
+
+@triton.jit
+def _operand(x, DTYPE: tl.constexpr):
+    """x as a product operand of DTYPE, a name from launch.chunk_operands."""
+    if DTYPE == "float16":
+        return x.to(tl.float16)
+    elif DTYPE == "bfloat16":
+        return x.to(tl.bfloat16)
+    else:
+        return x.to(tl.float32)
 
 
 @triton.jit
@@ -63,7 +79,7 @@ def chunk_solve_kernel(
     stride_gb, stride_gt, stride_bb, stride_bt, stride_uvb, stride_uvh, stride_uvt, stride_wb, stride_wh, stride_wt,
     stride_db, stride_dh,
     GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, BOUNDED: tl.constexpr, FREE: tl.constexpr,
 ):
     """Columns of u_v per step: [U_v (V) | O_v (V)]; of w: [U_k (K) | Q_s (K) | k exp(c_last - c) (K)]; decay:
     exp(c_last) per chunk. The whole chunk as [64, *] blocks: (I + A)^-1 by recursive block inversion over 2, 4,
@@ -91,32 +107,34 @@ def chunk_solve_kernel(
     r, cc = steps[:, None], steps[None, :]
     # Masked before exp: above the diagonal c_i - c_j is positive and could overflow.
     below = tl.exp(tl.where(r > cc, c[:, None] - c[None, :], float("-inf")))
-    A = bt[:, None] * below * tl.dot(kn, tl.trans(kn), input_precision=PREC)
+    kb = _operand(kn, BOUNDED)
+    A = bt[:, None] * below * tl.dot(kb, tl.trans(kb), input_precision=PREC)
     inv = tl.where(r == cc, 1.0, 0.0) - tl.where(r // 2 == cc // 2, A, 0.0)
     inv = _merge_blocks(inv, A, r, cc, 4, PREC)
     inv = _merge_blocks(inv, A, r, cc, 8, PREC)
     inv = _merge_blocks(inv, A, r, cc, 16, PREC)
     inv = _merge_blocks(inv, A, r, cc, 32, PREC)
     inv = _merge_blocks(inv, A, r, cc, 64, PREC)
-    attn = tl.dot(qn, tl.trans(kn), input_precision=PREC)
+    attn = tl.dot(_operand(qn, BOUNDED), tl.trans(kb), input_precision=PREC)
     attn = attn * tl.exp(tl.where(r >= cc, c[:, None] - c[None, :], float("-inf")))
-    after = tl.dot(attn, inv, input_precision=PREC)    # P (I + A)^-1: O_v and Q_s from the right-hand sides
+    inv_b = _operand(inv, BOUNDED)
+    after = tl.dot(_operand(attn, BOUNDED), inv_b, input_precision=PREC)  # P (I + A)^-1: O_v and Q_s from the RHS
     # Steps past T are written too (as zeros: their k, v and beta are zero), so the scan never reads memory nothing
     # wrote.
     w_rows = w + b * stride_wb + h * stride_wh + rows[:, None] * stride_wt
     dtype = w.dtype.element_ty
     k_cols = (kc < K)[None, :]
     tl.store(w_rows + 2 * K + kc[None, :], (kn * tl.exp(c_last - c)[:, None]).to(dtype), mask=k_cols)
-    rk = (bt * tl.exp(c))[:, None] * kn
-    tl.store(w_rows + kc[None, :], tl.dot(inv, rk, input_precision=PREC).to(dtype), mask=k_cols)
-    q_s = tl.dot(after, rk, input_precision=PREC) - qn * tl.exp(c)[:, None]
+    rk = _operand((bt * tl.exp(c))[:, None] * kn, BOUNDED)
+    tl.store(w_rows + kc[None, :], tl.dot(inv_b, rk, input_precision=PREC).to(dtype), mask=k_cols)
+    q_s = tl.dot(_operand(after, BOUNDED), rk, input_precision=PREC) - qn * tl.exp(c)[:, None]
     tl.store(w_rows + K + kc[None, :], q_s.to(dtype), mask=k_cols)
-    rv = bt[:, None] * tl.load(v + b * stride_vb + h * stride_vh + rows[:, None] * stride_vt + vc[None, :],
-                               mask=live[:, None] & (vc[None, :] < V), other=0.0).to(tl.float32)
+    rv = _operand(bt[:, None] * tl.load(v + b * stride_vb + h * stride_vh + rows[:, None] * stride_vt + vc[None, :],
+                                        mask=live[:, None] & (vc[None, :] < V), other=0.0).to(tl.float32), FREE)
     uv_rows = u_v + b * stride_uvb + h * stride_uvh + rows[:, None] * stride_uvt
     v_cols = (vc < V)[None, :]
-    tl.store(uv_rows + vc[None, :], tl.dot(inv, rv, input_precision=PREC), mask=v_cols)
-    tl.store(uv_rows + V + vc[None, :], tl.dot(after, rv, input_precision=PREC), mask=v_cols)
+    tl.store(uv_rows + vc[None, :], tl.dot(_operand(inv, FREE), rv, input_precision=PREC), mask=v_cols)
+    tl.store(uv_rows + V + vc[None, :], tl.dot(_operand(after, FREE), rv, input_precision=PREC), mask=v_cols)
     tl.store(decay + b * stride_db + h * stride_dh + chunk, tl.exp(c_last))
 
 
@@ -126,7 +144,7 @@ def chunk_scan_kernel(
     T, Hv,
     stride_uvb, stride_uvh, stride_uvt, stride_wb, stride_wh, stride_wt, stride_db, stride_dh,
     stride_ob, stride_ot, stride_oh, stride_sb, stride_sh,
-    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, FREE: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = (bh // Hv).to(tl.int64)
@@ -153,13 +171,14 @@ def chunk_scan_kernel(
         # u_v and w hold whole chunks (zeros past T): only the column masks are needed.
         r_terms = tl.load(uv_ptr + rows[:, None] * stride_uvt + half[:, None] * V + vc[None, :], mask=v_cols,
                           other=0.0)
-        l_terms = tl.load(w_rows + half[:, None] * K + kc[None, :], mask=k_cols, other=0.0).to(tl.float32)
+        l_terms = tl.load(w_rows + half[:, None] * K + kc[None, :], mask=k_cols, other=0.0)
         # k exp(c_last - c) against U only: zero where the stacked rows hold the outputs.
-        k_end = tl.load(w_rows + 2 * K + kc[None, :], mask=(half == 0)[:, None] & k_cols, other=0.0).to(tl.float32)
-        Y = r_terms - tl.dot(l_terms, S, input_precision=PREC)
+        k_end = tl.load(w_rows + 2 * K + kc[None, :], mask=(half == 0)[:, None] & k_cols, other=0.0)
+        Y = r_terms - tl.dot(_operand(l_terms, FREE), _operand(S, FREE), input_precision=PREC)
         tl.store(o_ptr + rows[:, None] * stride_ot + vc[None, :],
                  Y.to(o.dtype.element_ty), mask=((half == 1) & (rows < T))[:, None] & v_cols)
-        S = tl.load(d_ptr + t0 // 64) * S + tl.dot(tl.trans(k_end), Y, input_precision=PREC)
+        S = tl.load(d_ptr + t0 // 64) * S + tl.dot(_operand(tl.trans(k_end), FREE), _operand(Y, FREE),
+                                                        input_precision=PREC)
     tl.store(final_state + b * stride_sb + h * stride_sh + s_offsets, S, mask=s_mask)
 
 
@@ -177,9 +196,9 @@ def gated_delta_rule(q, k, v, g, beta, initial_state, launch=None):
     dtype = str(v.dtype).removeprefix("torch.")
     BK, BVfull = dot_block(K), dot_block(V)
     n_chunks = triton.cdiv(T, CHUNK)
-    buffer_dtype = chunk_buffer_dtype(dtype)
-    # Everything the serial scan reads per step. The scan computes in float32 even for 16-bit models (its 16-bit
-    # tensor-core path faulted on the H100 for K = 128, Triton 3.6); for them it reads w in float16 (see the top).
+    buffer_dtype = chunk_buffer_dtype(dtype, K, V)
+    operands = chunk_operands(dtype, K, V)
+    # Everything the serial scan reads per step (the top of the file says in which dtypes).
     u_v = torch.empty(B, Hv, n_chunks * CHUNK, 2 * V, dtype=torch.float32, device=v.device)
     w = torch.empty(B, Hv, n_chunks * CHUNK, 3 * K, dtype=getattr(torch, buffer_dtype), device=v.device)
     decay = torch.empty(B, Hv, n_chunks, dtype=torch.float32, device=v.device)
@@ -188,8 +207,8 @@ def gated_delta_rule(q, k, v, g, beta, initial_state, launch=None):
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), g.stride(0), g.stride(1), beta.stride(0), beta.stride(1), u_v.stride(0), u_v.stride(1),
         u_v.stride(2), w.stride(0), w.stride(1), w.stride(2), decay.stride(0), decay.stride(1),
-        GROUP=Hv // Hk, K=K, V=V, BK=BK, BV=BVfull, PREC=chunk_solve_precision(dtype),
-        num_warps=chunk_solve_warps(K))
+        GROUP=Hv // Hk, K=K, V=V, BK=BK, BV=BVfull, PREC=chunk_solve_precision(dtype), **operands,
+        num_warps=chunk_solve_warps(K, V, dtype))
     o = torch.empty(B, T, Hv, V, dtype=v.dtype, device=v.device)
     final = torch.empty(B, Hv, K, V, dtype=torch.float32, device=v.device)
     scan = chunk_scan_launch(K, V, dtype, buffer_dtype)
@@ -198,5 +217,5 @@ def gated_delta_rule(q, k, v, g, beta, initial_state, launch=None):
         u_v.stride(0), u_v.stride(1), u_v.stride(2), w.stride(0), w.stride(1), w.stride(2), decay.stride(0),
         decay.stride(1),
         o.stride(0), o.stride(1), o.stride(2), state.stride(0), state.stride(1),
-        K=K, V=V, BK=BK, **scan)
+        K=K, V=V, BK=BK, FREE=operands["FREE"], **scan)
     return o, final
