@@ -26,7 +26,8 @@ runs_kernels = pytest.mark.skipif(not (CUDA or INTERPRETED),
 # float32 inputs: the chunked kernel's matrix products run in tf32x3 (about float32); bf16 rounds inputs and outputs.
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 DTYPES = [torch.float32, torch.bfloat16]
-# The chunked rule's products take float16 or the model's 16-bit dtype for 16-bit models (launch.chunk_operands).
+# 16-bit models' chunked rule multiplies 16-bit operands at K = 128, float32 ones below (launch.chunk_operands);
+# CHUNK_CASES hold both.
 CHUNK_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 if INTERPRETED:
