@@ -56,9 +56,9 @@ def chunk_solve_warps(K: int, V: int, dtype: str) -> int:
 
 
 def chunk_scan_block_v(K: int, V: int) -> int:
-    """Columns of V per program of a scan over a float32 buffer, the fastest measured on an H100 (bf16, batch 1,
-    T=8192, tf32 products of then): 16 at K = 64 (250 against 379 us with 64 at `tiny`'s heads), 32 at K = 128
-    (Qwen3-Next's heads: 495 us against 594 with 64 and 854 with 16)."""
+    """Columns of V per scan program, the fastest measured on an H100 (bf16, batch 1, T=8192, float32 operands in
+    tf32): 16 at K = 64 (250 against 379 us with 64 at `tiny`'s heads), 32 at K = 128 (Qwen3-Next's heads: 495 us
+    against 594 with 64 and 854 with 16)."""
     return min(dot_block(V), 16 if K <= 64 else 32)
 
 
@@ -67,7 +67,9 @@ def chunk_buffer_dtype(dtype: str, K: int, V: int) -> str:
     with 16-bit operands the scan's FREE dtype (chunk_operands), else float16 for 16-bit models (the scan's tf32
     products round to as much; their entries are at most 1) and float32 for float32 ones."""
     free = chunk_operands(dtype, K, V)["FREE"]
-    return free if dtype == "float32" or free != "float32" else "float16"
+    if free != "float32":
+        return free
+    return "float32" if dtype == "float32" else "float16"
 
 
 def chunk_scan_launch(K: int, V: int, dtype: str, buffer_dtype: str) -> dict:

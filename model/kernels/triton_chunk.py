@@ -33,7 +33,7 @@ torch.profiler), fla's chunk_gated_delta_rule in the same run as the 16-bit oper
 | Qwen3-Next 8192 | 1353 | 698 | 678 |
 | `small` 2048 | 229 | 125 | 127 |
 | `small` 8192 | | 464 | 466 |
-(The float32-operand column is from an earlier run of the same session, same inputs.)
+(The float32-operand column is from an earlier run on the same inputs.)
 """
 
 from __future__ import annotations
