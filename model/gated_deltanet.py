@@ -41,9 +41,9 @@ class GatedDeltaNet(nn.Module):
             o = kernels.gated_deltanet_decode(qkvz, ba, self.conv1d.weight[:, 0], self.A_log, self.dt_bias,
                                               self.norm.weight, conv_state, recurrent_state, slots, self.norm.eps)
             return self.out_proj(o)
-        q, k, v, z, b, a = split_projections(qkvz, ba, self.num_k_heads, self.head_k_dim, self.head_v_dim)
-        mixed = torch.cat([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], dim=-1)
-        mixed, new_conv = kernels.causal_conv1d(mixed, self.conv1d.weight[:, 0], conv_state)
+        _, _, _, z, b, a = split_projections(qkvz, ba, self.num_k_heads, self.head_k_dim, self.head_v_dim)
+        mixed, new_conv = kernels.causal_conv1d_grouped(qkvz, self.conv1d.weight[:, 0], conv_state, self.num_k_heads,
+                                                        self.head_k_dim)
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = q.reshape(B, T, self.num_k_heads, self.head_k_dim)
         k = k.reshape(B, T, self.num_k_heads, self.head_k_dim)

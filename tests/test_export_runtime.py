@@ -73,9 +73,9 @@ def test_manifest_describes_the_artifact(random_model):
     assert len(m["source"]["sha256"]) == 64
     # The ops the torch programs call: the recurrent kernels in prefill, the fused step, the attention inputs and
     # attention in decode.
-    assert m["targets"]["torch"]["custom_ops"] == ["nextdeploy::causal_conv1d", "nextdeploy::decode_attention",
-                                                   "nextdeploy::gated_delta_rule", "nextdeploy::gated_deltanet_decode",
-                                                   "nextdeploy::norm_rope_cache"]
+    assert m["targets"]["torch"]["custom_ops"] == [
+        "nextdeploy::causal_conv1d_grouped", "nextdeploy::decode_attention", "nextdeploy::gated_delta_rule",
+        "nextdeploy::gated_deltanet_decode", "nextdeploy::norm_rope_cache"]
     import onnx
     graph = onnx.load(str(out / "model.onnx"))
     ops = {(n.domain, n.op_type) for n in graph.graph.node}

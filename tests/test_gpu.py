@@ -136,7 +136,7 @@ def test_exported_model_with_triton_ops_compiles_and_matches_eager(dtype):
         program = torch.export.export(step, (ids[:, :40], *fresh))
         # The ops are chosen while exporting only (torch 2.11's Dynamo once let them into torch.compile'd training).
         called = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
-        assert {"nextdeploy.gated_delta_rule.default", "nextdeploy.causal_conv1d.default"} <= called
+        assert {"nextdeploy.gated_delta_rule.default", "nextdeploy.causal_conv1d_grouped.default"} <= called
         prefill = torch.compile(program.module())
         logits, *after = prefill(ids[:, :40], *fresh)
         decode = torch.compile(torch.export.export(step, (ids[:, 40:], *after)).module())

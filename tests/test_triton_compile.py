@@ -84,6 +84,8 @@ def launches(dtype, launch):
 
     for T in (1, 37):
         triton_conv.causal_conv1d(randn(2, T, 200), randn(200, 4), randn(2, 200, 3), launch=launch)
+    # small's DeltaNet projection: 8 key heads of [q | k | v-group | z-group], 128 columns each
+    triton_conv.causal_conv1d_grouped(randn(1, 37, 8 * 768), randn(4096, 4), randn(1, 4096, 3), 8, 128, launch=launch)
     for group, K, V in ((2, 128, 128), (1, 64, 64), (3, 48, 80)):
         q, k, v = randn(1, 70, 2, K), randn(1, 70, 2, K), randn(1, 70, 2 * group, V)
         triton_chunk.gated_delta_rule(q, k, v, -torch.rand(1, 70, 2 * group), torch.rand(1, 70, 2 * group).to(dtype),

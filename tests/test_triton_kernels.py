@@ -99,6 +99,32 @@ def test_causal_conv1d_reads_strided_input():
     assert rel(y.cpu(), y64) < 1e-5 and rel(new.cpu(), new64) == 0
 
 
+@runs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [1, 2, 3])
+@pytest.mark.parametrize("T", shapes([1, 7, 2048], [1, 37]))
+@pytest.mark.parametrize("heads", shapes([(3, 40, 24), (2, 64, 64)], [(2, 12, 10), (2, 16, 16)]))
+def test_causal_conv1d_grouped_reads_the_projection_in_place(heads, T, group, dtype):
+    """The conv over a Gated DeltaNet projection's q, k and v columns (grouped by key head, a slice of the wider
+    [qkvz | ba] product) equals the conv of their concatenation; the z columns between them are never read. Head
+    sizes with and without a channel block that fits inside every q, k and v group (then read as contiguous)."""
+    from model.kernels import triton_conv
+    g = torch.Generator().manual_seed(T * 10 + group)
+    Hk, K, V = heads
+    head_cols = 2 * K + 2 * group * V
+    C = 2 * Hk * K + Hk * group * V
+    wide = torch.randn(2, T, Hk * head_cols + 5, generator=g)
+    qkvz = wide[..., :Hk * head_cols]
+    w, state = torch.randn(C, 4, generator=g), torch.randn(2, C, 3, generator=g)
+    y, new = triton_conv.causal_conv1d_grouped(*on_device(qkvz, w, state, dtype=dtype), Hk, K)
+    args64 = [t.to(dtype).double() for t in (qkvz, w, state)]
+    y64, new64 = ref.causal_conv1d_grouped(*args64, Hk, K)
+    concatenated = ref.causal_conv1d(ref.conv_input(args64[0], Hk, K), *args64[1:])
+    assert torch.equal(y64, concatenated[0]) and torch.equal(new64, concatenated[1])
+    print(f"\ncausal conv1d grouped {dtype} T={T} group={group}: output rel {rel(y.cpu(), y64):.2e}")
+    assert y.shape == (2, T, C) and rel(y.cpu(), y64) < TOL[dtype] and rel(new.cpu(), new64) == 0
+
+
 # ---- chunked gated delta rule -------------------------------------------------------------------------------
 
 

@@ -1,13 +1,14 @@
 """The one dispatch point for the model's kernels.
 
-`gated_delta_rule`, `causal_conv1d`, the fused decode step `gated_deltanet_decode`, `decode_attention` (new
-tokens over the KV cache), `norm_rope_cache` (a cached attention layer's q/k norms, rotary embedding and cache
-writes) and `fused_linear` (a few rows' projection with its norm or SwiGLU and residual, in the compiled
-engine's copy of the model: model/fusion.py) keep one contract (see reference.py) whichever implementation runs:
-the plain PyTorch reference on CPU (or when forced), the project's own Triton kernels on CUDA (ops.py:
-torch.library.triton_ops, visible to torch.export and Inductor), or, for comparison, fla / causal-conv1d. Select
-with `use_kernels("auto" | "torch" | "fla")` or the environment variable NEXT_DEPLOY_KERNELS. Training (autograd)
-runs the reference, or fla where its backward works; the Triton kernels are forward-only."""
+`gated_delta_rule`, `causal_conv1d` (`causal_conv1d_grouped` from a layer's projection), the fused decode step
+`gated_deltanet_decode`, `decode_attention` (new tokens over the KV cache), `norm_rope_cache` (a cached attention
+layer's q/k norms, rotary embedding and cache writes) and `fused_linear` (a few rows' projection with its norm or
+SwiGLU and residual, in the compiled engine's copy of the model: model/fusion.py) keep one contract (see
+reference.py) whichever implementation runs: the plain PyTorch reference on CPU (or when forced), the project's own
+Triton kernels on CUDA (ops.py: torch.library.triton_ops, visible to torch.export and Inductor), or, for comparison,
+fla / causal-conv1d. Select with `use_kernels("auto" | "torch" | "fla")` or the environment variable
+NEXT_DEPLOY_KERNELS. Training (autograd) runs the reference, or fla where its backward works; the Triton kernels are
+forward-only."""
 
 from __future__ import annotations
 
@@ -172,6 +173,23 @@ def causal_conv1d(x, weight, state=None):
             state = x.new_zeros(x.shape[0], x.shape[2], weight.shape[-1] - 1)
         return (_lowering or ops).causal_conv1d(x, weight, state)
     return run_causal_conv1d(x, weight, state)
+
+
+def causal_conv1d_grouped(qkvz, weight, state, num_k_heads: int, head_k_dim: int):
+    """causal_conv1d over the q, k and v columns of a Gated DeltaNet projection qkvz (grouped by key head; the
+    conv's channels are [all q | all k | all v]). The Triton kernel and the `nextdeploy::causal_conv1d_grouped` op
+    read the columns in place; lowerings, training and the other kernels take causal_conv1d of their
+    concatenation."""
+    if state is None:
+        state = qkvz.new_zeros(qkvz.shape[0], weight.shape[0], weight.shape[-1] - 1)
+    if _exporting():
+        if _lowering is None:
+            return ops.causal_conv1d_grouped(qkvz, weight, state, num_k_heads, head_k_dim)
+    elif _choice == "auto" and ops.use_triton(qkvz, weight) and not _needs_grad(qkvz, weight):
+        _announce("causal conv1d: Triton (CUDA), reading the projection in place")
+        from . import triton_conv
+        return triton_conv.causal_conv1d_grouped(qkvz, weight.to(qkvz.dtype), state, num_k_heads, head_k_dim)
+    return causal_conv1d(reference.conv_input(qkvz, num_k_heads, head_k_dim), weight, state)
 
 
 def _needs_grad(*tensors) -> bool:

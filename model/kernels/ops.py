@@ -1,14 +1,14 @@
 """The kernels as registered torch ops, so exported graphs hold one node per kernel call.
 
-`nextdeploy::gated_delta_rule`, `nextdeploy::causal_conv1d`, the fused decode step
-`nextdeploy::gated_deltanet_decode` (which updates its state pools in place) and `nextdeploy::decode_attention`
-(a few new tokens attending to the KV cache's slots in use) have fake implementations for shape propagation;
-every lowering (ONNX Runtime contrib ops, TensorRT plugins, compiled engines) maps the recurrent ones to its own
-kernels, and the ONNX lowerings export decode attention as plain attention. They are `torch.library.triton_op`s:
-eagerly they run their body, and Inductor traces through the body instead of calling opaque Python, so compiled
-graphs and AOTInductor packages hold the kernels themselves. The body launches the Triton kernels (triton_*.py) on
-CUDA and runs the plain reference elsewhere (traceable for a fixed sequence length). The contracts are those of
-reference.py, with the state always given.
+`nextdeploy::gated_delta_rule`, `nextdeploy::causal_conv1d` (and `causal_conv1d_grouped`, the same conv reading a
+projection's q, k and v columns in place), the fused decode step `nextdeploy::gated_deltanet_decode` (which updates
+its state pools in place) and `nextdeploy::decode_attention` (a few new tokens attending to the KV cache's slots in
+use) have fake implementations for shape propagation; every lowering (ONNX Runtime contrib ops, TensorRT plugins,
+compiled engines) maps the recurrent ones to its own kernels, and the ONNX lowerings export decode attention as
+plain attention. They are `torch.library.triton_op`s: eagerly they run their body, and Inductor traces through the
+body instead of calling opaque Python, so compiled graphs and AOTInductor packages hold the kernels themselves. The
+body launches the Triton kernels (triton_*.py) on CUDA and runs the plain reference elsewhere (traceable for a fixed
+sequence length). The contracts are those of reference.py, with the state always given.
 """
 
 from __future__ import annotations
@@ -71,6 +71,21 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) ->
 @causal_conv1d.register_fake
 def _(x, weight, state):
     return torch.empty_like(x), torch.empty_like(state)
+
+
+@triton_op(f"{NAMESPACE}::causal_conv1d_grouped", mutates_args=())
+def causal_conv1d_grouped(qkvz: torch.Tensor, weight: torch.Tensor, state: torch.Tensor, num_k_heads: int,
+                          head_k_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(qkvz, weight, state):
+        from . import triton_conv
+        return triton_conv.causal_conv1d_grouped(qkvz, weight, state, num_k_heads, head_k_dim, launch=wrap_triton)
+    y, new_state = reference.causal_conv1d_grouped(qkvz, weight, state, num_k_heads, head_k_dim)
+    return y.contiguous(), new_state.to(state.dtype).contiguous()
+
+
+@causal_conv1d_grouped.register_fake
+def _(qkvz, weight, state, num_k_heads, head_k_dim):
+    return qkvz.new_empty(*qkvz.shape[:2], weight.shape[0]), torch.empty_like(state)
 
 
 @triton_op(f"{NAMESPACE}::gated_deltanet_decode", mutates_args={"conv_state", "recurrent_state"})

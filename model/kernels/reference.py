@@ -164,6 +164,22 @@ def split_projections(qkvz: torch.Tensor, ba: torch.Tensor, num_k_heads: int, he
     return (q, k, v.reshape(B, T, Hv, V), z.reshape(B, T, Hv, V), b.reshape(B, T, Hv), a.reshape(B, T, Hv))
 
 
+def conv_input(qkvz: torch.Tensor, num_k_heads: int, head_k_dim: int):
+    """The conv's input [B,T,C], C = 2 Hk K + Hv V, from a Gated DeltaNet projection qkvz (grouped by key head, see
+    split_projections): its q, k and v columns as [all q | all k | all v]."""
+    B, T, _ = qkvz.shape
+    grouped = qkvz.view(B, T, num_k_heads, -1)
+    v_cols = (grouped.shape[-1] - 2 * head_k_dim) // 2
+    q, k, v, _ = grouped.split([head_k_dim, head_k_dim, v_cols, v_cols], dim=-1)
+    return torch.cat([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], dim=-1)
+
+
+def causal_conv1d_grouped(qkvz: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None, num_k_heads: int,
+                          head_k_dim: int):
+    """causal_conv1d of conv_input(qkvz, ...): the conv over a projection's q, k and v columns."""
+    return causal_conv1d(conv_input(qkvz, num_k_heads, head_k_dim), weight, state)
+
+
 def decay_and_beta(a, b, A_log, dt_bias):
     """g = -exp(A_log) * softplus(a + dt_bias) in float32 (fp16 would overflow exp), beta = sigmoid(b)."""
     g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
