@@ -169,9 +169,7 @@ def gated_delta_rule(q, k, v, g, beta, initial_state=None):
 def causal_conv1d(x, weight, state=None):
     """Causal conv1d + SiLU; while exporting, the `nextdeploy::causal_conv1d` custom op."""
     if _exporting():
-        if state is None:
-            state = x.new_zeros(x.shape[0], x.shape[2], weight.shape[-1] - 1)
-        return (_lowering or ops).causal_conv1d(x, weight, state)
+        return (_lowering or ops).causal_conv1d(x, weight, _given_or_zero(state, x, weight))
     return run_causal_conv1d(x, weight, state)
 
 
@@ -180,16 +178,21 @@ def causal_conv1d_grouped(qkvz, weight, state, num_k_heads: int, head_k_dim: int
     conv's channels are [all q | all k | all v]). The Triton kernel and the `nextdeploy::causal_conv1d_grouped` op
     read the columns in place; lowerings, training and the other kernels take causal_conv1d of their
     concatenation."""
-    if state is None:
-        state = qkvz.new_zeros(qkvz.shape[0], weight.shape[0], weight.shape[-1] - 1)
     if _exporting():
         if _lowering is None:
-            return ops.causal_conv1d_grouped(qkvz, weight, state, num_k_heads, head_k_dim)
+            return ops.causal_conv1d_grouped(qkvz, weight, _given_or_zero(state, qkvz, weight), num_k_heads,
+                                             head_k_dim)
     elif _choice == "auto" and ops.use_triton(qkvz, weight) and not _needs_grad(qkvz, weight):
         _announce("causal conv1d: Triton (CUDA), reading the projection in place")
         from . import triton_conv
-        return triton_conv.causal_conv1d_grouped(qkvz, weight.to(qkvz.dtype), state, num_k_heads, head_k_dim)
+        return triton_conv.causal_conv1d_grouped(qkvz, weight.to(qkvz.dtype), _given_or_zero(state, qkvz, weight),
+                                                 num_k_heads, head_k_dim)
     return causal_conv1d(reference.conv_input(qkvz, num_k_heads, head_k_dim), weight, state)
+
+
+def _given_or_zero(state, x, weight):
+    """The conv state, or zeros [B, C, W-1] where none is given (the op and the kernel always take one)."""
+    return state if state is not None else x.new_zeros(x.shape[0], weight.shape[0], weight.shape[-1] - 1)
 
 
 def _needs_grad(*tensors) -> bool:
@@ -234,9 +237,7 @@ def run_causal_conv1d(x, weight, state=None):
         return fast.causal_conv1d(x, weight, state)
     if not training and ops.use_triton(x, weight):
         _announce("causal conv1d: Triton (CUDA)")
-        if state is None:
-            state = x.new_zeros(x.shape[0], x.shape[2], weight.shape[-1] - 1)
         from . import triton_conv
-        return triton_conv.causal_conv1d(x, weight.to(x.dtype), state)
+        return triton_conv.causal_conv1d(x, weight.to(x.dtype), _given_or_zero(state, x, weight))
     _announce("causal conv1d: torch reference")
     return reference.causal_conv1d(x, weight, state)
