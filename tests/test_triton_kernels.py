@@ -119,8 +119,9 @@ def test_causal_conv1d_grouped_reads_the_projection_in_place(heads, T, group, dt
     y, new = triton_conv.causal_conv1d_grouped(*on_device(qkvz, w, state, dtype=dtype), Hk, K)
     args64 = [t.to(dtype).double() for t in (qkvz, w, state)]
     y64, new64 = ref.causal_conv1d_grouped(*args64, Hk, K)
-    concatenated = ref.causal_conv1d(ref.conv_input(args64[0], Hk, K), *args64[1:])
-    assert torch.equal(y64, concatenated[0]) and torch.equal(new64, concatenated[1])
+    # The reference's conv input is the concatenation the model built from split_projections before.
+    q, k, v, *_ = ref.split_projections(args64[0], torch.empty(2, T, 2 * Hk * group), Hk, K, V)
+    assert torch.equal(ref.conv_input(args64[0], Hk, K), torch.cat([t.reshape(2, T, -1) for t in (q, k, v)], -1))
     print(f"\ncausal conv1d grouped {dtype} T={T} group={group}: output rel {rel(y.cpu(), y64):.2e}")
     assert y.shape == (2, T, C) and rel(y.cpu(), y64) < TOL[dtype] and rel(new.cpu(), new64) == 0
 
