@@ -43,7 +43,7 @@ def causal_conv1d_entry(x, weight, state, T, y, new_state,
                         C: tl.constexpr, W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     causal_conv1d_kernel(x, weight, state, y, new_state, T, C,
                          T * C, C, C * (W - 1), T * C, C,
-                         W, BLOCK_T, BLOCK_C, 0, 0, False)
+                         W, BLOCK_T, BLOCK_C, 0, 0, False, False)
 
 
 @triton.jit

@@ -77,10 +77,10 @@ def on_device(*tensors, dtype=None):
 @runs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", shapes([1, 2, 7, 300, 2048], [1, 2, 37]))
-def test_causal_conv1d(T, dtype):
+@pytest.mark.parametrize("C", shapes([200, 256], [72, 64]))   # with and without a partial channel block
+def test_causal_conv1d(T, C, dtype):
     from model.kernels import triton_conv
-    g = torch.Generator().manual_seed(T)
-    C = 200 if CUDA else 72
+    g = torch.Generator().manual_seed(T + C)
     x, w, state = torch.randn(3, T, C, generator=g), torch.randn(C, 4, generator=g), torch.randn(3, C, 3, generator=g)
     y, new = triton_conv.causal_conv1d(*on_device(x, w, state, dtype=dtype))
     y64, new64 = ref.causal_conv1d(*(t.to(dtype).double() for t in (x, w, state)))
