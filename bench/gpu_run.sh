@@ -18,7 +18,7 @@
 #   ort-small with onnxruntime-gpu: a float16 CUDA onnxruntime artifact of small, bench onnxruntime / eager
 #   tiny-autotune  tiny's compiled target again with --autotune (Inductor's Triton matmuls against cuBLAS), bench
 #             compiled: compare its decode with the tiny stage's compiled row
-#   tiny-pdl  the same with --pdl (programmatic dependent launch between Inductor's kernels)
+#   tiny-pdl  the same with --pdl (programmatic dependent launch between the engine's kernels)
 # A stage that would not finish inside BUDGET seconds (default 580) after the stages before it is skipped and named
 # at the end, with the command that runs it (the first stage always runs: its export is kept for the next call).
 # Logs, report.md / report.json and a chart or two per run go to $OUT (or $WORK/out); the Markdown tables are

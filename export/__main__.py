@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "cuBLAS for every product and keep the faster, fusing neighbouring work into them where it can "
                    "(max-autotune; compiling takes several times longer)")
     p.add_argument("--pdl", action="store_true",
-                   help="compiled target on CUDA (compute capability 9.0 on): launch Inductor's kernels with "
-                   "programmatic dependent launch, so each starts while the one before it finishes")
+                   help="compiled target on CUDA (compute capability 9.0 on): launch Inductor's kernels and the "
+                   "project's with programmatic dependent launch, so each starts while the one before it finishes")
     p.add_argument("--fused-linear-rows", type=cli.integer(0, 1 << 16), metavar="N",
                    help="compiled target on CUDA: decode products of at most N rows run the project's fused linear "
                    "kernel, which also does the norm before and the residual add after them (fewer launches per "

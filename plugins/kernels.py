@@ -43,7 +43,7 @@ def causal_conv1d_entry(x, weight, state, T, y, new_state,
                         C: tl.constexpr, W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     causal_conv1d_kernel(x, weight, state, y, new_state, T, C,
                          T * C, C, C * (W - 1), T * C, C,
-                         W, BLOCK_T, BLOCK_C, 0, 0, False, False)
+                         W, BLOCK_T, BLOCK_C, 0, 0, False, False, False)
 
 
 @triton.jit
@@ -58,7 +58,7 @@ def chunk_solve_entry(q, k, v, g, beta, T, u, decay,
                        T * HK * K, HK * K, K, T * HK * K, HK * K, K, T * HV * V, HV * V, V,
                        T * HV, HV, T * HV, HV, HV * N * 64 * TERMS, N * 64 * TERMS, TERMS,
                        HV * N * 64 * TERMS, N * 64 * TERMS, TERMS, HV * N, N,
-                       GROUP, K, V, BK, BV, PREC, BOUNDED, FREE)
+                       GROUP, K, V, BK, BV, PREC, BOUNDED, FREE, False)
 
 
 @triton.jit
@@ -70,7 +70,7 @@ def chunk_scan_entry(u, decay, initial_state, N, o, final_state,
     chunk_scan_kernel(u, u + 2 * V, decay, o, initial_state, final_state, N * 64, HV,
                       HV * N * 64 * TERMS, N * 64 * TERMS, TERMS, HV * N * 64 * TERMS, N * 64 * TERMS, TERMS, HV * N, N,
                       N * 64 * HV * V, HV * V, V, HV * K * V, K * V,
-                      K, V, BK, BV, PREC, FREE)
+                      K, V, BK, BV, PREC, FREE, False)
 
 
 @triton.jit
@@ -84,7 +84,7 @@ def gated_deltanet_decode_entry(qkvz, ba, conv_weight, A_log, dt_bias, norm_weig
                                  conv_state_out, recurrent_state_out, slots, o, arrivals, T, EPS,
                                  T * WIDTH, WIDTH, T * 2 * HV, 2 * HV, CONV_DIM * (W - 1), HV * K * V,
                                  T * HV * V, HV * V,
-                                 HK, K, V, HV // HK, W, BK, BV, True)
+                                 HK, K, V, HV // HK, W, BK, BV, True, False)
 
 
 ENTRIES = {fn.__name__: fn for fn in (causal_conv1d_entry, chunk_solve_entry, chunk_scan_entry,

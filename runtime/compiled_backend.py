@@ -122,13 +122,37 @@ def pdl_support(device: str) -> str | None:
     return None
 
 
+def _launch_project_kernels_dependent() -> None:
+    """Have Inductor launch the project's Triton kernels with programmatic dependent launch when it launches its own
+    so (triton.enable_pdl). Inductor compiles user-defined Triton kernels with `launch_pdl` off and takes no option
+    for it (torch 2.11 to 2.13: their `triton_meta` is built without it in the wrapper codegen's
+    define_user_defined_triton_kernel), so the definition it writes into the compiled module is amended: only that
+    of a kernel called with PDL=True, which waits for its predecessors before touching their outputs
+    (model/kernels/triton_pdl.py). The amended code is what the compile cache records, so a runtime loading it
+    launches the same way. Where the definition does not read as expected, the kernel launches the ordinary way."""
+    from torch._inductor import config
+    from torch._inductor.codegen.wrapper import PythonWrapperCodegen
+    define_kernel = PythonWrapperCodegen.define_kernel
+    if getattr(define_kernel, "amends_pdl", False):
+        return
+
+    def define_kernel_dependent(self, kernel_name, kernel_body, *args, **kwargs):
+        if (config.triton.enable_pdl and "user_autotune(" in kernel_body and "'PDL': True" in kernel_body
+                and "launch_pdl" not in kernel_body):
+            kernel_body = kernel_body.replace("triton_meta={", "triton_meta={'launch_pdl': True, ", 1)
+        return define_kernel(self, kernel_name, kernel_body, *args, **kwargs)
+
+    define_kernel_dependent.amends_pdl = True
+    PythonWrapperCodegen.define_kernel = define_kernel_dependent
+
+
 def compile_options(autotune: bool = False, pdl: bool = False) -> dict:
     """torch.compile's Inductor options. `autotune` (CUDA): Inductor times its own Triton matrix-product templates,
     which can take neighbouring pointwise work into the same kernel, against cuBLAS for every product and keeps the
     faster (max-autotune; its CUDA graphs stay off, the backend captures its own over fixed buffers). `pdl` (CUDA,
-    Hopper on): Inductor's Triton kernels launch with programmatic dependent launch, each starting while the one
-    before it finishes and waiting only where it reads that one's output: a decode step is ~100 small kernels,
-    busy for half its time (README, Performance).
+    Hopper on): Inductor's Triton kernels and the project's launch with programmatic dependent launch, each starting
+    while the one before it finishes and waiting where it reads that one's output: a decode step is ~100 small
+    kernels, busy for half its time (README, Performance).
 
     Inductor's padding of buffer strides stays off: it widened the rows of the DeltaNet layers' qkvz product, and
     the project's kernels are traced at the unpadded strides, so each layer copied the product back to them
@@ -142,6 +166,7 @@ def compile_options(autotune: bool = False, pdl: bool = False) -> dict:
             log.warning("note: compiling without programmatic dependent launch: %s", problem)
         else:
             options["triton.enable_pdl"] = True
+            _launch_project_kernels_dependent()
     return options
 
 

@@ -172,6 +172,32 @@ def test_programmatic_dependent_launch(checkpoint, tmp_path):
         assert figures["rel_error"] < 1e-4 and figures["top1_agreement"] == 1.0
 
 
+def test_pdl_launches_the_project_kernels_dependent():
+    """With --pdl's options Inductor launches the project's kernels with programmatic dependent launch too (the
+    definitions it writes are amended: runtime/compiled_backend.py), without them it does not; same results."""
+    from torch._inductor.utils import run_and_get_code
+    from runtime.compiled_backend import compile_options, pdl_support
+    if pdl_support("cuda"):
+        pytest.skip(pdl_support("cuda"))
+    torch.manual_seed(0)
+    x, weight, norm = (torch.randn(*shape, device="cuda", dtype=torch.bfloat16) for shape in ((1, 300), (520, 300),
+                                                                                              (300,)))
+
+    def step(x):   # an Inductor kernel on either side of the project's
+        return torch.ops.nextdeploy.fused_linear(x.exp(), weight, None, norm, None, None, 1e-6, False, 4).relu()
+
+    results = {}
+    for pdl in (False, True):
+        torch._dynamo.reset()
+        with torch._inductor.config.patch(force_disable_caches=True):
+            compiled = torch.compile(step, fullgraph=True, options=compile_options(pdl=pdl))
+            results[pdl], codes = run_and_get_code(compiled, x)
+        code = "\n".join(codes)
+        assert "fused_linear_kernel" in code
+        assert code.count("triton_meta={'launch_pdl': True") == int(pdl)
+    assert torch.equal(results[True], results[False])
+
+
 def test_warm_start_from_the_artifact_cache(compiled, tmp_path):
     """A fresh process with an empty Inductor cache loads the artifact from its recorded cache: no compile misses."""
     out = compiled[0]

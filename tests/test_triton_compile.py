@@ -39,6 +39,10 @@ class CompileOnly:
 
     def compile(self, kernel, args, kwargs):
         options = {k: kwargs.pop(k) for k in LAUNCH_OPTIONS if k in kwargs}
+        # Every kernel can be launched dependent (model/kernels/triton_pdl.py); on the GPU its wrapper turns the
+        # wait on from sm_90, which the arguments here (CPU tensors) cannot tell it.
+        assert "PDL" in kwargs, f"{kernel.__name__} is launched without the PDL constexpr"
+        kwargs["PDL"] = self.target.arch >= 90
         values = dict(zip(kernel.arg_names, args), **kwargs)
         signature, constants = {}, {}
         for p in kernel.params:
@@ -50,6 +54,15 @@ class CompileOnly:
         source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants)
         k = triton.compile(source, target=self.target, options=options)
         self.compiled.append((kernel.__name__, k.metadata.shared))
+        if kwargs["PDL"]:
+            # The wait and the dependents' launch are pure functions of values the kernel uses (triton_pdl.py):
+            # the wait must survive compilation and come before the first store, the launch after the last load.
+            ptx = k.asm["ptx"]
+            assert "griddepcontrol.wait" in ptx, f"{kernel.__name__}: the wait was compiled away"
+            assert ptx.index("griddepcontrol.wait") < ptx.index("st.global"), kernel.__name__
+            if "griddepcontrol.launch_dependents" in ptx:
+                assert ptx.index("griddepcontrol.launch_dependents") > ptx.rindex("ld.global"), kernel.__name__
+            assert kernel.__name__ != "fused_linear_kernel" or "griddepcontrol.launch_dependents" in ptx
 
 
 class _Launcher:
@@ -125,3 +138,21 @@ def test_every_kernel_compiles_for_the_h100(dtype):
     largest = max(compiler.compiled, key=lambda c: c[1])
     print(f"\n{dtype}: {len(compiler.compiled)} launches compiled, most shared memory {largest[1]} B ({largest[0]})")
     assert largest[1] <= H100_SHARED_BYTES
+
+
+def test_kernel_sources_survive_inductors_copy():
+    """Inductor writes a user kernel's source (with the helpers it calls) into a string literal of the module it
+    generates; torch 2.11 does not escape backslashes there, so an escape such as a newline in a kernel's string or
+    comment broke that module on the GPU (SyntaxError). Each kernel's source, copied so, still parses."""
+    from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code as source
+    from model.kernels import triton_attention, triton_chunk, triton_conv, triton_decode, triton_linear, \
+        triton_rope_cache
+    kernels = (triton_attention.decode_attention_kernel, triton_attention.combine_splits_kernel,
+               triton_chunk.chunk_solve_kernel, triton_chunk.chunk_scan_kernel, triton_conv.causal_conv1d_kernel,
+               triton_decode.gated_deltanet_decode_kernel, triton_linear.fused_linear_kernel,
+               triton_rope_cache.norm_rope_cache_kernel)
+    for kernel in kernels:
+        generated = "copied = '''\n" + source(kernel).replace("'''", "\\'\\'\\'") + "\n'''"
+        namespace = {}
+        exec(compile(generated, "generated", "exec"), namespace)
+        compile(namespace["copied"], kernel.__name__, "exec")

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .launch import attention_launch, combine_blocks, dot_block
+from .triton_pdl import after_predecessors, waits
 
 
 @triton.jit
@@ -66,11 +67,11 @@ def decode_attention_kernel(
     stride_qb, stride_qh, stride_qr, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_pb, stride_pt, stride_ob, stride_oh, stride_or,
     HKV: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-    BLOCK: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, PREC: tl.constexpr,
+    BLOCK: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
 ):
     """With one split, writes the normalised output to `out`; with more, each split's unnormalised output, max and
     sum to acc_out, max_out and sum_out for combine_splits_kernel."""
-    bh = tl.program_id(0)
+    bh = after_predecessors(tl.program_id(0), PDL)
     split = tl.program_id(1)
     # The last blocks of a prefill chunk's query rows see the most slots: launched first, they leave no long
     # program for the end.
@@ -124,13 +125,14 @@ def combine_splits_kernel(
     stride_pb, stride_pt, stride_ob, stride_oh, stride_or,
     HKV: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
     BLOCK: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, SPLITS: tl.constexpr, ALL_SPLITS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Each split's unnormalised output weighted by exp(its max - the overall max), over the weighted sums; a split
     that saw nothing (max -inf) weighs 0. Program (row and KV head, ROWS of a block of query rows, COLS of the head
     dim). Only the splits the live blocks reached are read, SPLITS of them per load: a loop that read one split at
     a time was a chain of dependent loads in a single program at batch 1 (15 splits took 7.4 us on an H100 at 4096
     slots, 3x the attention kernel before it)."""
-    bh = tl.program_id(0)
+    bh = after_predecessors(tl.program_id(0), PDL)
     parts = BM // ROWS
     row_block = tl.program_id(1) // parts
     b = (bh // HKV).to(tl.int64)
@@ -198,7 +200,8 @@ def decode_attention(q, key_cache, value_cache, positions, launch=None):
         q.stride(0), q.stride(1), q.stride(2), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), positions.stride(0), positions.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
-        HKV=Hkv, D=D, NSPLIT=nsplit, BD=BD, PREC="ieee" if key_cache.dtype == torch.float32 else "tf32", **config)
+        HKV=Hkv, D=D, NSPLIT=nsplit, BD=BD, PREC="ieee" if key_cache.dtype == torch.float32 else "tf32",
+        PDL=waits(q.device), **config)
     if nsplit == 1:
         return out
     rows, cols, some = combine_blocks(R, BM, BD, nsplit)
@@ -206,5 +209,5 @@ def decode_attention(q, key_cache, value_cache, positions, launch=None):
     combine[(B * Hkv, row_blocks * (BM // rows), BD // cols)](
         acc, run_max, run_sum, positions, out, R, T, positions.stride(0), positions.stride(1), out.stride(0),
         out.stride(1), out.stride(2), HKV=Hkv, D=D, NSPLIT=nsplit, BM=BM, BD=BD, BLOCK=block, ROWS=rows, COLS=cols,
-        SPLITS=some, ALL_SPLITS=triton.next_power_of_2(nsplit), num_warps=4)
+        SPLITS=some, ALL_SPLITS=triton.next_power_of_2(nsplit), PDL=waits(q.device), num_warps=4)
     return out

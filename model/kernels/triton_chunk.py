@@ -44,6 +44,7 @@ import triton.language as tl
 
 from .launch import (CHUNK, chunk_buffer_dtype, chunk_operands, chunk_scan_launch, chunk_solve_precision,
                      chunk_solve_warps, dot_block)
+from .triton_pdl import after_predecessors, waits
 
 
 @triton.jit
@@ -79,14 +80,14 @@ def chunk_solve_kernel(
     stride_gb, stride_gt, stride_bb, stride_bt, stride_uvb, stride_uvh, stride_uvt, stride_wb, stride_wh, stride_wt,
     stride_db, stride_dh,
     GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr, BOUNDED: tl.constexpr, FREE: tl.constexpr,
+    PREC: tl.constexpr, BOUNDED: tl.constexpr, FREE: tl.constexpr, PDL: tl.constexpr,
 ):
     """Columns of u_v per step: [U_v (V) | O_v (V)]; of w: [U_k (K) | Q_s (K) | k exp(c_last - c) (K)]; decay:
     exp(c_last) per chunk. The whole chunk as [64, *] blocks: (I + A)^-1 by recursive block inversion over 2, 4,
     ..., 64 rows, then U_v and U_k one product each, then the output's state-independent terms (the top of the
     file)."""
     chunk = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = after_predecessors(tl.program_id(1), PDL)
     b = (bh // Hv).to(tl.int64)
     h = bh % Hv
     steps = tl.arange(0, 64)
@@ -145,8 +146,9 @@ def chunk_scan_kernel(
     stride_uvb, stride_uvh, stride_uvt, stride_wb, stride_wh, stride_wt, stride_db, stride_dh,
     stride_ob, stride_ot, stride_oh, stride_sb, stride_sh,
     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, FREE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    bh = tl.program_id(0)
+    bh = after_predecessors(tl.program_id(0), PDL)
     b = (bh // Hv).to(tl.int64)
     h = bh % Hv
     kc = tl.arange(0, BK)
@@ -208,7 +210,7 @@ def gated_delta_rule(q, k, v, g, beta, initial_state, launch=None):
         v.stride(2), g.stride(0), g.stride(1), beta.stride(0), beta.stride(1), u_v.stride(0), u_v.stride(1),
         u_v.stride(2), w.stride(0), w.stride(1), w.stride(2), decay.stride(0), decay.stride(1),
         GROUP=Hv // Hk, K=K, V=V, BK=BK, BV=BVfull, PREC=chunk_solve_precision(dtype), **operands,
-        num_warps=chunk_solve_warps(K, V, dtype))
+        PDL=waits(v.device), num_warps=chunk_solve_warps(K, V, dtype))
     o = torch.empty(B, T, Hv, V, dtype=v.dtype, device=v.device)
     final = torch.empty(B, Hv, K, V, dtype=torch.float32, device=v.device)
     scan = chunk_scan_launch(K, V, dtype, buffer_dtype)
@@ -217,5 +219,5 @@ def gated_delta_rule(q, k, v, g, beta, initial_state, launch=None):
         u_v.stride(0), u_v.stride(1), u_v.stride(2), w.stride(0), w.stride(1), w.stride(2), decay.stride(0),
         decay.stride(1),
         o.stride(0), o.stride(1), o.stride(2), state.stride(0), state.stride(1),
-        K=K, V=V, BK=BK, FREE=operands["FREE"], **scan)
+        K=K, V=V, BK=BK, FREE=operands["FREE"], PDL=waits(v.device), **scan)
     return o, final

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_pdl import after_predecessors, waits
+
 
 @triton.jit
 def _source_columns(channels, C, HK: tl.constexpr, KD: tl.constexpr):
@@ -42,9 +44,9 @@ def causal_conv1d_kernel(
     T, C,
     stride_xb, stride_xt, stride_sb, stride_yb, stride_yt,
     W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, HK: tl.constexpr, KD: tl.constexpr,
-    ALIGNED: tl.constexpr, EVEN_C: tl.constexpr,
+    ALIGNED: tl.constexpr, EVEN_C: tl.constexpr, PDL: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
+    b = after_predecessors(tl.program_id(0), PDL).to(tl.int64)
     t_block = tl.program_id(1)
     first = tl.program_id(2) * BLOCK_C
     channels = first + tl.arange(0, BLOCK_C)
@@ -133,7 +135,7 @@ def _conv(x, weight, state, launch, num_k_heads: int = 0, head_k_dim: int = 0):
     kernel[grid](x, weight, state, y, new_state, T, C,
                  x.stride(0), x.stride(1), state.stride(0), y.stride(0), y.stride(1),
                  W=W, BLOCK_T=block_t, BLOCK_C=block_c, HK=num_k_heads, KD=head_k_dim, ALIGNED=aligned,
-                 EVEN_C=C % block_c == 0, num_warps=warps)
+                 EVEN_C=C % block_c == 0, PDL=waits(x.device), num_warps=warps)
     return y, new_state
 
 

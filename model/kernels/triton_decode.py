@@ -22,6 +22,7 @@ import triton.language as tl
 
 from .launch import decode_warps
 from .reference import decode_heads
+from .triton_pdl import after_predecessors, waits
 
 
 @triton.jit
@@ -56,9 +57,9 @@ def gated_deltanet_decode_kernel(
     T, eps,
     stride_qb, stride_qt, stride_bab, stride_bat, stride_cs, stride_rs, stride_ob, stride_ot,
     HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GROUP: tl.constexpr, W: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, HAS_SLOTS: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_SLOTS: tl.constexpr, PDL: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
+    b = after_predecessors(tl.program_id(0), PDL).to(tl.int64)
     h = tl.program_id(1)
     hk = h // GROUP
     j = h % GROUP                                          # this value head's place in its key head's group
@@ -152,5 +153,5 @@ def gated_deltanet_decode(qkvz, ba, conv_weight, A_log, dt_bias, norm_weight, co
         qkvz.stride(0), qkvz.stride(1), ba.stride(0), ba.stride(1), conv_state.stride(0), recurrent_state.stride(0),
         out.stride(0), out.stride(1),
         HK=Hk, K=K, V=V, GROUP=Hv // Hk, W=W, BK=BK, BV=BV, HAS_SLOTS=slots is not None,
-        num_warps=num_warps or decode_warps(K, V))
+        PDL=waits(qkvz.device), num_warps=num_warps or decode_warps(K, V))
     return out

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .launch import linear_blocks
+from .triton_pdl import after_last_loads, after_predecessors, waits
 
 # The prologue, a compile-time choice.
 PLAIN = tl.constexpr(0)
@@ -33,13 +34,17 @@ def fused_linear_kernel(
     M, N, eps,
     stride_xm, stride_um, stride_wn, stride_rm, stride_om,
     K: tl.constexpr, PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
-    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
-    m_ok = rows < M
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
+    w_rows = weight + cols[:, None] * stride_wn
+    # The first weight block before the wait: no kernel of a step writes weights, so a dependent launch (PDL) has
+    # its first loads under way while the kernel before it finishes. The rows' addresses come after the wait.
+    w_first = tl.load(w_rows + ks[None, :], mask=n_ok[:, None] & (ks < K)[None, :], other=0.0)
+    rows = (after_predecessors(tl.program_id(0), PDL) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    m_ok = rows < M
     x_rows = x + rows[:, None] * stride_xm
     if PROLOGUE == NORM:   # each row's mean square first (the rows are small and stay in cache for the loop)
         squares = tl.zeros([ROWS, BLOCK_K], tl.float32)
@@ -65,8 +70,10 @@ def fused_linear_kernel(
             gate = xk.to(tl.float32)
             uk = tl.load(up + rows[:, None] * stride_um + (k0 + ks)[None, :], mask=x_ok, other=0.0)
             xk = ((gate * tl.sigmoid(gate)).to(xk.dtype).to(tl.float32) * uk.to(tl.float32)).to(xk.dtype)
-        w = tl.load(weight + cols[:, None] * stride_wn + (k0 + ks)[None, :], mask=n_ok[:, None] & k_ok[None, :],
-                    other=0.0)
+        if k0 == 0:
+            w = w_first
+        else:
+            w = tl.load(w_rows + (k0 + ks)[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         acc += w.to(tl.float32)[None, :, :] * xk.to(tl.float32)[:, None, :]
     y = tl.sum(acc, axis=2)
     if HAS_BIAS:
@@ -75,6 +82,7 @@ def fused_linear_kernel(
     if HAS_RESIDUAL:
         y = y.to(x.dtype.element_ty).to(tl.float32) + \
             tl.load(residual + rows[:, None] * stride_rm + cols[None, :], mask=y_ok, other=0.0).to(tl.float32)
+    y = after_last_loads(y, PDL)   # y comes from every load of the program
     tl.store(out + rows[:, None] * stride_om + cols[None, :], y.to(out.dtype.element_ty), mask=y_ok)
 
 
@@ -105,5 +113,5 @@ def fused_linear(x, weight, bias=None, norm_weight=None, up=None, residual=None,
         x2, up2, weight, bias if bias is not None else out, norm_weight if norm_weight is not None else out, res2,
         out, rows, N, eps, x2.stride(0), up2.stride(0), weight.stride(0), res2.stride(0), out.stride(0),
         K=K, PROLOGUE=prologue, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        ROWS=block_rows, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+        ROWS=block_rows, BLOCK_N=block_n, BLOCK_K=block_k, PDL=waits(x.device), num_warps=warps)
     return out.view(*lead, N)

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_pdl import after_predecessors, waits
+
 
 @triton.jit
 def _norm_rotate(src, norm_weight, c, partner, ok, rotated, first_half, cos, sin, eps, D: tl.constexpr):
@@ -36,9 +38,9 @@ def norm_rope_cache_kernel(
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_cb, stride_ct, stride_sb, stride_st, stride_pb, stride_pt,
     stride_kcb, stride_kch, stride_kcs, stride_vcb, stride_vch, stride_vcs,
-    H: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr, BD: tl.constexpr,
+    H: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr,
 ):
-    bt = tl.program_id(0)
+    bt = after_predecessors(tl.program_id(0), PDL)
     head = tl.program_id(1)
     b = (bt // T).to(tl.int64)
     t = bt % T
@@ -81,5 +83,5 @@ def norm_rope_cache(q, k, v, q_norm_weight, k_norm_weight, cos, sin, positions, 
         q, k, v, q_norm_weight, k_norm_weight, cos, sin, positions, key_cache, value_cache, q_out, T, eps,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *cos.stride()[:2], *sin.stride()[:2], *positions.stride(),
         *key_cache.stride()[:3], *value_cache.stride()[:3],
-        H=H, D=D, ROT=cos.shape[-1], BD=triton.next_power_of_2(D), num_warps=1 if D <= 128 else 2)
+        H=H, D=D, ROT=cos.shape[-1], BD=triton.next_power_of_2(D), PDL=waits(q.device), num_warps=1 if D <= 128 else 2)
     return q_out.view(B, Hkv, H // Hkv * T, D)
