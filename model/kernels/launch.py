@@ -146,10 +146,10 @@ def linear_blocks(N: int, K: int, rows: int) -> tuple[int, int, int, int]:
     """(ROWS, BLOCK_N, BLOCK_K, warps) of the fused linear kernel. Rows in programs of up to 8, which read each
     weight block once for all of them (with a program per row, 8 rows read it 8 times from L2, and a decode step at
     batch 8 was slower than cuBLAS's on an H100); blocks of 4 to 64 output columns, the narrowest that keep the
-    programs near 1024 for one or two rows, 512 for more (four per H100 SM, each streaming its own weight rows), and
-    fewer where several rows would leave K blocks under 64 (128-byte rows of 16-bit weights); the [ROWS, BLOCK_N,
-    BLOCK_K] float32 accumulator 4096 elements (32 registers per thread at 4 warps), or 8192 at 8 warps for one or
-    two rows at the narrowest columns (products of few outputs over a long K: `small`'s output projections).
+    programs near 1024 for one or two rows, 512 for more (eight or four per H100 SM, each streaming its own weight
+    rows), and fewer where several rows would leave K blocks under 64 (128-byte rows of 16-bit weights); the [ROWS,
+    BLOCK_N, BLOCK_K] float32 accumulator 4096 elements (32 registers per thread at 4 warps), or 8192 at 8 warps for
+    one or two rows at the narrowest columns over a K of 2048 or more (`small`'s output projections).
     On an H100 (bf16, PDL, `small`'s 97 decode products at one row chained in one CUDA graph, 24 distinct weights
     of each) the near-1024 rule took 613 against 656 us with 512 programs and 4096 elements throughout (the LM head
     28.7 against 41.9 us, the down projection 5.97 against 6.49); at four rows it was slower (1216 against 1075 us),
@@ -158,6 +158,6 @@ def linear_blocks(N: int, K: int, rows: int) -> tuple[int, int, int, int]:
     row_blocks = -(-rows // block_rows)
     wide = block_rows <= 2
     block_n = min(64, max(4, next_power_of_2(-(-N * row_blocks // (1024 if wide else 512)))))
-    accumulator, warps = (8192, 8) if wide and block_n == 4 else (4096, 4)
+    accumulator, warps = (8192, 8) if wide and block_n == 4 and K >= 2048 else (4096, 4)
     block_k = min(next_power_of_2(K), max(64, accumulator // (block_n * block_rows)))
     return block_rows, min(block_n, accumulator // (block_k * block_rows)), block_k, warps
