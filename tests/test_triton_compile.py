@@ -126,15 +126,23 @@ def launches(dtype, launch):
                                           randn(B, Hkv, S, D), randn(B, Hkv, S, D), 1e-6, launch=launch)
 
 
+def project_kernels() -> tuple:
+    """Every Triton kernel of model/kernels: `launches` must reach each, and each must survive Inductor's copy."""
+    from model.kernels import triton_attention, triton_chunk, triton_conv, triton_decode, triton_linear, \
+        triton_rope_cache
+    return (triton_attention.decode_attention_kernel, triton_attention.combine_splits_kernel,
+            triton_chunk.chunk_solve_kernel, triton_chunk.chunk_scan_kernel, triton_conv.causal_conv1d_kernel,
+            triton_decode.gated_deltanet_decode_kernel, triton_linear.fused_linear_kernel,
+            triton_rope_cache.norm_rope_cache_kernel)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_kernel_compiles_for_the_h100(dtype):
     from triton.backends.compiler import GPUTarget
     compiler = CompileOnly(GPUTarget("cuda", 90, 32))
     launches(dtype, compiler)
     names = {name for name, _ in compiler.compiled}
-    assert names == {"causal_conv1d_kernel", "chunk_solve_kernel", "chunk_scan_kernel",
-                     "gated_deltanet_decode_kernel", "decode_attention_kernel", "combine_splits_kernel",
-                     "fused_linear_kernel", "norm_rope_cache_kernel"}
+    assert names == {kernel.__name__ for kernel in project_kernels()}
     largest = max(compiler.compiled, key=lambda c: c[1])
     print(f"\n{dtype}: {len(compiler.compiled)} launches compiled, most shared memory {largest[1]} B ({largest[0]})")
     assert largest[1] <= H100_SHARED_BYTES
@@ -145,13 +153,7 @@ def test_kernel_sources_survive_inductors_copy():
     generates; torch 2.11 does not escape backslashes there, so an escape such as a newline in a kernel's string or
     comment broke that module on the GPU (SyntaxError). Each kernel's source, copied so, still parses."""
     from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code as source
-    from model.kernels import triton_attention, triton_chunk, triton_conv, triton_decode, triton_linear, \
-        triton_rope_cache
-    kernels = (triton_attention.decode_attention_kernel, triton_attention.combine_splits_kernel,
-               triton_chunk.chunk_solve_kernel, triton_chunk.chunk_scan_kernel, triton_conv.causal_conv1d_kernel,
-               triton_decode.gated_deltanet_decode_kernel, triton_linear.fused_linear_kernel,
-               triton_rope_cache.norm_rope_cache_kernel)
-    for kernel in kernels:
+    for kernel in project_kernels():
         generated = "copied = '''\n" + source(kernel).replace("'''", "\\'\\'\\'") + "\n'''"
         namespace = {}
         exec(compile(generated, "generated", "exec"), namespace)
