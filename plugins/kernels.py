@@ -67,10 +67,10 @@ def chunk_scan_entry(u, decay, initial_state, N, o, final_state,
                      PREC: tl.constexpr, FREE: tl.constexpr):
     TERMS: tl.constexpr = 2 * V + 3 * K
     # T = every step of the N chunks: o covers them all (rows past the real T come out zero).
-    chunk_scan_kernel(u, u + 2 * V, decay, o, initial_state, final_state, N * 64, HV,
+    chunk_scan_kernel(u, u + 2 * V, decay, o, initial_state, final_state, final_state, N * 64, HV,
                       HV * N * 64 * TERMS, N * 64 * TERMS, TERMS, HV * N * 64 * TERMS, N * 64 * TERMS, TERMS, HV * N, N,
-                      N * 64 * HV * V, HV * V, V, HV * K * V, K * V,
-                      K, V, BK, BV, PREC, FREE, False)
+                      N * 64 * HV * V, HV * V, V, 0, HV * K * V, K * V, 0, 0,
+                      K, V, BK, BV, PREC, FREE, False, False)
 
 
 @triton.jit

@@ -88,8 +88,8 @@ def _type(value) -> str:
 def launches(dtype, launch):
     """Each wrapper at the shapes that pick its constants in the model: tiny's and Qwen3-Next's head sizes, decode
     and prefill, each prologue and option of the fused linear."""
-    from model.kernels import triton_attention, triton_chunk, triton_conv, triton_decode, triton_linear
-    from model.kernels import triton_rope_cache
+    from model.kernels import triton_attention, triton_chunk, triton_chunk_train, triton_conv, triton_decode
+    from model.kernels import triton_linear, triton_rope_cache
     g = torch.Generator().manual_seed(0)
 
     def randn(*shape, dtype=dtype):
@@ -103,6 +103,12 @@ def launches(dtype, launch):
         q, k, v = randn(1, 70, 2, K), randn(1, 70, 2, K), randn(1, 70, 2 * group, V)
         triton_chunk.gated_delta_rule(q, k, v, -torch.rand(1, 70, 2 * group), torch.rand(1, 70, 2 * group).to(dtype),
                                       randn(1, 2 * group, K, V, dtype=torch.float32), launch=launch)
+    # The training scan at small's and tiny's heads, 3 chunks; 8 x 16 programs take the whole of V each.
+    for B, H, K, V in ((2, 4, 128, 128), (8, 16, 128, 128), (2, 4, 64, 64)):
+        writes, terms, d_final = randn(B, H, 192, 2 * V), randn(B, H, 192, 3 * K), randn(B, H, K, V)
+        decay = torch.rand(B, H, 3)
+        triton_chunk_train.chunk_scan(writes, terms, decay, d_final.float(), launch=launch)
+        triton_chunk_train.chunk_scan_backward(writes, terms, decay, d_final.float(), launch=launch)
     for Hk, group, K, V, slots in ((16, 2, 128, 128, True), (4, 1, 64, 64, False)):
         inputs = {n: t.to(dtype) if n != "recurrent_state" else t
                   for n, t in decode_inputs(2, 1, Hk, group, K, V, 3, seed=1).items()}
@@ -128,10 +134,11 @@ def launches(dtype, launch):
 
 def project_kernels() -> tuple:
     """Every Triton kernel of model/kernels: `launches` must reach each, and each must survive Inductor's copy."""
-    from model.kernels import triton_attention, triton_chunk, triton_conv, triton_decode, triton_linear, \
-        triton_rope_cache
+    from model.kernels import triton_attention, triton_chunk, triton_chunk_train, triton_conv, triton_decode, \
+        triton_linear, triton_rope_cache
     return (triton_attention.decode_attention_kernel, triton_attention.combine_splits_kernel,
-            triton_chunk.chunk_solve_kernel, triton_chunk.chunk_scan_kernel, triton_conv.causal_conv1d_kernel,
+            triton_chunk.chunk_solve_kernel, triton_chunk.chunk_scan_kernel,
+            triton_chunk_train.chunk_scan_backward_kernel, triton_conv.causal_conv1d_kernel,
             triton_decode.gated_deltanet_decode_kernel, triton_linear.fused_linear_kernel,
             triton_rope_cache.norm_rope_cache_kernel)
 

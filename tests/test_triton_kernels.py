@@ -6,6 +6,7 @@ single test re-runs this file in a subprocess with TRITON_INTERPRET=1, on smalle
 """
 
 import os
+from functools import partial
 import subprocess
 import sys
 
@@ -196,6 +197,76 @@ def test_chunked_gated_delta_rule_on_repeated_keys(keys):
     o, s = triton_chunk.gated_delta_rule(*on_device(q, k.contiguous(), v, g, beta, state))
     o64, s64 = float64_loop(q, k, v, g, beta, state)
     assert rel(o.cpu(), o64) < TOL[torch.float32] and rel(s.cpu(), s64) < TOL[torch.float32]
+
+
+# ---- the chunked rule's training scan ------------------------------------------------------------------------
+
+
+def scan_inputs(B, T, Hv, K, V, seed):
+    """chunk_scan's inputs as the chunked rule builds them from random q, k, v, g, beta and state, in float64."""
+    captured = []
+
+    def capture(*args):
+        captured.extend(args)
+        return ref.chunk_scan(*args)
+    inputs = random_inputs(B, T, 2, Hv, K, V, True, seed)
+    ref.gated_delta_rule_chunked(*(t.double() for t in inputs), scan=capture)
+    return captured
+
+
+# The last: enough batch rows and heads for the whole of V per program (launch.training_scan_launch).
+SCAN_CASES = shapes([(2, 300, 4, 128, 128), (1, 64, 2, 64, 64), (3, 131, 2, 128, 64), (1, 2048, 2, 128, 128),
+                     (8, 200, 16, 128, 128)],
+                    [(1, 70, 2, 128, 16), (2, 131, 2, 32, 32)])
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", CHUNK_DTYPES)
+@pytest.mark.parametrize("B,T,Hv,K,V", SCAN_CASES)
+def test_chunk_scan_forward_and_backward(B, T, Hv, K, V, dtype):
+    """Both training scan kernels against reference.chunk_scan / chunk_scan_backward in float64 on the same
+    (rounded) inputs: y, the kept states and the final state; the writes' gradient, the end states' and the
+    first state's."""
+    from model.kernels import triton_chunk_train
+    writes, terms, decay, state = scan_inputs(B, T, Hv, K, V, seed=T + K)
+    writes, terms = writes.to(dtype), terms.to(dtype)
+    gen = torch.Generator().manual_seed(T)
+    dy, d_final = torch.randn(writes.shape, generator=gen).to(dtype), torch.randn(state.shape, generator=gen)
+    got = triton_chunk_train.chunk_scan(*on_device(writes, terms, decay.float(), state.float()))
+    got += triton_chunk_train.chunk_scan_backward(*on_device(dy, terms, decay.float(), d_final))
+    want = ref.chunk_scan(writes.double(), terms.double(), decay, state)
+    want += ref.chunk_scan_backward(dy.double(), terms.double(), decay, d_final.double())
+    errors = [rel(a.cpu(), b) for a, b in zip(got, want)]
+    print(f"\nchunk scan {dtype} B={B} T={T} Hv={Hv} K={K} V={V}: y, states, final, d_writes, d_ends, d_state rel "
+          + ", ".join(f"{e:.2e}" for e in errors))
+    assert [t.dtype for t in got] == [dtype, torch.float32, torch.float32, dtype, torch.float32, torch.float32]
+    assert all(e < TOL[dtype] for e in errors)
+
+
+@pytest.mark.skipif(not CUDA, reason="the op's CUDA path (the interpreter runs its kernels in "
+                    "test_chunk_scan_forward_and_backward, and the op's CPU path is tests/test_kernels.py's)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,T,Hk,Hv,K,V", [(2, 300, 2, 4, 128, 128), (1, 131, 1, 2, 64, 64)])
+def test_chunk_scan_op_trains_the_rule(B, T, Hk, Hv, K, V, dtype):
+    """The chunked rule with the nextdeploy::chunk_scan op on CUDA (as GPU training runs it): outputs and every
+    input's gradient against autograd through the float64 recurrence."""
+    from model.kernels import ops
+    inputs = random_inputs(B, T, Hk, Hv, K, V, True, seed=T + Hv)
+    weights = [torch.randn(B, T, Hv, V, dtype=torch.float64), torch.randn(B, Hv, K, V, dtype=torch.float64)]
+
+    def run(rule, tensors):
+        leaves = [t.detach().requires_grad_() for t in tensors]
+        o, s = rule(*leaves)
+        loss = (o.double() * weights[0].to(o.device)).sum() + (s.double() * weights[1].to(s.device)).sum()
+        return [o, s, *torch.autograd.grad(loss, leaves)]
+    got = run(partial(ref.gated_delta_rule_chunked, scan=ops.chunk_scan),
+              [t.to("cuda", dtype if t.dim() == 4 and t is not inputs[5] else torch.float32) for t in inputs])
+    want = run(ref.gated_delta_rule_recurrent, [t.to(dtype).double() if t.dim() == 4 and t is not inputs[5]
+                                                else t.double() for t in inputs])
+    errors = [rel(a.cpu(), b) for a, b in zip(got, want)]
+    print(f"\nchunked rule with the chunk_scan op, {dtype} B={B} T={T} K={K} V={V}: o, state, d q, k, v, g, beta, "
+          "state rel " + ", ".join(f"{e:.2e}" for e in errors))
+    assert all(e < 2 * TOL[dtype] for e in errors)
 
 
 # ---- fused decode step --------------------------------------------------------------------------------------

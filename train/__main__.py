@@ -74,10 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out, with its "
                    "settings (only --steps, intervals, --device, --kernels, --compile and --parallel may change)")
     r.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    r.add_argument("--kernels", choices=["auto", "torch"], help="auto: fla/causal-conv1d on CUDA when installed; "
-                   "torch: the PyTorch reference everywhere (default: auto)")
+    r.add_argument("--kernels", choices=["auto", "torch"], help="auto: on CUDA the gated delta rule's serial "
+                   "scan runs as Triton kernels (forward and backward), and uncompiled steps take causal-conv1d "
+                   "where installed; torch: the PyTorch reference everywhere (default: auto)")
     r.add_argument("--compile", action=argparse.BooleanOptionalAction, help="compile each layer's training step "
-                   "with torch.compile, tracing the PyTorch reference kernels (default: on for CUDA, off for CPU)")
+                   "with torch.compile, tracing the PyTorch reference kernels around those Triton kernels "
+                   "(default: on for CUDA, off for CPU)")
     r.add_argument("--parallel", choices=PARALLEL_CHOICES, help="under torchrun: ddp replicates the model, "
                    "fsdp (FSDP2) shards parameters, gradients and optimizer state over the processes (default: auto, "
                    "ddp below 100M parameters as for tiny, fsdp from there as for small and small-moe)")

@@ -3,8 +3,9 @@
 The layers share their code, so Dynamo traces one linear-attention and one full-attention layer and every
 other layer reuses those graphs: compile time stays that of two layers whatever the depth, and a layer is
 also the unit that FSDP gathers, whose hooks stay outside the compiled code. Inside a layer the gated delta
-rule is the chunked PyTorch reference (a fixed chain of small matmuls and a triangular solve for a fixed
---seq-len), which Inductor fuses with the norms, gates and projections around it, backward included.
+rule is the chunked PyTorch reference (batched products over all chunks for a fixed --seq-len), which Inductor
+fuses with the norms, gates and projections around it, backward included; its walk over the chunks is the
+`nextdeploy::chunk_scan` op, whose Triton kernels (forward and backward) Inductor calls in place.
 """
 
 from __future__ import annotations

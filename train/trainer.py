@@ -145,8 +145,8 @@ class Trainer:
         self.out = Path(cfg.out)
         self.device = self.processes.start(device)
         self.compiled = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
-        # Compiled steps trace the reference kernels; fla's would split the graph (and cannot train on Hopper).
-        kernels.use_kernels("torch" if self.compiled else cfg.kernels)
+        # Compiled steps trace the reference kernels around the gated delta rule's Triton scan (model.kernels).
+        kernels.use_kernels(cfg.kernels)
         self.cross_entropy = compiled_cross_entropy if self.compiled else cross_entropy
         base = preset(cfg.preset, **cfg.model_overrides)
         self.tokenizer, self.data = self.processes.main_first(lambda: prepare(
@@ -331,7 +331,7 @@ class Trainer:
 
     def describe(self) -> str:
         """How this run trains, in one line."""
-        step = "compiled per layer, reference kernels" if self.compiled else "eager"
+        step = f"{'compiled per layer' if self.compiled else 'eager'}, {self.cfg.kernels} kernels"
         where = f"{self.processes.world_size} processes, {self.parallel.upper()}" if self.processes.distributed \
             else str(self.device)
         return (f"{where}; step {step}; {self.cfg.batch_size} x {self.cfg.seq_len} tokens per micro-batch, "

@@ -7,8 +7,9 @@ SwiGLU and residual, in the compiled engine's copy of the model: model/fusion.py
 reference.py) whichever implementation runs: the plain PyTorch reference on CPU (or when forced), the project's own
 Triton kernels on CUDA (ops.py: torch.library.triton_ops, visible to torch.export and Inductor), or, for comparison,
 fla / causal-conv1d. Select with `use_kernels("auto" | "torch" | "fla")` or the environment variable
-NEXT_DEPLOY_KERNELS. Training (autograd) runs the reference, or fla where its backward works; the Triton kernels are
-forward-only."""
+NEXT_DEPLOY_KERNELS. Training (autograd) on CUDA runs the chunked reference with its serial scan as the
+`nextdeploy::chunk_scan` op (Triton kernels forward and backward: triton_chunk_train.py), or with 'torch' the plain
+reference, or with 'fla' fla where its backward works; the other Triton kernels are forward-only."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from contextlib import contextmanager
 import torch
 
 from . import fast, ops, reference
-from .launch import decode_attention_fits
+from .launch import CHUNK, decode_attention_fits
 
 log = logging.getLogger("next_deploy.kernels")
 
@@ -205,7 +206,11 @@ def run_gated_delta_rule(q, k, v, g, beta, initial_state=None):
     Returns (o [B,T,Hv,V], final state [B,Hv,K,V] float32).
     """
     training = _needs_grad(q, k, v, g, beta)
-    if q.is_cuda and fast.HAVE_FLA and (_choice == "fla" or (_choice == "auto" and training)):
+    if training and q.is_cuda and _choice == "auto" and ops.HAVE_TRITON:
+        _announce("gated delta rule: chunked, its serial scan in Triton (GPU training)")
+        return reference.gated_delta_rule_chunked(q, k, v, g, beta, initial_state, chunk_size=CHUNK,
+                                                  scan=ops.chunk_scan)
+    if q.is_cuda and fast.HAVE_FLA and _choice == "fla":
         if not training or fast.FLA_BACKWARD_WORKS:
             _announce("gated delta rule: fla (CUDA)")
             return fast.gated_delta_rule(q, k, v, g, beta, initial_state)
@@ -219,9 +224,9 @@ def run_gated_delta_rule(q, k, v, g, beta, initial_state=None):
         from . import triton_chunk
         return triton_chunk.gated_delta_rule(q, k, v, g, beta, initial_state)
     if training and q.is_cuda:
-        # Chunks of 128: half the sequential chunk steps of 64, each a few small products launched from the host
-        # (small's compiled training step on an H100: 370 -> 290 ms; 256 fails in Inductor's cumsum codegen). On
-        # CPUs 64 is faster (tiny: 600 against 700 ms a step).
+        # The plain PyTorch rule (--kernels torch): chunks of 128, half the sequential chunk steps of 64, each a few
+        # small products launched from the host (small's compiled training step on an H100: 370 -> 290 ms; 256
+        # fails in Inductor's cumsum codegen). On CPUs 64 is faster (tiny: 600 against 700 ms a step).
         _announce(f"gated delta rule: torch reference, chunks of {GPU_TRAINING_CHUNK} (GPU training)")
         return reference.gated_delta_rule_chunked(q, k, v, g, beta, initial_state, chunk_size=GPU_TRAINING_CHUNK)
     _announce("gated delta rule: torch reference (recurrent for short inputs, chunked for long)")
@@ -231,8 +236,10 @@ def run_gated_delta_rule(q, k, v, g, beta, initial_state=None):
 def run_causal_conv1d(x, weight, state=None):
     """x: [B,T,C]; weight: [C,W]; state: [B,C,W-1] or None. Returns (silu(conv) [B,T,C], new state)."""
     training = _needs_grad(x, weight)
+    # Not in compiled training steps, where the reference's shifted products fuse with their neighbours and an
+    # opaque op would split the graph.
     if x.is_cuda and fast.HAVE_CAUSAL_CONV1D and x.dtype != torch.float64 and \
-            (_choice == "fla" or (_choice == "auto" and training)):
+            (_choice == "fla" or (_choice == "auto" and training and not _tracing())):
         _announce("causal conv1d: causal-conv1d (CUDA)")
         return fast.causal_conv1d(x, weight, state)
     if not training and ops.use_triton(x, weight):

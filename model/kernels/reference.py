@@ -86,7 +86,7 @@ class UnitLowerInverse(torch.autograd.Function):
         return -(inverse.mT @ grad @ inverse.mT)
 
 
-def gated_delta_rule_chunked(q, k, v, g, beta, initial_state=None, chunk_size: int = 64):
+def gated_delta_rule_chunked(q, k, v, g, beta, initial_state=None, chunk_size: int = 64, scan=None):
     """Same contract as `gated_delta_rule_recurrent`, computed a chunk at a time with the UT transform.
 
     Inside a chunk with cumulative log-decay c_i and chunk-start state S0, the writes u_j = beta_j (v_j - ...)
@@ -94,6 +94,8 @@ def gated_delta_rule_chunked(q, k, v, g, beta, initial_state=None, chunk_size: i
         (I + A) U = diag(beta) V - diag(beta * exp(c)) K S0,   A_ij = beta_i exp(c_i - c_j) k_i.k_j  (j < i),
     after which outputs and the next state are matrix products:
         O = diag(exp(c)) Q S0 + (Q K^T * exp(c_i - c_j))_{j<=i} U,   S = exp(c_last) S0 + (K * exp(c_last - c))^T U.
+    Everything but S0 is computed for all chunks at once; `scan` (chunk_scan's contract; chunk_scan itself when
+    None) then walks the chunks in order.
     """
     out_dtype = v.dtype
     T = v.shape[1]
@@ -116,20 +118,61 @@ def gated_delta_rule_chunked(q, k, v, g, beta, initial_state=None, chunk_size: i
     strict = decay_ij.masked_fill(torch.eye(C, dtype=torch.bool, device=v.device), 0.0)
     A = beta[..., None] * (k @ k.transpose(-1, -2)) * strict
     rhs = torch.cat([beta[..., None] * v, (beta * c.exp())[..., None] * k], dim=-1)
-    solved = UnitLowerInverse.apply(A) @ rhs
-    W, Kc = solved[..., :Vd], solved[..., Vd:]                 # U = W - Kc @ S0
+    solved = UnitLowerInverse.apply(A) @ rhs                   # [W | K_c]: U = W - K_c S0
     attn = (q @ k.transpose(-1, -2)) * decay_ij
-    q_decayed = q * c.exp()[..., None]
-    k_to_end = k * (c[..., -1:] - c).exp()[..., None]
-    chunk_decay = c[..., -1].exp()[..., None, None]
-
-    outputs = []
-    for i in range(n):
-        U = W[:, :, i] - Kc[:, :, i] @ S
-        outputs.append(q_decayed[:, :, i] @ S + attn[:, :, i] @ U)
-        S = chunk_decay[:, :, i] * S + k_to_end[:, :, i].transpose(-1, -2) @ U
-    o = torch.stack(outputs, dim=2).reshape(B, H, n * C, Vd)[:, :, :T]
+    after = attn @ solved                                      # [O_v | P K_c]: O = O_v - (P K_c - Q exp(c)) S0
+    writes = torch.cat([solved[..., :Vd], after[..., :Vd]], dim=-1)
+    # In the products' dtype: under autocast the scan multiplies in it anyway.
+    terms = torch.cat([solved[..., Vd:], after[..., Vd:] - q * c.exp()[..., None],
+                       k * (c[..., -1:] - c).exp()[..., None]], dim=-1).to(writes.dtype)
+    y, _, S = (scan or chunk_scan)(writes.reshape(B, H, n * C, 2 * Vd), terms.reshape(B, H, n * C, 3 * Kd),
+                                   c[..., -1].exp(), S)
+    o = y[:, :, :T, Vd:]
     return o.transpose(1, 2).to(out_dtype), S
+
+
+def chunk_scan(writes, terms, decay, state):
+    """The chunked gated delta rule's serial part (gated_delta_rule_chunked): the chunks in order, each two products
+    with the state at its start. writes [B,H,N,2V] = [W | O_v] and terms [B,H,N,3K] = [K_c | Q_s | E] per step,
+    N = n chunks of C steps; decay [B,H,n]; state [B,H,K,V]. With S_i the state at chunk i's start (`state` first):
+        U_i = W_i - K_c,i S_i,   O_i = O_v,i - Q_s,i S_i,   S_{i+1} = decay_i S_i + E_i^T U_i.
+    Returns (y [B,H,N,2V] = [U | O] in writes' dtype, states [B,H,n,K,V] = every S_i, final state S_n), the states
+    in `state`'s dtype."""
+    B, H, N, _ = writes.shape
+    n, K, V = decay.shape[-1], terms.shape[-1] // 3, writes.shape[-1] // 2
+    writes, terms = (x.view(B, H, n, N // n, -1) for x in (writes, terms))
+    ys, states = [], []
+    for i in range(n):
+        states.append(state)
+        # [U; O] in one product: the chunk's rows of W then of O_v, less those of K_c then Q_s times S_i.
+        stacked = torch.cat([writes[:, :, i, :, :V], writes[:, :, i, :, V:]], dim=-2)
+        y = stacked - torch.cat([terms[:, :, i, :, :K], terms[:, :, i, :, K:2 * K]], dim=-2) @ state.to(terms.dtype)
+        u, o = y.to(writes.dtype).chunk(2, dim=-2)
+        ys.append(torch.cat([u, o], dim=-1))
+        state = decay[:, :, i, None, None] * state + terms[:, :, i, :, 2 * K:].transpose(-1, -2) @ u
+    return torch.stack(ys, dim=2).view(B, H, N, 2 * V), torch.stack(states, dim=2), state
+
+
+def chunk_scan_backward(dy, terms, decay, d_final):
+    """chunk_scan's serial backward: the gradients of its y and final state carried back through the chunks in
+    reverse order. dy [B,H,N,2V]; terms and decay as chunk_scan took them; d_final [B,H,K,V]. Returns (d_writes
+    [B,H,N,2V] in dy's dtype, d_ends [B,H,n,K,V]: the gradient at each chunk's end state S_{i+1}, d_state: at the
+    first chunk's start). With G = d_ends[i]:
+        dU_i = dy_U,i + E_i G,   d_writes_i = [dU_i | dy_O,i],   dS_i = decay_i G - K_c,i^T dU_i - Q_s,i^T dy_O,i.
+    The rest of chunk_scan's gradients are products of these with the states (ops.chunk_scan's backward)."""
+    B, H, N, _ = dy.shape
+    n, K, V = decay.shape[-1], terms.shape[-1] // 3, dy.shape[-1] // 2
+    dy, terms = (x.view(B, H, n, N // n, -1) for x in (dy, terms))
+    G = d_final
+    d_writes, d_ends = [None] * n, [None] * n
+    for i in reversed(range(n)):
+        d_ends[i] = G
+        du = dy[:, :, i, :, :V] + terms[:, :, i, :, 2 * K:] @ G.to(terms.dtype)
+        d_writes[i] = torch.cat([du.to(dy.dtype), dy[:, :, i, :, V:]], dim=-1)
+        stacked = torch.cat([du, dy[:, :, i, :, V:]], dim=-2).to(terms.dtype)
+        lhs = torch.cat([terms[:, :, i, :, :K], terms[:, :, i, :, K:2 * K]], dim=-2)
+        G = decay[:, :, i, None, None] * G - lhs.transpose(-1, -2) @ stacked
+    return torch.stack(d_writes, dim=2).view(B, H, N, 2 * V), torch.stack(d_ends, dim=2), G
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None = None):

@@ -141,13 +141,15 @@ def chunk_solve_kernel(
 
 @triton.jit
 def chunk_scan_kernel(
-    u_v, w, decay, o, state, final_state,
+    u_v, w, decay, o, state, final_state, states,
     T, Hv,
     stride_uvb, stride_uvh, stride_uvt, stride_wb, stride_wh, stride_wt, stride_db, stride_dh,
-    stride_ob, stride_ot, stride_oh, stride_sb, stride_sh,
+    stride_ob, stride_ot, stride_oh, stride_ou, stride_sb, stride_sh, stride_cb, stride_ch,
     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, FREE: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, KEEP: tl.constexpr,
 ):
+    """With KEEP (training, triton_chunk_train.py) it also stores each chunk's U, `stride_ou` before its outputs'
+    columns in o, and its start state S_i in states [B, Hv, chunks, K, V]."""
     bh = after_predecessors(tl.program_id(0), PDL)
     b = (bh // Hv).to(tl.int64)
     h = bh % Hv
@@ -176,9 +178,11 @@ def chunk_scan_kernel(
         l_terms = tl.load(w_rows + half[:, None] * K + kc[None, :], mask=k_cols, other=0.0)
         # k exp(c_last - c) against U only: zero where the stacked rows hold the outputs.
         k_end = tl.load(w_rows + 2 * K + kc[None, :], mask=(half == 0)[:, None] & k_cols, other=0.0)
+        if KEEP:
+            tl.store(states + b * stride_cb + h * stride_ch + (t0 // 64) * K * V + s_offsets, S, mask=s_mask)
         Y = r_terms - tl.dot(_operand(l_terms, FREE), _operand(S, FREE), input_precision=PREC)
-        tl.store(o_ptr + rows[:, None] * stride_ot + vc[None, :],
-                 Y.to(o.dtype.element_ty), mask=((half == 1) & (rows < T))[:, None] & v_cols)
+        tl.store(o_ptr + rows[:, None] * stride_ot + (half[:, None] - 1) * stride_ou + vc[None, :],
+                 Y.to(o.dtype.element_ty), mask=(((half == 1) | KEEP) & (rows < T))[:, None] & v_cols)
         S = tl.load(d_ptr + t0 // 64) * S + tl.dot(_operand(tl.trans(k_end), FREE), _operand(Y, FREE),
                                                         input_precision=PREC)
     tl.store(final_state + b * stride_sb + h * stride_sh + s_offsets, S, mask=s_mask)
@@ -215,9 +219,9 @@ def gated_delta_rule(q, k, v, g, beta, initial_state, launch=None):
     final = torch.empty(B, Hv, K, V, dtype=torch.float32, device=v.device)
     scan = chunk_scan_launch(K, V, dtype, buffer_dtype)
     wrap(chunk_scan_kernel)[(B * Hv, triton.cdiv(V, scan["BV"]))](
-        u_v, w, decay, o, state, final, T, Hv,
+        u_v, w, decay, o, state, final, final, T, Hv,
         u_v.stride(0), u_v.stride(1), u_v.stride(2), w.stride(0), w.stride(1), w.stride(2), decay.stride(0),
         decay.stride(1),
-        o.stride(0), o.stride(1), o.stride(2), state.stride(0), state.stride(1),
-        K=K, V=V, BK=BK, FREE=operands["FREE"], PDL=waits(v.device), **scan)
+        o.stride(0), o.stride(1), o.stride(2), 0, state.stride(0), state.stride(1), 0, 0,
+        K=K, V=V, BK=BK, FREE=operands["FREE"], PDL=waits(v.device), KEEP=False, **scan)
     return o, final
