@@ -148,8 +148,9 @@ def chunk_scan_kernel(
     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, FREE: tl.constexpr,
     PDL: tl.constexpr, KEEP: tl.constexpr,
 ):
-    """With KEEP (training, triton_chunk_train.py) it also stores each chunk's U, `stride_ou` before its outputs'
-    columns in o, and its start state S_i in states [B, Hv, chunks, K, V]."""
+    """With KEEP (training, triton_chunk_train.py) it also stores each chunk's U, its outputs then `stride_ou`
+    columns after U's in o, and its start state S_i in states [B, Hv, chunks, K, V]. (o is passed whole, not as a
+    view of its outputs' columns: compiled, a view a kernel writes may be a copy of those columns alone.)"""
     bh = after_predecessors(tl.program_id(0), PDL)
     b = (bh // Hv).to(tl.int64)
     h = bh % Hv
@@ -181,7 +182,7 @@ def chunk_scan_kernel(
         if KEEP:
             tl.store(states + b * stride_cb + h * stride_ch + (t0 // 64) * K * V + s_offsets, S, mask=s_mask)
         Y = r_terms - tl.dot(_operand(l_terms, FREE), _operand(S, FREE), input_precision=PREC)
-        tl.store(o_ptr + rows[:, None] * stride_ot + (half[:, None] - 1) * stride_ou + vc[None, :],
+        tl.store(o_ptr + rows[:, None] * stride_ot + half[:, None] * stride_ou + vc[None, :],
                  Y.to(o.dtype.element_ty), mask=(((half == 1) | KEEP) & (rows < T))[:, None] & v_cols)
         S = tl.load(d_ptr + t0 // 64) * S + tl.dot(_operand(tl.trans(k_end), FREE), _operand(Y, FREE),
                                                         input_precision=PREC)

@@ -90,9 +90,8 @@ def chunk_scan(writes, terms, decay, state, launch=None):
     y = torch.empty_like(writes)
     states = torch.empty(B, H, N // CHUNK, *state.shape[2:], dtype=torch.float32, device=state.device)
     final = torch.empty_like(state)
-    outputs = y[..., V:]
     (launch or (lambda kernel: kernel))(chunk_scan_kernel)[(B * H, triton.cdiv(V, options["BV"]))](
-        writes, terms, decay, outputs, state, final, states, N, H,
+        writes, terms, decay, y, state, final, states, N, H,
         writes.stride(0), writes.stride(1), writes.stride(2), terms.stride(0), terms.stride(1), terms.stride(2),
         decay.stride(0), decay.stride(1), y.stride(0), y.stride(2), y.stride(1), V, state.stride(0), state.stride(1),
         states.stride(0), states.stride(1), KEEP=True, **options)
