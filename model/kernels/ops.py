@@ -59,61 +59,57 @@ def _(q, k, v, g, beta, initial_state):
     return v.new_empty(B, T, Hv, V), initial_state.new_empty(B, Hv, k.shape[-1], V, dtype=torch.float32)
 
 
-def _scan_on_gpu(*tensors) -> bool:
+def _scan_on_gpu(first, terms, decay, last) -> bool:
     """The training scan's kernels: CUDA tensors, Triton installed, whole chunks of launch.CHUNK steps. Unlike the
     other ops' kernels these run whichever kernels are selected, since only training uses them and the plain
     alternative is the PyTorch loop of the same products (kernels/__init__.py picks the op)."""
     from .launch import CHUNK
-    writes, decay = tensors[0], tensors[2]
-    return (HAVE_TRITON and all(t.is_cuda for t in tensors) and writes.dtype != torch.float64
-            and writes.shape[2] == CHUNK * decay.shape[-1])
+    return (HAVE_TRITON and all(t.is_cuda for t in (first, terms, decay, last)) and first.dtype != torch.float64
+            and first.shape[2] == CHUNK * decay.shape[-1])
+
+
+def _run_scan(name: str, first, terms, decay, last):
+    """chunk_scan or chunk_scan_backward (`name`, the same in both modules): the Triton kernels where they run
+    (_scan_on_gpu), else the reference's loop."""
+    first, terms, decay, last = (x.contiguous() for x in (first, terms, decay, last))
+    if _scan_on_gpu(first, terms, decay, last):
+        from . import triton_chunk_train
+        return getattr(triton_chunk_train, name)(first, terms, decay, last.float(), launch=wrap_triton)
+    return tuple(x.contiguous() for x in getattr(reference, name)(first, terms, decay, last))
+
+
+def _scan_shaped(first, terms, decay, last):
+    """The fake of both scan ops: (like `first`, one [K, V] state per chunk, one [K, V] state), the states in
+    float32 (or float64)."""
+    B, H, n = decay.shape
+    dtype = torch.promote_types(last.dtype, torch.float32)
+    return torch.empty_like(first), last.new_empty(B, H, n, *last.shape[2:], dtype=dtype), \
+        last.new_empty(last.shape, dtype=dtype)
 
 
 @triton_op(f"{NAMESPACE}::chunk_scan", mutates_args=())
 def chunk_scan(writes: torch.Tensor, terms: torch.Tensor, decay: torch.Tensor,
                state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    writes, terms, decay, state = (x.contiguous() for x in (writes, terms, decay, state))
-    if _scan_on_gpu(writes, terms, decay, state):
-        from . import triton_chunk_train
-        return triton_chunk_train.chunk_scan(writes, terms, decay, state.float(), launch=wrap_triton)
-    y, states, final = reference.chunk_scan(writes, terms, decay, state)
-    return y.contiguous(), states.contiguous(), final.contiguous()
-
-
-@chunk_scan.register_fake
-def _(writes, terms, decay, state):
-    B, H, n = decay.shape
-    dtype = torch.promote_types(state.dtype, torch.float32)
-    return torch.empty_like(writes), state.new_empty(B, H, n, *state.shape[2:], dtype=dtype), \
-        state.new_empty(state.shape, dtype=dtype)
+    return _run_scan("chunk_scan", writes, terms, decay, state)
 
 
 @triton_op(f"{NAMESPACE}::chunk_scan_backward", mutates_args=())
 def chunk_scan_backward(dy: torch.Tensor, terms: torch.Tensor, decay: torch.Tensor,
                         d_final: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dy, terms, decay, d_final = (x.contiguous() for x in (dy, terms, decay, d_final))
-    if _scan_on_gpu(dy, terms, decay, d_final):
-        from . import triton_chunk_train
-        return triton_chunk_train.chunk_scan_backward(dy, terms, decay, d_final.float(), launch=wrap_triton)
-    d_writes, d_ends, d_state = reference.chunk_scan_backward(dy, terms, decay, d_final)
-    return d_writes.contiguous(), d_ends.contiguous(), d_state.contiguous()
+    return _run_scan("chunk_scan_backward", dy, terms, decay, d_final)
 
 
-@chunk_scan_backward.register_fake
-def _(dy, terms, decay, d_final):
-    B, H, n = decay.shape
-    dtype = torch.promote_types(d_final.dtype, torch.float32)
-    return torch.empty_like(dy), d_final.new_empty(B, H, n, *d_final.shape[2:], dtype=dtype), \
-        d_final.new_empty(d_final.shape, dtype=dtype)
+chunk_scan.register_fake(_scan_shaped)
+chunk_scan_backward.register_fake(_scan_shaped)
 
 
 def _save_for_scan_backward(ctx, inputs, output):
-    writes, terms, decay, state = inputs
+    _, terms, decay, state = inputs
     y, states, _ = output
     ctx.mark_non_differentiable(states)    # kept for the backward only
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(terms, decay, states, y)
-    ctx.dtypes = writes.dtype, state.dtype
+    ctx.save_for_backward(terms, decay, states, y)   # y is in writes' dtype
+    ctx.state_dtype = state.dtype
 
 
 def _scan_backward(ctx, dy, _, d_final):
@@ -121,7 +117,6 @@ def _scan_backward(ctx, dy, _, d_final):
     states, for all chunks at once (reference.chunk_scan's formulas: d K_c = -dU S_i^T, d Q_s = -dy_O S_i^T,
     d E = U G^T, d decay_i = <S_i, G> with G the gradient at chunk i's end state)."""
     terms, decay, states, y = ctx.saved_tensors
-    writes_dtype, state_dtype = ctx.dtypes
     dy = torch.zeros_like(y) if dy is None else dy
     d_final = torch.zeros_like(states[:, :, 0]) if d_final is None else d_final
     d_writes, d_ends, d_state = chunk_scan_backward(dy, terms, decay, d_final)
@@ -133,7 +128,7 @@ def _scan_backward(ctx, dy, _, d_final):
     d_terms = torch.cat([-(d_y[..., :V] @ states_t), -(d_y[..., V:] @ states_t),
                          by_chunk(y)[..., :V].to(terms.dtype) @ d_ends.transpose(-1, -2).to(terms.dtype)], dim=-1)
     d_decay = (states * d_ends).sum((-2, -1)).to(decay.dtype)
-    return d_writes.to(writes_dtype), d_terms.view(B, H, N, -1), d_decay, d_state.to(state_dtype)
+    return d_writes.to(y.dtype), d_terms.view(B, H, N, -1), d_decay, d_state.to(ctx.state_dtype)
 
 
 torch.library.register_autograd(f"{NAMESPACE}::chunk_scan", _scan_backward, setup_context=_save_for_scan_backward)

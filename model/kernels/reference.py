@@ -144,10 +144,9 @@ def chunk_scan(writes, terms, decay, state):
     ys, states = [], []
     for i in range(n):
         states.append(state)
-        # [U; O] in one product: the chunk's rows of W then of O_v, less those of K_c then Q_s times S_i.
-        stacked = torch.cat([writes[:, :, i, :, :V], writes[:, :, i, :, V:]], dim=-2)
-        y = stacked - torch.cat([terms[:, :, i, :, :K], terms[:, :, i, :, K:2 * K]], dim=-2) @ state.to(terms.dtype)
-        u, o = y.to(writes.dtype).chunk(2, dim=-2)
+        S = state.to(terms.dtype)
+        u = (writes[:, :, i, :, :V] - terms[:, :, i, :, :K] @ S).to(writes.dtype)
+        o = (writes[:, :, i, :, V:] - terms[:, :, i, :, K:2 * K] @ S).to(writes.dtype)
         ys.append(torch.cat([u, o], dim=-1))
         state = decay[:, :, i, None, None] * state + terms[:, :, i, :, 2 * K:].transpose(-1, -2) @ u
     return torch.stack(ys, dim=2).view(B, H, N, 2 * V), torch.stack(states, dim=2), state
@@ -169,9 +168,8 @@ def chunk_scan_backward(dy, terms, decay, d_final):
         d_ends[i] = G
         du = dy[:, :, i, :, :V] + terms[:, :, i, :, 2 * K:] @ G.to(terms.dtype)
         d_writes[i] = torch.cat([du.to(dy.dtype), dy[:, :, i, :, V:]], dim=-1)
-        stacked = torch.cat([du, dy[:, :, i, :, V:]], dim=-2).to(terms.dtype)
-        lhs = torch.cat([terms[:, :, i, :, :K], terms[:, :, i, :, K:2 * K]], dim=-2)
-        G = decay[:, :, i, None, None] * G - lhs.transpose(-1, -2) @ stacked
+        G = decay[:, :, i, None, None] * G - terms[:, :, i, :, :K].transpose(-1, -2) @ du.to(terms.dtype) \
+            - terms[:, :, i, :, K:2 * K].transpose(-1, -2) @ dy[:, :, i, :, V:].to(terms.dtype)
     return torch.stack(d_writes, dim=2).view(B, H, N, 2 * V), torch.stack(d_ends, dim=2), G
 
 
