@@ -172,6 +172,25 @@ def test_causal_conv1d_matches_padded_conv_and_carries_state():
     torch.testing.assert_close(st, state)
 
 
+def test_conv_train_op_gradients_match_the_reference():
+    """nextdeploy::causal_conv1d_train (GPU training's conv, with its own backward op) on the CPU path: output and
+    gradients against autograd through reference.causal_conv1d, float64, short and long inputs; and the state the
+    dispatch returns beside it (x's last W-1 inputs, zeros before x)."""
+    from model.kernels import ops
+    g = torch.Generator().manual_seed(4)
+    for T in (2, 13):
+        x, w = torch.randn(2, T, 10, generator=g, dtype=torch.float64), torch.randn(10, 4, generator=g)
+        dy = torch.randn(2, T, 10, generator=g, dtype=torch.float64)
+        results = []
+        for conv in (lambda a, b: ref.causal_conv1d(a, b)[0], ops.causal_conv1d_train):
+            leaves = [x.clone().requires_grad_(), w.double().requires_grad_()]
+            y = conv(*leaves)
+            results.append([y, *torch.autograd.grad(y, leaves, dy)])
+        for got, want in zip(*results):
+            assert rel(got, want) < 1e-12
+        torch.testing.assert_close(kernels._last_inputs(x, w.double()), ref.causal_conv1d(x, w.double())[1])
+
+
 def test_dispatch_uses_reference_on_cpu():
     inputs = random_inputs(1, 20, 2, 2, 8, 8, True, seed=5)
     o, s = kernels.gated_delta_rule(*inputs)

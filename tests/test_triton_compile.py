@@ -97,6 +97,9 @@ def launches(dtype, launch):
 
     for T in (1, 37):
         triton_conv.causal_conv1d(randn(2, T, 200), randn(200, 4), randn(2, 200, 3), launch=launch)
+        # training's conv gradients, with float32 weights
+        triton_conv.causal_conv1d_backward(randn(2, T, 200), randn(200, 4, dtype=torch.float32), randn(2, T, 200),
+                                           launch=launch)
     # small's DeltaNet projection: 8 key heads of [q | k | v-group | z-group], 128 columns each
     triton_conv.causal_conv1d_grouped(randn(1, 37, 8 * 768), randn(4096, 4), randn(1, 4096, 3), 8, 128, launch=launch)
     for group, K, V in ((2, 128, 128), (1, 64, 64), (3, 48, 80)):
@@ -139,6 +142,7 @@ def project_kernels() -> tuple:
     return (triton_attention.decode_attention_kernel, triton_attention.combine_splits_kernel,
             triton_chunk.chunk_solve_kernel, triton_chunk.chunk_scan_kernel,
             triton_chunk_train.chunk_scan_backward_kernel, triton_conv.causal_conv1d_kernel,
+            triton_conv.causal_conv1d_backward_kernel,
             triton_decode.gated_deltanet_decode_kernel, triton_linear.fused_linear_kernel,
             triton_rope_cache.norm_rope_cache_kernel)
 

@@ -91,6 +91,50 @@ def test_causal_conv1d(T, C, dtype):
 
 
 @runs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", shapes([1, 3, 7, 300, 2048], [1, 3, 70]))
+@pytest.mark.parametrize("C", shapes([200, 256], [72, 64]))
+def test_causal_conv1d_backward(T, C, dtype):
+    """Training's conv gradients (from no state, float32 weights) against autograd through the float64 reference,
+    on the same rounded inputs."""
+    from model.kernels import triton_conv
+    g = torch.Generator().manual_seed(T * C)
+    x, dy = (torch.randn(3, T, C, generator=g).to(dtype) for _ in range(2))
+    w = torch.randn(C, 4, generator=g) * 0.5
+    dx, dw = triton_conv.causal_conv1d_backward(*on_device(x, w, dy))
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    dx64, dw64 = torch.autograd.grad(ref.causal_conv1d(x64, w64)[0], (x64, w64), dy.double())
+    print(f"\ncausal conv1d backward {dtype} T={T} C={C}: dx rel {rel(dx.cpu(), dx64):.2e}, "
+          f"dweight rel {rel(dw.cpu(), dw64):.2e}")
+    assert dx.dtype == dtype and dw.dtype == torch.float32
+    assert rel(dx.cpu(), dx64) < TOL[dtype] and rel(dw.cpu(), dw64) < TOL[dtype]
+
+
+@pytest.mark.skipif(not CUDA, reason="the op's CUDA path (the interpreter runs its backward kernel in "
+                    "test_causal_conv1d_backward, and the op's CPU path is tests/test_kernels.py's)")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_causal_conv1d_train_op(dtype):
+    """nextdeploy::causal_conv1d_train as GPU training runs it, eager and compiled: output and gradients against
+    autograd through the float64 reference."""
+    from model.kernels import ops
+    g = torch.Generator().manual_seed(3)
+    x, dy = (torch.randn(2, 300, 200, generator=g).to(dtype) for _ in range(2))
+    w = torch.randn(200, 4, generator=g) * 0.5
+
+    def run(conv, x, w):
+        x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+        y = conv(x, w)
+        return [y, *torch.autograd.grad(y, (x, w), dy.to(y))]
+    want = run(lambda a, b: ref.causal_conv1d(a, b)[0], x.double(), w.double())
+    eager = run(ops.causal_conv1d_train, *on_device(x, w))
+    compiled = run(torch.compile(ops.causal_conv1d_train, fullgraph=True, dynamic=False), *on_device(x, w))
+    errors = [rel(a.cpu(), b) for got in (eager, compiled) for a, b in zip(got, want)]
+    print(f"\ncausal_conv1d_train op {dtype}: y, dx, dweight rel, eager " + ", ".join(f"{e:.2e}" for e in errors[:3])
+          + "; compiled " + ", ".join(f"{e:.2e}" for e in errors[3:]))
+    assert all(e < TOL[dtype] for e in errors)
+
+
+@runs_kernels
 def test_causal_conv1d_reads_strided_input():
     """The model passes a slice of a wider projection; the kernel must honour its strides."""
     from model.kernels import triton_conv

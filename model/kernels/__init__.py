@@ -8,8 +8,10 @@ reference.py) whichever implementation runs: the plain PyTorch reference on CPU 
 Triton kernels on CUDA (ops.py: torch.library.triton_ops, visible to torch.export and Inductor), or, for comparison,
 fla / causal-conv1d. Select with `use_kernels("auto" | "torch" | "fla")` or the environment variable
 NEXT_DEPLOY_KERNELS. Training (autograd) on CUDA runs the chunked reference with its serial scan as the
-`nextdeploy::chunk_scan` op (Triton kernels forward and backward: triton_chunk_train.py), or with 'torch' the plain
-reference, or with 'fla' fla where its backward works; the other Triton kernels are forward-only."""
+`nextdeploy::chunk_scan` op (Triton kernels forward and backward: triton_chunk_train.py) and the conv as the
+`nextdeploy::causal_conv1d_train` op (triton_conv.py's forward kernel and its backward one), or with 'torch' the
+plain reference, or with 'fla' fla where its backward works and causal-conv1d; the other Triton kernels are
+forward-only."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import os
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 
 from . import fast, ops, reference
 from .launch import CHUNK, decode_attention_fits
@@ -236,10 +239,11 @@ def run_gated_delta_rule(q, k, v, g, beta, initial_state=None):
 def run_causal_conv1d(x, weight, state=None):
     """x: [B,T,C]; weight: [C,W]; state: [B,C,W-1] or None. Returns (silu(conv) [B,T,C], new state)."""
     training = _needs_grad(x, weight)
-    # Not in compiled training steps, where the reference's shifted products fuse with their neighbours and an
-    # opaque op would split the graph.
-    if x.is_cuda and fast.HAVE_CAUSAL_CONV1D and x.dtype != torch.float64 and \
-            (_choice == "fla" or (_choice == "auto" and training and not _tracing())):
+    if training and state is None and x.is_cuda and _choice == "auto" and ops.HAVE_TRITON and \
+            x.dtype != torch.float64:
+        _announce("causal conv1d: Triton forward and backward (GPU training)")
+        return ops.causal_conv1d_train(x, weight), _last_inputs(x, weight)
+    if x.is_cuda and fast.HAVE_CAUSAL_CONV1D and x.dtype != torch.float64 and _choice == "fla":
         _announce("causal conv1d: causal-conv1d (CUDA)")
         return fast.causal_conv1d(x, weight, state)
     if not training and ops.use_triton(x, weight):
@@ -248,3 +252,10 @@ def run_causal_conv1d(x, weight, state=None):
         return triton_conv.causal_conv1d(x, weight.to(x.dtype), _given_or_zero(state, x, weight))
     _announce("causal conv1d: torch reference")
     return reference.causal_conv1d(x, weight, state)
+
+
+def _last_inputs(x, weight):
+    """The conv state after x from no state, as reference.causal_conv1d returns it: x's last W-1 inputs (zeros
+    before x), [B, C, W-1] in the weight's dtype."""
+    width = weight.shape[-1]
+    return F.pad(x, (0, 0, width - 1, 0))[:, x.shape[1]:].transpose(1, 2).to(weight.dtype)

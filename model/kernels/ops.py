@@ -59,13 +59,17 @@ def _(q, k, v, g, beta, initial_state):
     return v.new_empty(B, T, Hv, V), initial_state.new_empty(B, Hv, k.shape[-1], V, dtype=torch.float32)
 
 
+def _training_kernels(*tensors: torch.Tensor) -> bool:
+    """The training ops' kernels: CUDA tensors, Triton installed, not float64. Unlike the other ops' kernels these
+    run whichever kernels are selected, since only training uses these ops and their plain alternative is the
+    reference's own computation (kernels/__init__.py picks the op)."""
+    return HAVE_TRITON and all(t.is_cuda for t in tensors) and tensors[0].dtype != torch.float64
+
+
 def _scan_on_gpu(first, terms, decay, last) -> bool:
-    """The training scan's kernels: CUDA tensors, Triton installed, whole chunks of launch.CHUNK steps. Unlike the
-    other ops' kernels these run whichever kernels are selected, since only training uses them and the plain
-    alternative is the PyTorch loop of the same products (kernels/__init__.py picks the op)."""
+    """The training scan's kernels: _training_kernels, over whole chunks of launch.CHUNK steps."""
     from .launch import CHUNK
-    return (HAVE_TRITON and all(t.is_cuda for t in (first, terms, decay, last)) and first.dtype != torch.float64
-            and first.shape[2] == CHUNK * decay.shape[-1])
+    return _training_kernels(first, terms, decay, last) and first.shape[2] == CHUNK * decay.shape[-1]
 
 
 def _run_scan(name: str, first, terms, decay, last):
@@ -161,6 +165,54 @@ def causal_conv1d_grouped(qkvz: torch.Tensor, weight: torch.Tensor, state: torch
 @causal_conv1d_grouped.register_fake
 def _(qkvz, weight, state, num_k_heads, head_k_dim):
     return qkvz.new_empty(*qkvz.shape[:2], weight.shape[0]), torch.empty_like(state)
+
+
+def _conv_from_no_state(x, weight):
+    return reference.causal_conv1d(x, weight)[0]
+
+
+@triton_op(f"{NAMESPACE}::causal_conv1d_train", mutates_args=())
+def causal_conv1d_train(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """reference.causal_conv1d's output from no state, with a backward of its own: GPU training's conv."""
+    if _training_kernels(x, weight):
+        from . import triton_conv
+        state = x.new_zeros(x.shape[0], weight.shape[0], weight.shape[-1] - 1)
+        return triton_conv.causal_conv1d(x, weight, state, launch=wrap_triton)[0]
+    return _conv_from_no_state(x, weight).contiguous()
+
+
+@triton_op(f"{NAMESPACE}::causal_conv1d_train_backward", mutates_args=())
+def causal_conv1d_train_backward(x: torch.Tensor, weight: torch.Tensor,
+                                 dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if _training_kernels(x, weight, dy):
+        from . import triton_conv
+        dx, dweight = triton_conv.causal_conv1d_backward(x, weight, dy, launch=wrap_triton)
+        return dx, dweight.to(weight.dtype)
+    # Autograd does not record below the op's dispatch; torch.func's transform does.
+    _, vjp = torch.func.vjp(_conv_from_no_state, x, weight)
+    return tuple(d.contiguous() for d in vjp(dy.to(x.dtype)))
+
+
+@causal_conv1d_train.register_fake
+def _(x, weight):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@causal_conv1d_train_backward.register_fake
+def _(x, weight, dy):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight)
+
+
+def _save_for_conv_backward(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _conv_backward(ctx, dy):
+    return causal_conv1d_train_backward(*ctx.saved_tensors, dy)
+
+
+torch.library.register_autograd(f"{NAMESPACE}::causal_conv1d_train", _conv_backward,
+                                setup_context=_save_for_conv_backward)
 
 
 @triton_op(f"{NAMESPACE}::gated_deltanet_decode", mutates_args={"conv_state", "recurrent_state"})
