@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "settings (only --steps, intervals, --device, --kernels, --compile and --parallel may change)")
     r.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     r.add_argument("--kernels", choices=["auto", "torch"], help="auto: on CUDA the gated delta rule's serial "
-                   "scan runs as Triton kernels (forward and backward), and uncompiled steps take causal-conv1d "
-                   "where installed; torch: the PyTorch reference everywhere (default: auto)")
+                   "scan and the conv run as Triton kernels (forward and backward); torch: the PyTorch reference "
+                   "everywhere (default: auto)")
     r.add_argument("--compile", action=argparse.BooleanOptionalAction, help="compile each layer's training step "
                    "with torch.compile, tracing the PyTorch reference kernels around those Triton kernels "
                    "(default: on for CUDA, off for CPU)")
