@@ -5,7 +5,8 @@ other layer reuses those graphs: compile time stays that of two layers whatever 
 also the unit that FSDP gathers, whose hooks stay outside the compiled code. Inside a layer the gated delta
 rule is the chunked PyTorch reference (batched products over all chunks for a fixed --seq-len), which Inductor
 fuses with the norms, gates and projections around it, backward included; its walk over the chunks is the
-`nextdeploy::chunk_scan` op, whose Triton kernels (forward and backward) Inductor calls in place.
+`nextdeploy::chunk_scan` op and the conv before it `nextdeploy::causal_conv1d_train`, whose Triton kernels (forward
+and backward) Inductor calls in place.
 """
 
 from __future__ import annotations

@@ -105,15 +105,19 @@ def causal_conv1d_kernel(
 
 
 @triton.jit
+def _input_at(x_row, stride_xt, src, channels, c_ok, T):
+    """x at steps `src` of these channels, float32 [steps, channels]; zero outside 0..T-1 (no state: training)."""
+    return tl.load(x_row + src[:, None] * stride_xt + channels[None, :],
+                   mask=((src >= 0) & (src < T))[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _conv_before_silu(x_row, stride_xt, steps, channels, c_ok, weight, T, W: tl.constexpr, BLOCK_T: tl.constexpr,
                       BLOCK_C: tl.constexpr):
-    """The conv at `steps` before its SiLU, float32 [BLOCK_T, BLOCK_C], from no state: inputs before step 0 are
-    zeros, as in training."""
+    """The conv at `steps` before its SiLU, float32 [BLOCK_T, BLOCK_C], from no state."""
     acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
     for j in tl.static_range(W):
-        src = steps - (W - 1) + j
-        xv = tl.load(x_row + src[:, None] * stride_xt + channels[None, :],
-                     mask=((src >= 0) & (src < T))[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        xv = _input_at(x_row, stride_xt, steps - (W - 1) + j, channels, c_ok, T)
         acc += xv * tl.load(weight + channels * W + j, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     return acc
 
@@ -148,9 +152,7 @@ def causal_conv1d_backward_kernel(
         if d == 0:
             part = dweight_parts + (b * tl.num_programs(1) + t_block) * C * W + channels * W
             for j in tl.static_range(W):
-                src = steps - (W - 1) + j
-                xv = tl.load(x_row + src[:, None] * stride_xt + channels[None, :],
-                             mask=((src >= 0) & (src < T))[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+                xv = _input_at(x_row, stride_xt, steps - (W - 1) + j, channels, c_ok, T)
                 tl.store(part + j, tl.sum(dp * xv, axis=0), mask=c_ok)
     tl.store(dx + b * stride_xb + steps[:, None] * stride_xt + channels[None, :], d_x.to(dx.dtype.element_ty),
              mask=(steps < T)[:, None] & c_ok[None, :])
