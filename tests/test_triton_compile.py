@@ -142,7 +142,7 @@ def project_kernels() -> tuple:
     return (triton_attention.decode_attention_kernel, triton_attention.combine_splits_kernel,
             triton_chunk.chunk_solve_kernel, triton_chunk.chunk_scan_kernel,
             triton_chunk_train.chunk_scan_backward_kernel, triton_conv.causal_conv1d_kernel,
-            triton_conv.causal_conv1d_backward_kernel,
+            triton_conv.conv_silu_grad_kernel, triton_conv.conv_input_grad_kernel,
             triton_decode.gated_deltanet_decode_kernel, triton_linear.fused_linear_kernel,
             triton_rope_cache.norm_rope_cache_kernel)
 

@@ -123,38 +123,51 @@ def _conv_before_silu(x_row, stride_xt, steps, channels, c_ok, weight, T, W: tl.
 
 
 @triton.jit
-def causal_conv1d_backward_kernel(
-    x, weight, dy, dx, dweight_parts,
-    T, C,
-    stride_xb, stride_xt, stride_yb, stride_yt,
+def conv_silu_grad_kernel(
+    x, weight, dy, dp, dweight_parts,
+    T, C, stride_b, stride_t,
     W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr,
 ):
-    """Gradients of silu(conv(x)) from no state, for a [BLOCK_T, BLOCK_C] tile: dx at the tile's steps, and the
-    tile's share of the weight's gradient (summed over the tiles outside). With p the conv before SiLU and
-    dp = dy * silu'(p): dx_t = sum_j w_j dp_{t+W-1-j}, dw_j = sum_t dp_t x_{t-(W-1)+j}. The dp of the W-1 steps
-    after the tile are recomputed here from x (cheaper than a pass of their own over memory)."""
+    """First pass of silu(conv(x))'s gradients from no state, over a [BLOCK_T, BLOCK_C] tile: with p the conv before
+    SiLU, dp = dy * silu'(p) (stored for the second pass), and the tile's share of the weight's gradient,
+    dw_j = sum_t dp_t x_{t-(W-1)+j} (summed over the tiles outside)."""
     b = after_predecessors(tl.program_id(0), PDL).to(tl.int64)
     t_block = tl.program_id(1)
     channels = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = channels < C
     steps = t_block * BLOCK_T + tl.arange(0, BLOCK_T)
-    x_row = x + b * stride_xb
-    dy_row = dy + b * stride_yb
-    d_x = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+    x_row = x + b * stride_b
+    p = _conv_before_silu(x_row, stride_t, steps, channels, c_ok, weight, T, W, BLOCK_T, BLOCK_C)
+    at = b * stride_b + steps[:, None] * stride_t + channels[None, :]
+    ok = (steps < T)[:, None] & c_ok[None, :]
+    s = tl.sigmoid(p)
+    d_p = tl.load(dy + at, mask=ok, other=0.0).to(tl.float32) * s * (1.0 + p * (1.0 - s))
+    tl.store(dp + at, d_p.to(dp.dtype.element_ty), mask=ok)
+    part = dweight_parts + (b * tl.num_programs(1) + t_block) * C * W + channels * W
+    for j in tl.static_range(W):
+        xv = _input_at(x_row, stride_t, steps - (W - 1) + j, channels, c_ok, T)
+        tl.store(part + j, tl.sum(d_p * xv, axis=0), mask=c_ok)
+
+
+@triton.jit
+def conv_input_grad_kernel(
+    dp, weight, dx,
+    T, C, stride_b, stride_t,
+    W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr,
+):
+    """Second pass: dx_t = sum_d w_{W-1-d} dp_{t+d} over a [BLOCK_T, BLOCK_C] tile."""
+    b = after_predecessors(tl.program_id(0), PDL).to(tl.int64)
+    channels = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = channels < C
+    steps = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row = b * stride_b
+    acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
     for d in tl.static_range(W):
-        at = steps + d                                      # dp at these steps feeds dx at `steps` through tap W-1-d
-        p = _conv_before_silu(x_row, stride_xt, at, channels, c_ok, weight, T, W, BLOCK_T, BLOCK_C)
-        g = tl.load(dy_row + at[:, None] * stride_yt + channels[None, :], mask=(at < T)[:, None] & c_ok[None, :],
-                    other=0.0).to(tl.float32)
-        s = tl.sigmoid(p)
-        dp = g * s * (1.0 + p * (1.0 - s))
-        d_x += dp * tl.load(weight + channels * W + (W - 1 - d), mask=c_ok, other=0.0).to(tl.float32)[None, :]
-        if d == 0:
-            part = dweight_parts + (b * tl.num_programs(1) + t_block) * C * W + channels * W
-            for j in tl.static_range(W):
-                xv = _input_at(x_row, stride_xt, steps - (W - 1) + j, channels, c_ok, T)
-                tl.store(part + j, tl.sum(dp * xv, axis=0), mask=c_ok)
-    tl.store(dx + b * stride_xb + steps[:, None] * stride_xt + channels[None, :], d_x.to(dx.dtype.element_ty),
+        later = steps + d
+        g = tl.load(dp + row + later[:, None] * stride_t + channels[None, :],
+                    mask=(later < T)[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        acc += g * tl.load(weight + channels * W + (W - 1 - d), mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(dx + row + steps[:, None] * stride_t + channels[None, :], acc.to(dx.dtype.element_ty),
              mask=(steps < T)[:, None] & c_ok[None, :])
 
 
@@ -209,19 +222,29 @@ def _segment_block(largest: int, *segments: int) -> int:
 
 def causal_conv1d_backward(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, launch=None):
     """The gradients of causal_conv1d's output from no state (training): x [B,T,C], weight [C,W], dy [B,T,C] (the
-    output's gradient). Returns (dx [B,T,C] in x's dtype, dweight [C,W] in float32)."""
+    output's gradient). Returns (dx [B,T,C] in x's dtype, dweight [C,W] in float32).
+
+    Two streaming passes: dp = dy * silu'(p) with the weight's gradient, then dx from dp. One kernel recomputing dp
+    over the W-1 steps after each tile loaded 4W shifted tiles per tile: at `small`'s training shape on an H100
+    (8 x 2048, 4096 channels, bf16) it took 607 us, the two passes 441 with a float32 dp and 370 with a bfloat16 one.
+    dp is bfloat16 for bfloat16 inputs (the rounding bf16 autograd gives the SiLU's gradient too; dx 2.7e-3 from the
+    float32 dp's) and float32 otherwise (float16's range could overflow it)."""
     B, T, C = x.shape
     W = weight.shape[-1]
     x, weight, dy = x.contiguous(), weight.contiguous(), dy.contiguous()
     dx = torch.empty_like(x)
-    # Tiles of 32 x 64 at two warps: at `small`'s training shape on an H100 (8 x 2048, 4096 channels, bf16) 597 us
-    # against 601-2,912 for 16-128 x 32-256 at 2-8 warps (754 at 64 x 64, four warps), the larger ones spilling.
-    block_t, block_c = min(32, triton.next_power_of_2(max(T, 1))), 64
+    dp = torch.empty_like(x, dtype=torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32)
+    # Tiles of 64 x 64 and 32 x 64, two warps each: the fastest of 16-64 x 32-128 tiles at 1-4 warps in that run.
+    block_t = min(64, triton.next_power_of_2(max(T, 1)))
     t_blocks = triton.cdiv(T, block_t)
     # One float32 [C, W] share per tile, summed below: a fixed order, so gradients repeat exactly run to run.
     parts = torch.empty(B * t_blocks, C, W, dtype=torch.float32, device=x.device)
-    kernel = launch(causal_conv1d_backward_kernel) if launch else causal_conv1d_backward_kernel
-    kernel[(B, t_blocks, triton.cdiv(C, block_c))](
-        x, weight, dy, dx, parts, T, C, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-        W=W, BLOCK_T=block_t, BLOCK_C=block_c, PDL=waits(x.device), num_warps=2)
+    first = launch(conv_silu_grad_kernel) if launch else conv_silu_grad_kernel
+    first[(B, t_blocks, triton.cdiv(C, 64))](x, weight, dy, dp, parts, T, C, x.stride(0), x.stride(1),
+                                             W=W, BLOCK_T=block_t, BLOCK_C=64, PDL=waits(x.device), num_warps=2)
+    block_t = min(32, block_t)
+    second = launch(conv_input_grad_kernel) if launch else conv_input_grad_kernel
+    second[(B, triton.cdiv(T, block_t), triton.cdiv(C, 64))](dp, weight, dx, T, C, x.stride(0), x.stride(1),
+                                                             W=W, BLOCK_T=block_t, BLOCK_C=64, PDL=waits(x.device),
+                                                             num_warps=2)
     return dx, parts.sum(0)
