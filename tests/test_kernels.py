@@ -191,6 +191,31 @@ def test_conv_train_op_gradients_match_the_reference():
         torch.testing.assert_close(kernels._last_inputs(x, w.double()), ref.causal_conv1d(x, w.double())[1])
 
 
+
+@pytest.mark.parametrize("heads", [(2, 2), (2, 6)])
+def test_training_projection_layout_matches_the_grouped_one(heads):
+    """A training step's DeltaNet layer projects qkvz with its columns ungrouped ([all q | all k | all v | all z]);
+    output and every gradient equal those of the checkpoint's grouped layout (the stateful path, from zero
+    states), float64."""
+    from model.config import preset
+    from model.gated_deltanet import GatedDeltaNet
+    Hk, Hv = heads
+    config = preset("tiny", hidden_size=48, linear_num_key_heads=Hk, linear_num_value_heads=Hv,
+                     linear_key_head_dim=8, linear_value_head_dim=16)
+    torch.manual_seed(7)
+    layer = GatedDeltaNet(config).double()
+    x = torch.randn(2, 11, 48, dtype=torch.float64)
+    dy = torch.randn(2, 11, 48, dtype=torch.float64)
+    params = [x.requires_grad_(), *layer.parameters()]
+    results = []
+    for states in ({}, dict(conv_state=torch.zeros(2, layer.conv_dim, layer.conv_kernel_size - 1,
+                                                   dtype=torch.float64),
+                            recurrent_state=torch.zeros(2, Hv, 8, 16, dtype=torch.float64))):
+        y = layer(x, **states)
+        results.append([y, *torch.autograd.grad(y, params, dy)])
+    for got, want in zip(*results):
+        assert rel(got, want) < 1e-12
+
 def test_dispatch_uses_reference_on_cpu():
     inputs = random_inputs(1, 20, 2, 2, 8, 8, True, seed=5)
     o, s = kernels.gated_delta_rule(*inputs)

@@ -258,4 +258,5 @@ def _last_inputs(x, weight):
     """The conv state after x from no state, as reference.causal_conv1d returns it: x's last W-1 inputs (zeros
     before x), [B, C, W-1] in the weight's dtype."""
     width = weight.shape[-1]
-    return F.pad(x, (0, 0, width - 1, 0))[:, x.shape[1]:].transpose(1, 2).to(weight.dtype)
+    tail = x[:, -(width - 1):]
+    return F.pad(tail, (0, 0, width - 1 - tail.shape[1], 0)).transpose(1, 2).to(weight.dtype)

@@ -200,9 +200,16 @@ def split_projections(qkvz: torch.Tensor, ba: torch.Tensor, num_k_heads: int, he
     r = ba.shape[-1] // (2 * num_k_heads)
     qkvz = qkvz.view(B, T, num_k_heads, -1)
     q, k, v, z = qkvz.split([K, K, r * V, r * V], dim=-1)
-    b, a = ba.view(B, T, num_k_heads, 2 * r).split([r, r], dim=-1)
     Hv = num_k_heads * r
-    return (q, k, v.reshape(B, T, Hv, V), z.reshape(B, T, Hv, V), b.reshape(B, T, Hv), a.reshape(B, T, Hv))
+    return (q, k, v.reshape(B, T, Hv, V), z.reshape(B, T, Hv, V), *split_gates(ba, num_k_heads))
+
+
+def split_gates(ba: torch.Tensor, num_k_heads: int):
+    """b, a [B,T,Hv] from the raw projection ba (per key head [b-group | a-group])."""
+    B, T, _ = ba.shape
+    r = ba.shape[-1] // (2 * num_k_heads)
+    b, a = ba.view(B, T, num_k_heads, 2 * r).split([r, r], dim=-1)
+    return b.reshape(B, T, -1), a.reshape(B, T, -1)
 
 
 def conv_input(qkvz: torch.Tensor, num_k_heads: int, head_k_dim: int):

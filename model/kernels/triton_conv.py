@@ -125,19 +125,19 @@ def _conv_before_silu(x_row, stride_xt, steps, channels, c_ok, weight, T, W: tl.
 @triton.jit
 def conv_silu_grad_kernel(
     x, weight, dy, dp, dweight_parts,
-    T, C, stride_b, stride_t,
+    T, C, stride_xb, stride_xt, stride_b, stride_t,
     W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr,
 ):
     """First pass of silu(conv(x))'s gradients from no state, over a [BLOCK_T, BLOCK_C] tile: with p the conv before
     SiLU, dp = dy * silu'(p) (stored for the second pass), and the tile's share of the weight's gradient,
-    dw_j = sum_t dp_t x_{t-(W-1)+j} (summed over the tiles outside)."""
+    dw_j = sum_t dp_t x_{t-(W-1)+j} (summed over the tiles outside). dy and dp share strides; x has its own."""
     b = after_predecessors(tl.program_id(0), PDL).to(tl.int64)
     t_block = tl.program_id(1)
     channels = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = channels < C
     steps = t_block * BLOCK_T + tl.arange(0, BLOCK_T)
-    x_row = x + b * stride_b
-    p = _conv_before_silu(x_row, stride_t, steps, channels, c_ok, weight, T, W, BLOCK_T, BLOCK_C)
+    x_row = x + b * stride_xb
+    p = _conv_before_silu(x_row, stride_xt, steps, channels, c_ok, weight, T, W, BLOCK_T, BLOCK_C)
     at = b * stride_b + steps[:, None] * stride_t + channels[None, :]
     ok = (steps < T)[:, None] & c_ok[None, :]
     s = tl.sigmoid(p)
@@ -145,7 +145,7 @@ def conv_silu_grad_kernel(
     tl.store(dp + at, d_p.to(dp.dtype.element_ty), mask=ok)
     part = dweight_parts + (b * tl.num_programs(1) + t_block) * C * W + channels * W
     for j in tl.static_range(W):
-        xv = _input_at(x_row, stride_t, steps - (W - 1) + j, channels, c_ok, T)
+        xv = _input_at(x_row, stride_xt, steps - (W - 1) + j, channels, c_ok, T)
         tl.store(part + j, tl.sum(d_p * xv, axis=0), mask=c_ok)
 
 
@@ -221,8 +221,9 @@ def _segment_block(largest: int, *segments: int) -> int:
 
 
 def causal_conv1d_backward(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, launch=None):
-    """The gradients of causal_conv1d's output from no state (training): x [B,T,C], weight [C,W], dy [B,T,C] (the
-    output's gradient). Returns (dx [B,T,C] in x's dtype, dweight [C,W] in float32).
+    """The gradients of causal_conv1d's output from no state (training): x [B,T,C] (channels contiguous; rows may
+    be a wider tensor's, as training's projection gives them), weight [C,W], dy [B,T,C] (the output's gradient).
+    Returns (dx [B,T,C] contiguous, in x's dtype; dweight [C,W] in float32).
 
     Two streaming passes: dp = dy * silu'(p) with the weight's gradient, then dx from dp. One kernel recomputing dp
     over the W-1 steps after each tile loaded 4W shifted tiles per tile: at `small`'s training shape on an H100
@@ -231,20 +232,23 @@ def causal_conv1d_backward(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tens
     float32 dp's) and float32 otherwise (float16's range could overflow it)."""
     B, T, C = x.shape
     W = weight.shape[-1]
-    x, weight, dy = x.contiguous(), weight.contiguous(), dy.contiguous()
-    dx = torch.empty_like(x)
-    dp = torch.empty_like(x, dtype=torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32)
+    if x.stride(2) != 1:
+        x = x.contiguous()
+    weight, dy = weight.contiguous(), dy.contiguous()
+    dx = torch.empty(B, T, C, dtype=x.dtype, device=x.device)
+    dp = torch.empty_like(dx, dtype=torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32)
     # Tiles of 64 x 64 and 32 x 64, two warps each: the fastest of 16-64 x 32-128 tiles at 1-4 warps in that run.
     block_t = min(64, triton.next_power_of_2(max(T, 1)))
     t_blocks = triton.cdiv(T, block_t)
     # One float32 [C, W] share per tile, summed below: a fixed order, so gradients repeat exactly run to run.
     parts = torch.empty(B * t_blocks, C, W, dtype=torch.float32, device=x.device)
     first = launch(conv_silu_grad_kernel) if launch else conv_silu_grad_kernel
-    first[(B, t_blocks, triton.cdiv(C, 64))](x, weight, dy, dp, parts, T, C, x.stride(0), x.stride(1),
-                                             W=W, BLOCK_T=block_t, BLOCK_C=64, PDL=waits(x.device), num_warps=2)
+    first[(B, t_blocks, triton.cdiv(C, 64))](x, weight, dy, dp, parts, T, C, x.stride(0), x.stride(1), dx.stride(0),
+                                             dx.stride(1), W=W, BLOCK_T=block_t, BLOCK_C=64, PDL=waits(x.device),
+                                             num_warps=2)
     block_t = min(32, block_t)
     second = launch(conv_input_grad_kernel) if launch else conv_input_grad_kernel
-    second[(B, triton.cdiv(T, block_t), triton.cdiv(C, 64))](dp, weight, dx, T, C, x.stride(0), x.stride(1),
+    second[(B, triton.cdiv(T, block_t), triton.cdiv(C, 64))](dp, weight, dx, T, C, dx.stride(0), dx.stride(1),
                                                              W=W, BLOCK_T=block_t, BLOCK_C=64, PDL=waits(x.device),
                                                              num_warps=2)
     return dx, parts.sum(0)
