@@ -191,7 +191,6 @@ def test_conv_train_op_gradients_match_the_reference():
         torch.testing.assert_close(kernels._last_inputs(x, w.double()), ref.causal_conv1d(x, w.double())[1])
 
 
-
 @pytest.mark.parametrize("heads", [(2, 2), (2, 6)])
 def test_training_projection_layout_matches_the_grouped_one(heads):
     """A training step's DeltaNet layer projects qkvz with its columns ungrouped ([all q | all k | all v | all z]);
@@ -215,6 +214,7 @@ def test_training_projection_layout_matches_the_grouped_one(heads):
         results.append([y, *torch.autograd.grad(y, params, dy)])
     for got, want in zip(*results):
         assert rel(got, want) < 1e-12
+
 
 def test_dispatch_uses_reference_on_cpu():
     inputs = random_inputs(1, 20, 2, 2, 8, 8, True, seed=5)

@@ -108,6 +108,10 @@ def test_causal_conv1d_backward(T, C, dtype):
           f"dweight rel {rel(dw.cpu(), dw64):.2e}")
     assert dx.dtype == dtype and dw.dtype == torch.float32
     assert rel(dx.cpu(), dx64) < TOL[dtype] and rel(dw.cpu(), dw64) < TOL[dtype]
+    # x as the first C columns of a wider projection, as training's layer passes it: the same gradients.
+    wide = torch.cat([x, torch.randn(3, T, 40, generator=g).to(dtype)], dim=-1)
+    dx_wide, dw_wide = triton_conv.causal_conv1d_backward(*on_device(wide[..., :C], w, dy))
+    assert dx_wide.is_contiguous() and torch.equal(dx_wide, dx) and torch.equal(dw_wide, dw)
 
 
 @pytest.mark.skipif(not CUDA, reason="the op's CUDA path (the interpreter runs its backward kernel in "

@@ -180,8 +180,8 @@ def causal_conv1d(x, weight, state=None):
 def causal_conv1d_grouped(qkvz, weight, state, num_k_heads: int, head_k_dim: int):
     """causal_conv1d over the q, k and v columns of a Gated DeltaNet projection qkvz (grouped by key head; the
     conv's channels are [all q | all k | all v]). The Triton kernel and the `nextdeploy::causal_conv1d_grouped` op
-    read the columns in place; lowerings, training and the other kernels take causal_conv1d of their
-    concatenation."""
+    read the columns in place; lowerings and the other kernels take causal_conv1d of their concatenation. (A
+    training step projects ungrouped columns and takes causal_conv1d of them: GatedDeltaNet._ungrouped_projection.)"""
     if _exporting():
         if _lowering is None:
             return ops.causal_conv1d_grouped(qkvz, weight, _given_or_zero(state, qkvz, weight), num_k_heads,
