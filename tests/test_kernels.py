@@ -112,35 +112,6 @@ def test_chunked_gradients_match_the_recurrence():
         assert rel(got, want) < 1e-9
 
 
-def test_chunk_scan_op_gradients_match_the_loop():
-    """nextdeploy::chunk_scan's backward (its own formula around chunk_scan_backward, as GPU training runs it)
-    against autograd through reference.chunk_scan's loop, float64; and the whole chunked rule with the op against the
-    recurrence."""
-    from model.kernels import ops
-    g = torch.Generator().manual_seed(3)
-    B, H, n, C, K, V = 2, 3, 4, 8, 5, 6
-    inputs = [torch.randn(B, H, n * C, 2 * V, generator=g), 0.3 * torch.randn(B, H, n * C, 3 * K, generator=g),
-              torch.rand(B, H, n, generator=g), torch.randn(B, H, K, V, generator=g)]
-    weights = [torch.randn(B, H, n * C, 2 * V, generator=g), torch.randn(B, H, K, V, generator=g)]
-    grads = []
-    for scan in (ref.chunk_scan, ops.chunk_scan):
-        leaves = [t.double().requires_grad_() for t in inputs]
-        y, _, final = scan(*leaves)
-        grads.append(torch.autograd.grad((y * weights[0]).sum() + (final * weights[1]).sum(), leaves))
-    for got, want in zip(*grads):
-        assert rel(got, want) < 1e-12
-
-    inputs = [t.double() for t in random_inputs(2, 37, 2, 4, 16, 12, True, seed=8)]
-    grads = []
-    for rule in (ref.gated_delta_rule_recurrent, partial(ref.gated_delta_rule_chunked, chunk_size=8,
-                                                         scan=ops.chunk_scan)):
-        leaves = [t.clone().requires_grad_() for t in inputs]
-        o, s = rule(*leaves)
-        grads.append([o, s, *torch.autograd.grad((o * o.detach().sin()).sum() + (s * s).sum(), leaves)])
-    for got, want in zip(*grads):
-        assert rel(got, want) < 1e-12
-
-
 def test_chunked_continues_from_state_like_one_call():
     q, k, v, g, b, s = random_inputs(1, 100, 2, 4, 8, 8, True, seed=3)
     o_all, s_all = ref.gated_delta_rule_chunked(q, k, v, g, b, s, chunk_size=16)

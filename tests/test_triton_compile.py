@@ -112,6 +112,14 @@ def launches(dtype, launch):
         decay = torch.rand(B, H, 3)
         triton_chunk_train.chunk_scan(writes, terms, decay, d_final.float(), launch=launch)
         triton_chunk_train.chunk_scan_backward(writes, terms, decay, d_final.float(), launch=launch)
+    # The training rule at small's heads (8 x 16 programs: the scan's whole-V launch, float32 writes) and tiny's.
+    for B, Hk, group, K, V in ((8, 8, 2, 128, 128), (2, 4, 1, 64, 64)):
+        q, k, v = randn(B, 150, Hk, K), randn(B, 150, Hk, K), randn(B, 150, Hk * group, V)
+        gates = -torch.rand(B, 150, Hk * group), torch.rand(B, 150, Hk * group).to(dtype)
+        o, final, *saved = triton_chunk_train.gated_delta_rule_forward(q, k, v, *gates,
+                                                                        torch.zeros(B, Hk * group, K, V), launch=launch)
+        triton_chunk_train.gated_delta_rule_backward(q, k, v, *gates, *saved, torch.ones_like(o),
+                                                     torch.ones_like(final), launch=launch)
     for Hk, group, K, V, slots in ((16, 2, 128, 128, True), (4, 1, 64, 64, False)):
         inputs = {n: t.to(dtype) if n != "recurrent_state" else t
                   for n, t in decode_inputs(2, 1, Hk, group, K, V, 3, seed=1).items()}
@@ -141,7 +149,8 @@ def project_kernels() -> tuple:
         triton_linear, triton_rope_cache
     return (triton_attention.decode_attention_kernel, triton_attention.combine_splits_kernel,
             triton_chunk.chunk_solve_kernel, triton_chunk.chunk_scan_kernel,
-            triton_chunk_train.chunk_scan_backward_kernel, triton_conv.causal_conv1d_kernel,
+            triton_chunk_train.chunk_scan_backward_kernel, triton_chunk_train.chunk_values_backward_kernel,
+            triton_chunk_train.chunk_keys_backward_kernel, triton_conv.causal_conv1d_kernel,
             triton_conv.conv_silu_grad_kernel, triton_conv.conv_input_grad_kernel,
             triton_decode.gated_deltanet_decode_kernel, triton_linear.fused_linear_kernel,
             triton_rope_cache.norm_rope_cache_kernel)

@@ -6,7 +6,6 @@ single test re-runs this file in a subprocess with TRITON_INTERPRET=1, on smalle
 """
 
 import os
-from functools import partial
 import subprocess
 import sys
 
@@ -291,34 +290,71 @@ def test_chunk_scan_forward_and_backward(B, T, Hv, K, V, dtype):
     assert all(e < TOL[dtype] for e in errors)
 
 
-@pytest.mark.skipif(not CUDA, reason="the op's CUDA path (the interpreter runs its kernels in "
-                    "test_chunk_scan_forward_and_backward, and the op's CPU path is tests/test_kernels.py's)")
+def rule_gradients(rule, tensors, weights):
+    """rule's (o, final state) and the gradients of a weighted sum of both with respect to every input."""
+    leaves = [t.detach().requires_grad_() for t in tensors]
+    o, s = rule(*leaves)
+    loss = (o.double() * weights[0].to(o.device)).sum() + (s.double() * weights[1].to(s.device)).sum()
+    return [o, s, *torch.autograd.grad(loss, leaves)]
+
+
+def rule_inputs(B, T, Hk, Hv, K, V, dtype):
+    """Random inputs of the rule (q, k, v in dtype, the rest float32; an initial state) and of its loss's weights,
+    and the float64 inputs they round to."""
+    inputs = random_inputs(B, T, Hk, Hv, K, V, True, seed=T + Hv + K)
+    rounded = [t.to(dtype if t.dim() == 4 and t is not inputs[5] else torch.float32) for t in inputs]
+    weights = [torch.randn(B, T, Hv, V, dtype=torch.float64), torch.randn(B, Hv, K, V, dtype=torch.float64)]
+    return rounded, [t.double() for t in rounded], weights
+
+
+# The second CUDA case: every value head its own key head, T neither a whole chunk nor one.
+TRAIN_RULE_CASES = shapes([(2, 300, 2, 4, 128, 128), (1, 131, 1, 1, 64, 64), (3, 200, 2, 6, 128, 64)],
+                          [(1, 70, 2, 4, 32, 32), (2, 131, 1, 3, 32, 64), (1, 64, 2, 2, 64, 16)])
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,T,Hk,Hv,K,V", TRAIN_RULE_CASES)
+def test_training_rule_kernels_forward_and_backward(B, T, Hk, Hv, K, V, dtype):
+    """Training's chunked rule (triton_chunk_train: the solve and scan forward, the reverse scan and
+    chunk_rule_backward_kernel backward) against autograd through the float64 recurrence: o, the final state and
+    the gradients of q, k, v, g, beta and the initial state."""
+    from model.kernels import triton_chunk_train
+    rounded, exact, weights = rule_inputs(B, T, Hk, Hv, K, V, dtype)
+    o, final, *saved = triton_chunk_train.gated_delta_rule_forward(*on_device(*rounded))
+    d_o, d_final = (w.float() for w in weights)
+    grads = triton_chunk_train.gated_delta_rule_backward(*on_device(*rounded[:5]), *saved,
+                                                         *on_device(d_o.to(dtype), d_final))
+    got = [o, final, *grads]
+    want = rule_gradients(ref.gated_delta_rule_recurrent, exact, [d_o.to(dtype).double(), weights[1]])
+    errors = [rel(a.cpu(), b) for a, b in zip(got, want)]
+    print(f"\ntraining rule kernels {dtype} B={B} T={T} Hk={Hk} Hv={Hv} K={K} V={V}: o, state, d q, k, v, g, beta, "
+          "state rel " + ", ".join(f"{e:.2e}" for e in errors))
+    assert [t.dtype for t in got] == [dtype, torch.float32, dtype, dtype, dtype, torch.float32, torch.float32,
+                                      torch.float32]
+    assert all(e < 2 * TOL[dtype] for e in errors)
+
+
+@pytest.mark.skipif(not CUDA, reason="the op runs on CUDA only (test_training_rule_kernels_forward_and_backward "
+                    "runs its kernels in the interpreter)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,T,Hk,Hv,K,V", [(2, 300, 2, 4, 128, 128), (1, 131, 1, 2, 64, 64)])
-def test_chunk_scan_op_trains_the_rule(B, T, Hk, Hv, K, V, dtype):
-    """The chunked rule with the nextdeploy::chunk_scan op on CUDA (as GPU training runs it): outputs and every
-    input's gradient against autograd through the float64 recurrence."""
+def test_training_rule_op_trains_the_rule(B, T, Hk, Hv, K, V, dtype):
+    """nextdeploy::gated_delta_rule_train with its autograd formula, as GPU training runs it (eagerly and compiled):
+    outputs and every input's gradient against autograd through the float64 recurrence."""
     from model.kernels import ops
-    inputs = random_inputs(B, T, Hk, Hv, K, V, True, seed=T + Hv)
-    weights = [torch.randn(B, T, Hv, V, dtype=torch.float64), torch.randn(B, Hv, K, V, dtype=torch.float64)]
+    rounded, exact, weights = rule_inputs(B, T, Hk, Hv, K, V, dtype)
 
-    def run(rule, tensors):
-        leaves = [t.detach().requires_grad_() for t in tensors]
-        o, s = rule(*leaves)
-        loss = (o.double() * weights[0].to(o.device)).sum() + (s.double() * weights[1].to(s.device)).sum()
-        return [o, s, *torch.autograd.grad(loss, leaves)]
-    rule = partial(ref.gated_delta_rule_chunked, scan=ops.chunk_scan)
-    on_gpu = [t.to("cuda", dtype if t.dim() == 4 and t is not inputs[5] else torch.float32) for t in inputs]
-    got = run(rule, on_gpu)
-    want = run(ref.gated_delta_rule_recurrent, [t.to(dtype).double() if t.dim() == 4 and t is not inputs[5]
-                                                else t.double() for t in inputs])
+    def rule(*tensors):
+        return ops.gated_delta_rule_train(*tensors)[:2]
+    on_gpu = [t.cuda() for t in rounded]
+    got = rule_gradients(rule, on_gpu, weights)
+    want = rule_gradients(ref.gated_delta_rule_recurrent, exact, weights)
     errors = [rel(a.cpu(), b) for a, b in zip(got, want)]
-    # Compiled, as training runs it: Inductor calls the kernels itself (a view written in place there was once a
-    # copy, and the gradients NaN).
-    compiled = run(torch.compile(rule, fullgraph=True, dynamic=False), on_gpu)
+    compiled = rule_gradients(torch.compile(rule, fullgraph=True, dynamic=False), on_gpu, weights)
     errors += [rel(a.cpu(), b.cpu()) for a, b in zip(compiled, got)]
-    print(f"\nchunked rule with the chunk_scan op, {dtype} B={B} T={T} K={K} V={V}: o, state, d q, k, v, g, beta, "
-          "state rel " + ", ".join(f"{e:.2e}" for e in errors[:8]) + "; compiled against eager "
+    print(f"\ntraining rule op, {dtype} B={B} T={T} K={K} V={V}: o, state, d q, k, v, g, beta, state rel "
+          + ", ".join(f"{e:.2e}" for e in errors[:8]) + "; compiled against eager "
           + ", ".join(f"{e:.2e}" for e in errors[8:]))
     assert all(e < 2 * TOL[dtype] for e in errors)
 

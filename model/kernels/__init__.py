@@ -7,8 +7,8 @@ SwiGLU and residual, in the compiled engine's copy of the model: model/fusion.py
 reference.py) whichever implementation runs: the plain PyTorch reference on CPU (or when forced), the project's own
 Triton kernels on CUDA (ops.py: torch.library.triton_ops, visible to torch.export and Inductor), or, for comparison,
 fla / causal-conv1d. Select with `use_kernels("auto" | "torch" | "fla")` or the environment variable
-NEXT_DEPLOY_KERNELS. Training (autograd) on CUDA runs the chunked reference with its serial scan as the
-`nextdeploy::chunk_scan` op (Triton kernels forward and backward: triton_chunk_train.py) and the conv as the
+NEXT_DEPLOY_KERNELS. Training (autograd) on CUDA runs the chunked rule as the `nextdeploy::gated_delta_rule_train`
+op (Triton kernels forward and backward: triton_chunk_train.py) and the conv as the
 `nextdeploy::causal_conv1d_train` op (triton_conv.py's forward kernel and its backward one), or with 'torch' the
 plain reference, or with 'fla' fla where its backward works and causal-conv1d; the other Triton kernels are
 forward-only."""
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fast, ops, reference
-from .launch import CHUNK, decode_attention_fits
+from .launch import decode_attention_fits
 
 log = logging.getLogger("next_deploy.kernels")
 
@@ -199,6 +199,13 @@ def _given_or_zero(state, x, weight):
     return state if state is not None else x.new_zeros(x.shape[0], weight.shape[0], weight.shape[-1] - 1)
 
 
+def _given_state(state, k, v):
+    """The recurrent state a rule starts from: `state`, or zeros [B, Hv, K, V] in float32."""
+    if state is not None:
+        return state
+    return torch.zeros(v.shape[0], v.shape[2], k.shape[-1], v.shape[-1], dtype=torch.float32, device=v.device)
+
+
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -209,10 +216,9 @@ def run_gated_delta_rule(q, k, v, g, beta, initial_state=None):
     Returns (o [B,T,Hv,V], final state [B,Hv,K,V] float32).
     """
     training = _needs_grad(q, k, v, g, beta)
-    if training and q.is_cuda and _choice == "auto" and ops.HAVE_TRITON:
-        _announce("gated delta rule: chunked, its serial scan in Triton (GPU training)")
-        return reference.gated_delta_rule_chunked(q, k, v, g, beta, initial_state, chunk_size=CHUNK,
-                                                  scan=ops.chunk_scan)
+    if training and q.is_cuda and _choice == "auto" and ops.HAVE_TRITON and v.dtype != torch.float64:
+        _announce("gated delta rule: chunked, Triton kernels forward and backward (GPU training)")
+        return ops.gated_delta_rule_train(q, k, v, g, beta, _given_state(initial_state, k, v))[:2]
     if q.is_cuda and fast.HAVE_FLA and _choice == "fla":
         if not training or fast.FLA_BACKWARD_WORKS:
             _announce("gated delta rule: fla (CUDA)")
@@ -221,11 +227,8 @@ def run_gated_delta_rule(q, k, v, g, beta, initial_state=None):
                   "this Triton; install tilelang or Triton >= 3.7.1 to train with fla)")
     elif not training and ops.use_triton(v, q, k):
         _announce("gated delta rule: Triton (CUDA)")
-        if initial_state is None:
-            initial_state = torch.zeros(q.shape[0], v.shape[2], k.shape[-1], v.shape[-1], dtype=torch.float32,
-                                        device=v.device)
         from . import triton_chunk
-        return triton_chunk.gated_delta_rule(q, k, v, g, beta, initial_state)
+        return triton_chunk.gated_delta_rule(q, k, v, g, beta, _given_state(initial_state, k, v))
     if training and q.is_cuda:
         # The plain PyTorch rule (--kernels torch): chunks of 128, half the sequential chunk steps of 64, each a few
         # small products launched from the host (small's compiled training step on an H100: 370 -> 290 ms; 256

@@ -88,17 +88,24 @@ def chunk_scan_launch(K: int, V: int, dtype: str, buffer_dtype: str) -> dict:
                 num_warps=4 if K <= 64 else 8, num_stages=1 if float32_buffer_of_16bit else 2)
 
 
-def training_scan_launch(K: int, V: int, dtype: str, buffer_dtype: str, programs: int) -> dict:
+def training_scan_launch(K: int, V: int, dtype: str, buffer_dtype: str, programs: int, writes_dtype: str) -> dict:
     """The training scan's launch (triton_chunk_train.py, both directions) for `programs` batch rows x value heads:
     prefill's (chunk_scan_launch), or where those alone make about a program per H100 SM and the products take
-    16-bit operands at K = 128, the whole of V per program at eight warps, two stages: the terms are then read once
-    rather than once per block of columns. On an H100 (bf16, `small`'s heads, 8 x 16 programs, 2048 steps) forward
-    / backward took 357 / 379 us so, against 610 / 657 us at prefill's 32 columns (64 columns: 423-450 / 367-479)."""
+    16-bit operands at K = 128, the whole of V per program at eight warps, two stages (one for float32 writes,
+    whose two stages ask for more shared memory than an H100 has): the terms are then read once rather than once
+    per block of columns. On an H100 (bf16, `small`'s heads, 8 x 16 programs, 2048 steps, bf16 writes) forward /
+    backward took 357 / 379 us so, against 610 / 657 us at prefill's 32 columns (64 columns: 423-450 / 367-479)."""
     launch = chunk_scan_launch(K, V, dtype, buffer_dtype)
     if programs >= 128 and K == 128 and chunk_operands(dtype, K, V)["FREE"] != "float32":
-        launch.update(BV=dot_block(V), num_warps=8, num_stages=2)
+        launch.update(BV=dot_block(V), num_warps=8, num_stages=1 if writes_dtype == "float32" else 2)
     return launch
 
+def rule_backward_launch(K: int, V: int, dtype: str) -> dict:
+    """The training rule's backward kernel (triton_chunk_train.chunk_rule_backward_kernel): value columns per step
+    of its walks (BV), warps and pipeline stages (one for float32 operands, whose two stages ask for more shared
+    memory than an H100 has at K = 128)."""
+    float32 = chunk_operands(dtype, K, V)["FREE"] == "float32"
+    return dict(BV=min(dot_block(V), 64), num_warps=8 if K > 64 else 4, num_stages=1 if float32 else 2)
 
 def decode_warps(K: int, V: int) -> int:
     """Warps of the fused decode step: the fastest measured on an H100 (bf16, one CUDA graph per call). 2 for a

@@ -66,77 +66,63 @@ def _training_kernels(*tensors: torch.Tensor) -> bool:
     return HAVE_TRITON and all(t.is_cuda for t in tensors) and tensors[0].dtype != torch.float64
 
 
-def _scan_on_gpu(first, terms, decay, last) -> bool:
-    """The training scan's kernels: _training_kernels, over whole chunks of launch.CHUNK steps."""
-    from .launch import CHUNK
-    return _training_kernels(first, terms, decay, last) and first.shape[2] == CHUNK * decay.shape[-1]
+@triton_op(f"{NAMESPACE}::gated_delta_rule_train", mutates_args=())
+def gated_delta_rule_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                           initial_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                 torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPU training's gated delta rule: (o, final state) as gated_delta_rule's, then what its backward reads
+    (triton_chunk_train.gated_delta_rule_forward). CUDA only (kernels/__init__.py picks it)."""
+    from . import triton_chunk_train
+    return triton_chunk_train.gated_delta_rule_forward(q, k, v, g, beta, initial_state, launch=wrap_triton)
 
 
-def _run_scan(name: str, first, terms, decay, last):
-    """chunk_scan or chunk_scan_backward (`name`, the same in both modules): the Triton kernels where they run
-    (_scan_on_gpu), else the reference's loop."""
-    first, terms, decay, last = (x.contiguous() for x in (first, terms, decay, last))
-    if _scan_on_gpu(first, terms, decay, last):
-        from . import triton_chunk_train
-        return getattr(triton_chunk_train, name)(first, terms, decay, last.float(), launch=wrap_triton)
-    return tuple(x.contiguous() for x in getattr(reference, name)(first, terms, decay, last))
+@gated_delta_rule_train.register_fake
+def _(q, k, v, g, beta, initial_state):
+    from .launch import CHUNK, chunk_buffer_dtype
+    B, T, Hv, V = v.shape
+    K, n = k.shape[-1], -(-T // CHUNK)
+    buffer = getattr(torch, chunk_buffer_dtype(str(v.dtype).removeprefix("torch."), K, V))
+    f32 = dict(dtype=torch.float32)
+    return (v.new_empty(B, T, Hv, V), v.new_empty(B, Hv, K, V, **f32), v.new_empty(B, Hv, n * CHUNK, 3 * K,
+                                                                                    dtype=buffer),
+            v.new_empty(B, Hv, n, **f32), v.new_empty(B, Hv, n, K, V, **f32), v.new_empty(B, Hv, n * CHUNK, 2 * V,
+                                                                                          **f32))
 
 
-def _scan_shaped(first, terms, decay, last):
-    """The fake of both scan ops: (like `first`, one [K, V] state per chunk, one [K, V] state), the states in
-    float32 (or float64)."""
-    B, H, n = decay.shape
-    dtype = torch.promote_types(last.dtype, torch.float32)
-    return torch.empty_like(first), last.new_empty(B, H, n, *last.shape[2:], dtype=dtype), \
-        last.new_empty(last.shape, dtype=dtype)
+@triton_op(f"{NAMESPACE}::gated_delta_rule_train_backward", mutates_args=())
+def gated_delta_rule_train_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                                    beta: torch.Tensor, w: torch.Tensor, decay: torch.Tensor, states: torch.Tensor,
+                                    y: torch.Tensor, d_o: torch.Tensor, d_final: torch.Tensor
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                               torch.Tensor]:
+    from . import triton_chunk_train
+    return triton_chunk_train.gated_delta_rule_backward(q, k, v, g, beta, w, decay, states, y, d_o, d_final,
+                                                        launch=wrap_triton)
 
 
-@triton_op(f"{NAMESPACE}::chunk_scan", mutates_args=())
-def chunk_scan(writes: torch.Tensor, terms: torch.Tensor, decay: torch.Tensor,
-               state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _run_scan("chunk_scan", writes, terms, decay, state)
+@gated_delta_rule_train_backward.register_fake
+def _(q, k, v, g, beta, w, decay, states, y, d_o, d_final):
+    return (*(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v, g, beta)),
+            torch.empty_like(d_final, dtype=torch.float32))
 
 
-@triton_op(f"{NAMESPACE}::chunk_scan_backward", mutates_args=())
-def chunk_scan_backward(dy: torch.Tensor, terms: torch.Tensor, decay: torch.Tensor,
-                        d_final: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _run_scan("chunk_scan_backward", dy, terms, decay, d_final)
-
-
-chunk_scan.register_fake(_scan_shaped)
-chunk_scan_backward.register_fake(_scan_shaped)
-
-
-def _save_for_scan_backward(ctx, inputs, output):
-    _, terms, decay, state = inputs
-    y, states, _ = output
-    ctx.mark_non_differentiable(states)    # kept for the backward only
+def _save_for_rule_backward(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[2:])    # kept for the backward only
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(terms, decay, states, y)   # y is in writes' dtype
-    ctx.state_dtype = state.dtype
+    ctx.save_for_backward(*inputs[:5], *output[2:])
+    ctx.state_dtype = inputs[5].dtype
 
 
-def _scan_backward(ctx, dy, _, d_final):
-    """chunk_scan's gradients: the serial part by chunk_scan_backward, the rest products of its results with the
-    states, for all chunks at once (reference.chunk_scan's formulas: d K_c = -dU S_i^T, d Q_s = -dy_O S_i^T,
-    d E = U G^T, d decay_i = <S_i, G> with G the gradient at chunk i's end state)."""
-    terms, decay, states, y = ctx.saved_tensors
-    dy = torch.zeros_like(y) if dy is None else dy
+def _rule_backward(ctx, d_o, d_final, *_):
+    q, k, v, g, beta, w, decay, states, y = ctx.saved_tensors
+    d_o = torch.zeros_like(v) if d_o is None else d_o
     d_final = torch.zeros_like(states[:, :, 0]) if d_final is None else d_final
-    d_writes, d_ends, d_state = chunk_scan_backward(dy, terms, decay, d_final)
-    B, H, N, _ = y.shape
-    n, V = decay.shape[-1], y.shape[-1] // 2
-    by_chunk = (lambda x: x.view(B, H, n, N // n, -1))
-    d_y = by_chunk(d_writes).to(terms.dtype)
-    states_t = states.transpose(-1, -2).to(terms.dtype)
-    d_terms = torch.cat([-(d_y[..., :V] @ states_t), -(d_y[..., V:] @ states_t),
-                         by_chunk(y)[..., :V].to(terms.dtype) @ d_ends.transpose(-1, -2).to(terms.dtype)], dim=-1)
-    d_decay = (states * d_ends).sum((-2, -1)).to(decay.dtype)
-    return d_writes.to(y.dtype), d_terms.view(B, H, N, -1), d_decay, d_state.to(ctx.state_dtype)
+    *grads, d_state = gated_delta_rule_train_backward(q, k, v, g, beta, w, decay, states, y, d_o, d_final)
+    return (*grads, d_state.to(ctx.state_dtype))
 
 
-torch.library.register_autograd(f"{NAMESPACE}::chunk_scan", _scan_backward, setup_context=_save_for_scan_backward)
-
+torch.library.register_autograd(f"{NAMESPACE}::gated_delta_rule_train", _rule_backward,
+                                setup_context=_save_for_rule_backward)
 
 @triton_op(f"{NAMESPACE}::causal_conv1d", mutates_args=())
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -158,7 +158,7 @@ def chunk_scan_backward(dy, terms, decay, d_final):
     [B,H,N,2V] in dy's dtype, d_ends [B,H,n,K,V]: the gradient at each chunk's end state S_{i+1}, d_state: at the
     first chunk's start). With G = d_ends[i]:
         dU_i = dy_U,i + E_i G,   d_writes_i = [dU_i | dy_O,i],   dS_i = decay_i G - K_c,i^T dU_i - Q_s,i^T dy_O,i.
-    The rest of chunk_scan's gradients are products of these with the states (ops.chunk_scan's backward)."""
+    The rest of chunk_scan's gradients are products of these with the states (triton_chunk_train.py)."""
     B, H, N, _ = dy.shape
     n, K, V = decay.shape[-1], terms.shape[-1] // 3, dy.shape[-1] // 2
     dy, terms = (x.view(B, H, n, N // n, -1) for x in (dy, terms))

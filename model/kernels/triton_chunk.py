@@ -196,33 +196,43 @@ def gated_delta_rule(q, k, v, g, beta, initial_state, launch=None):
     (torch.library.wrap_triton inside a triton_op)."""
     B, T, Hk, K = k.shape
     Hv, V = v.shape[2], v.shape[3]
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    g = g.float()
+    u_v, w, decay = chunk_terms(q, k, v, g, beta, launch)
     state = initial_state.float().contiguous()
-    wrap = launch or (lambda kernel: kernel)
     dtype = str(v.dtype).removeprefix("torch.")
-    BK, BVfull = dot_block(K), dot_block(V)
-    n_chunks = triton.cdiv(T, CHUNK)
-    buffer_dtype = chunk_buffer_dtype(dtype, K, V)
-    operands = chunk_operands(dtype, K, V)
-    # Everything the serial scan reads per step (the top of the file says in which dtypes).
-    u_v = torch.empty(B, Hv, n_chunks * CHUNK, 2 * V, dtype=torch.float32, device=v.device)
-    w = torch.empty(B, Hv, n_chunks * CHUNK, 3 * K, dtype=getattr(torch, buffer_dtype), device=v.device)
-    decay = torch.empty(B, Hv, n_chunks, dtype=torch.float32, device=v.device)
-    wrap(chunk_solve_kernel)[(n_chunks, B * Hv)](
-        q, k, v, g, beta, u_v, w, decay, T, Hv,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-        v.stride(2), g.stride(0), g.stride(1), beta.stride(0), beta.stride(1), u_v.stride(0), u_v.stride(1),
-        u_v.stride(2), w.stride(0), w.stride(1), w.stride(2), decay.stride(0), decay.stride(1),
-        GROUP=Hv // Hk, K=K, V=V, BK=BK, BV=BVfull, PREC=chunk_solve_precision(dtype), **operands,
-        PDL=waits(v.device), num_warps=chunk_solve_warps(K, V, dtype))
     o = torch.empty(B, T, Hv, V, dtype=v.dtype, device=v.device)
     final = torch.empty(B, Hv, K, V, dtype=torch.float32, device=v.device)
-    scan = chunk_scan_launch(K, V, dtype, buffer_dtype)
-    wrap(chunk_scan_kernel)[(B * Hv, triton.cdiv(V, scan["BV"]))](
+    scan = chunk_scan_launch(K, V, dtype, str(w.dtype).removeprefix("torch."))
+    (launch or (lambda kernel: kernel))(chunk_scan_kernel)[(B * Hv, triton.cdiv(V, scan["BV"]))](
         u_v, w, decay, o, state, final, final, T, Hv,
         u_v.stride(0), u_v.stride(1), u_v.stride(2), w.stride(0), w.stride(1), w.stride(2), decay.stride(0),
         decay.stride(1),
         o.stride(0), o.stride(1), o.stride(2), 0, state.stride(0), state.stride(1), 0, 0,
-        K=K, V=V, BK=BK, FREE=operands["FREE"], PDL=waits(v.device), KEEP=False, **scan)
+        K=K, V=V, BK=dot_block(K), FREE=chunk_operands(dtype, K, V)["FREE"], PDL=waits(v.device), KEEP=False,
+        **scan)
     return o, final
+
+
+def chunk_terms(q, k, v, g, beta, launch=None):
+    """The solve kernel alone (inputs as gated_delta_rule's): for n chunks of CHUNK steps, N = n * CHUNK rows
+    (zeros past T), u_v [B,Hv,N,2V] float32 = [U_v | O_v], w [B,Hv,N,3K] in launch.chunk_buffer_dtype =
+    [U_k | Q_s | k exp(c_last - c)], decay [B,Hv,n] float32 = exp(c_last)."""
+    B, T, Hk, K = k.shape
+    Hv, V = v.shape[2], v.shape[3]
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    g = g.float()
+    dtype = str(v.dtype).removeprefix("torch.")
+    n_chunks = triton.cdiv(T, CHUNK)
+    operands = chunk_operands(dtype, K, V)
+    # Everything the serial scan reads per step (the top of the file says in which dtypes).
+    u_v = torch.empty(B, Hv, n_chunks * CHUNK, 2 * V, dtype=torch.float32, device=v.device)
+    w = torch.empty(B, Hv, n_chunks * CHUNK, 3 * K, dtype=getattr(torch, chunk_buffer_dtype(dtype, K, V)),
+                    device=v.device)
+    decay = torch.empty(B, Hv, n_chunks, dtype=torch.float32, device=v.device)
+    (launch or (lambda kernel: kernel))(chunk_solve_kernel)[(n_chunks, B * Hv)](
+        q, k, v, g, beta, u_v, w, decay, T, Hv,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), g.stride(0), g.stride(1), beta.stride(0), beta.stride(1), u_v.stride(0), u_v.stride(1),
+        u_v.stride(2), w.stride(0), w.stride(1), w.stride(2), decay.stride(0), decay.stride(1),
+        GROUP=Hv // Hk, K=K, V=V, BK=dot_block(K), BV=dot_block(V), PREC=chunk_solve_precision(dtype), **operands,
+        PDL=waits(v.device), num_warps=chunk_solve_warps(K, V, dtype))
+    return u_v, w, decay

@@ -1,15 +1,24 @@
-"""The chunked gated delta rule's serial scan for training, forward and backward (reference: reference.chunk_scan
-and reference.chunk_scan_backward; ops.chunk_scan holds the autograd formula around them).
+"""The chunked gated delta rule for training, forward and backward, as Triton kernels (reference:
+reference.gated_delta_rule_chunked with autograd; ops.gated_delta_rule_train holds the autograd formula).
 
-Everything of the chunked rule but the walk over the chunks is a batch of products over all chunks at once, which
-Inductor and cuBLAS run well. The walk, traced as PyTorch, was the bulk of a compiled training step: on an H100
-(`small`'s heads, bf16, batch 8 x 2048) the reference rule's forward and backward took 12.8 ms a layer at chunks of
-128 and 25.2 ms at 64, twice as much for twice the chunks, since every chunk's slice of the stacked terms has a
-backward the size of the whole tensor. Here each direction is one kernel, one program per (batch row, value head,
-block of value columns) with the [K, BV] state (or its gradient) in registers:
-1. forward: prefill's chunk_scan_kernel (triton_chunk.py), also keeping each chunk's U and start state S_i;
-2. backward, `chunk_scan_backward_kernel`, the chunks in reverse order: with G the gradient at a chunk's end
-   state, dU = dy_U + E G, then G <- decay G - [K_c; Q_s]^T [dU; dy_O] (one 128-row product, as the forward's).
+Forward: prefill's solve kernel (triton_chunk.chunk_terms), then its scan kernel keeping each chunk's U and start
+state S_i. In each chunk (c the cumulative log-decay, P = (Q K^T * exp(c_i - c_j))_{j<=i}):
+    U = W - K_c S_i,   O = O_v - Q_s S_i,   S_{i+1} = exp(c_last) S_i + E^T U,
+    [W | K_c] = (I + A)^-1 [diag(beta) V | diag(beta exp(c)) K],   O_v = P W,   Q_s = P K_c - diag(exp(c)) Q,
+    E = K exp(c_last - c).
+Backward, three kernels:
+1. `chunk_scan_backward_kernel`, the chunks in reverse order with G, the gradient at a chunk's end state, in
+   registers: dU = E G, then G <- exp(c_last) G - [K_c; Q_s]^T [dU; dO] (one 128-row product, as the forward's).
+2. `chunk_values_backward_kernel`, every chunk at once: (I + A)^-1 and P recomputed, then dP = dO U^T,
+   dW = dU + P^T dO, dX_v = (I + A)^-T dW (v's gradient is beta dX_v) and dA = -dX_v W^T so far.
+3. `chunk_keys_backward_kernel`, every chunk at once: with X = dO S_i^T and Y = dU S_i^T (the gradients of Q_s
+   and K_c are -X and -Y) and Z = U G^T (that of E), q's gradient exp(c) X + (dP * decay) K, dX_k =
+   (I + A)^-T (-(Y + P^T X)), dA -= dX_k K_c^T, and k's, beta's and c's through A = diag(beta) (K K^T * decay),
+   P, E and the decays; the l2 norms' backward; g's gradient is c's summed over later steps.
+On an H100 (bf16, `small`'s heads, batch 8 x 2048) the whole rule forward and backward took 4.7 ms in 16 kernels,
+and one compiled `small` DeltaNet decoder layer 10.71 -> 9.98 ms (busy 9.92 -> 9.14, 189 -> 100 kernels) against
+the chunked reference compiled by Inductor around the scan kernels. Splitting the backward's per-chunk work in
+two kernels (one had taken 3.9 ms, spilling 352 registers a thread) took it to 0.92 + 1.73 ms.
 """
 
 from __future__ import annotations
@@ -18,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import CHUNK, chunk_operands, dot_block, training_scan_launch
-from .triton_chunk import _operand, chunk_scan_kernel
+from .launch import CHUNK, chunk_operands, chunk_solve_precision, dot_block, rule_backward_launch, training_scan_launch
+from .triton_chunk import _merge_blocks, _operand, chunk_scan_kernel, chunk_terms
 from .triton_pdl import after_predecessors, waits
 
 
@@ -72,20 +81,224 @@ def chunk_scan_backward_kernel(
     tl.store(d_state + b * stride_sb + h * stride_sh + s_offsets, G, mask=s_mask)
 
 
-def _launch(writes, terms):
-    """Blocks, precisions, warps and stages of both kernels (launch.training_scan_launch) for writes' dtype."""
+@triton.jit
+def _dot(a, b, DTYPE: tl.constexpr, PREC: tl.constexpr):
+    """a @ b with both operands as DTYPE (a name from launch.chunk_operands), accumulated in float32."""
+    return tl.dot(_operand(a, DTYPE), _operand(b, DTYPE), input_precision=PREC)
+
+
+@triton.jit
+def _unit_rows(row_starts, kc, mask):
+    """The rows starting at row_starts (columns kc), l2-normalised as the op normalises q and k, and the
+    reciprocals of their norms."""
+    raw = tl.load(row_starts[:, None] + kc[None, :], mask=mask, other=0.0).to(tl.float32)
+    r = tl.rsqrt(tl.sum(raw * raw, axis=1) + 1e-6)
+    return raw * r[:, None], r
+
+
+@triton.jit
+def _decay_on_and_below(c, r, cc):
+    """exp(c_i - c_j) on and below the diagonal, masked before exp (above it the difference could overflow)."""
+    return tl.exp(tl.where(r >= cc, c[:, None] - c[None, :], float("-inf")))
+
+
+@triton.jit
+def _chunk_forward_terms(k_rows, q_rows, g, beta, b, h, rows, live, kc, k_mask, stride_gb, stride_gt, stride_bb,
+                         stride_bt, K: tl.constexpr, BOUNDED: tl.constexpr):
+    """What both backward kernels recompute of a chunk: its unit keys and queries (and reciprocal norms), beta,
+    the cumulative log-decay c and the last step's, and k k^T."""
+    kn, r_k = _unit_rows(k_rows, kc, k_mask)
+    q_unit, r_q = _unit_rows(q_rows, kc, k_mask)
+    bt = tl.load(beta + b * stride_bb + h + rows * stride_bt, mask=live, other=0.0).to(tl.float32)
+    c = tl.cumsum(tl.load(g + b * stride_gb + h + rows * stride_gt, mask=live, other=0.0).to(tl.float32), axis=0)
+    c_last = tl.sum(tl.where(tl.arange(0, 64) == 63, c, 0.0), axis=0)     # padded steps carry no decay
+    return kn, r_k, q_unit, r_q, bt, c, c_last
+
+
+@triton.jit
+def chunk_values_backward_kernel(
+    q, k, v, g, beta, y, d_writes, dv, mats, parts,
+    T, Hv,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_gb, stride_gt, stride_bb, stride_bt, stride_yb, stride_yh, stride_yt, stride_ob, stride_ot, stride_oh,
+    stride_m, stride_mb, stride_mh, stride_mt, stride_p, stride_pb, stride_ph,
+    GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PREC: tl.constexpr, BOUNDED: tl.constexpr, FREE: tl.constexpr, PDL: tl.constexpr,
+):
+    """The backward's value side, one program per (chunk, batch row, value head): the chunk's (I + A)^-1 and P
+    recomputed as chunk_solve_kernel computes them, then BV value columns at a time dP = dO U^T, dW = dU + P^T dO,
+    dX_v = (I + A)^-T dW (v's gradient beta dX_v), and dX_v's part of dA. Stores v's gradient, and for
+    chunk_keys_backward_kernel mats [4, B, Hv, N, 64] = [(I + A)^-1 | P | dP * decay | dA so far] and parts
+    [2, B, Hv, N] = [c's gradient so far | beta's so far]. y and d_writes [B, Hv, N, 2V] hold U and [dU | dO]."""
+    chunk = tl.program_id(0)
+    bh = after_predecessors(tl.program_id(1), PDL)
+    b = (bh // Hv).to(tl.int64)
+    h = bh % Hv
+    steps = tl.arange(0, 64)
+    rows = chunk * 64 + steps
+    live = rows < T
+    kc = tl.arange(0, BK)
+    k_mask = live[:, None] & (kc[None, :] < K)
+    scale = tl.rsqrt(tl.full([], K, tl.float32))
+    kn, r_k, q_unit, r_q, bt, c, c_last = _chunk_forward_terms(
+        k + b * stride_kb + (h // GROUP) * stride_kh + rows * stride_kt,
+        q + b * stride_qb + (h // GROUP) * stride_qh + rows * stride_qt, g, beta, b, h, rows, live, kc, k_mask,
+        stride_gb, stride_gt, stride_bb, stride_bt, K, BOUNDED)
+    r, cc = steps[:, None], steps[None, :]
+    lower = _decay_on_and_below(c, r, cc)
+    kb = _operand(kn, BOUNDED)
+    A = tl.where(r > cc, bt[:, None] * lower * tl.dot(kb, tl.trans(kb), input_precision=PREC), 0.0)
+    inv = tl.where(r == cc, 1.0, 0.0) - tl.where(r // 2 == cc // 2, A, 0.0)
+    inv = _merge_blocks(inv, A, r, cc, 4, PREC)
+    inv = _merge_blocks(inv, A, r, cc, 8, PREC)
+    inv = _merge_blocks(inv, A, r, cc, 16, PREC)
+    inv = _merge_blocks(inv, A, r, cc, 32, PREC)
+    inv = _merge_blocks(inv, A, r, cc, 64, PREC)
+    P = tl.dot(_operand(q_unit * scale, BOUNDED), tl.trans(kb), input_precision=PREC) * lower
+
+    y_rows = y + b * stride_yb + h * stride_yh + rows[:, None] * stride_yt
+    dw_rows = d_writes + b * stride_yb + h * stride_yh + rows[:, None] * stride_yt
+    dP = tl.zeros([64, 64], dtype=tl.float32)
+    dA = tl.zeros([64, 64], dtype=tl.float32)
+    d_beta = tl.zeros([64], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        vc = v0 + tl.arange(0, BV)
+        v_cols = vc[None, :] < V
+        # y and d_writes hold whole chunks (zeros past T): only the column masks are needed.
+        d_o = tl.load(dw_rows + V + vc[None, :], mask=v_cols, other=0.0)
+        d_u = tl.load(dw_rows + vc[None, :], mask=v_cols, other=0.0)
+        u = tl.load(y_rows + vc[None, :], mask=v_cols, other=0.0)
+        values = tl.load(v + b * stride_vb + h * stride_vh + rows[:, None] * stride_vt + vc[None, :],
+                         mask=live[:, None] & v_cols, other=0.0).to(tl.float32)
+        dP += _dot(d_o, tl.trans(u), FREE, PREC)
+        d_rv = _dot(tl.trans(inv), d_u + _dot(tl.trans(P), d_o, FREE, PREC), FREE, PREC)
+        tl.store(dv + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + vc[None, :],
+                 bt[:, None] * d_rv, mask=live[:, None] & v_cols)
+        d_beta += tl.sum(d_rv * values, axis=1)
+        dA -= _dot(d_rv, tl.trans(_dot(inv, bt[:, None] * values, FREE, PREC)), FREE, PREC)
+    dP = tl.where(r >= cc, dP, 0.0)
+    dPP = dP * P
+    m_rows = mats + b * stride_mb + h * stride_mh + rows[:, None] * stride_mt + cc
+    tl.store(m_rows, inv)
+    tl.store(m_rows + stride_m, P)
+    tl.store(m_rows + 2 * stride_m, dP * lower)
+    tl.store(m_rows + 3 * stride_m, dA)
+    p_rows = parts + b * stride_pb + h * stride_ph + rows
+    tl.store(p_rows, tl.sum(dPP, axis=1) - tl.sum(dPP, axis=0))
+    tl.store(p_rows + stride_p, d_beta)
+
+
+@triton.jit
+def chunk_keys_backward_kernel(
+    q, k, g, beta, y, d_writes, states, d_ends, mats, parts, dq, dk, dg, dbeta,
+    T, Hv,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_gb, stride_gt, stride_bb, stride_bt,
+    stride_yb, stride_yh, stride_yt, stride_sb, stride_sh, stride_m, stride_mb, stride_mh, stride_mt, stride_p,
+    stride_pb, stride_ph, stride_xb, stride_xt, stride_xh, stride_zb, stride_zt,
+    GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PREC: tl.constexpr, BOUNDED: tl.constexpr, FREE: tl.constexpr, PDL: tl.constexpr,
+):
+    """The backward's key side, after chunk_values_backward_kernel (whose mats and parts it reads), one program
+    per (chunk, batch row, value head): X = dO S^T and Y = dU S^T give the gradients of Q_s and U_k (-X, -Y), Z =
+    U G^T that of k exp(c_last - c), <S, G> that of exp(c_last); then dA complete, through A = diag(beta) (k k^T *
+    decay). Stores the gradients of q and k per value head (through the l2 norm), of g and of beta. states and
+    d_ends [B, Hv, n, K, V] hold S_i and G_i."""
+    chunk = tl.program_id(0)
+    bh = after_predecessors(tl.program_id(1), PDL)
+    b = (bh // Hv).to(tl.int64)
+    h = bh % Hv
+    steps = tl.arange(0, 64)
+    rows = chunk * 64 + steps
+    live = rows < T
+    kc = tl.arange(0, BK)
+    k_mask = live[:, None] & (kc[None, :] < K)
+    scale = tl.rsqrt(tl.full([], K, tl.float32))
+    kn, r_k, q_unit, r_q, bt, c, c_last = _chunk_forward_terms(
+        k + b * stride_kb + (h // GROUP) * stride_kh + rows * stride_kt,
+        q + b * stride_qb + (h // GROUP) * stride_qh + rows * stride_qt, g, beta, b, h, rows, live, kc, k_mask,
+        stride_gb, stride_gt, stride_bb, stride_bt, K, BOUNDED)
+    ec = tl.exp(c)
+    r, cc = steps[:, None], steps[None, :]
+    m_rows = mats + b * stride_mb + h * stride_mh + rows[:, None] * stride_mt + cc
+    p_rows = parts + b * stride_pb + h * stride_ph + rows
+    dc = tl.load(p_rows)
+    d_beta = tl.load(p_rows + stride_p)
+    y_rows = y + b * stride_yb + h * stride_yh + rows[:, None] * stride_yt
+    dw_rows = d_writes + b * stride_yb + h * stride_yh + rows[:, None] * stride_yt
+    s_ptr = states + b * stride_sb + h * stride_sh + chunk * K * V
+    e_ptr = d_ends + b * stride_sb + h * stride_sh + chunk * K * V
+    X = tl.zeros([64, BK], dtype=tl.float32)
+    Y = tl.zeros([64, BK], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        vc = v0 + tl.arange(0, BV)
+        v_cols = vc[None, :] < V
+        S = tl.load(s_ptr + kc[:, None] * V + vc[None, :], mask=(kc[:, None] < K) & v_cols, other=0.0)
+        X += _dot(tl.load(dw_rows + V + vc[None, :], mask=v_cols, other=0.0), tl.trans(S), FREE, PREC)
+        Y += _dot(tl.load(dw_rows + vc[None, :], mask=v_cols, other=0.0), tl.trans(S), FREE, PREC)
+    dS = tl.load(m_rows + 2 * stride_m)
+    d_qn = ec[:, None] * X + _dot(dS, kn, FREE, PREC)
+    dc += ec * tl.sum(q_unit * scale * X, axis=1)
+    d_qu = d_qn * scale
+    tl.store(dq + b * stride_xb + h * stride_xh + rows[:, None] * stride_xt + kc[None, :],
+             r_q[:, None] * (d_qu - q_unit * tl.sum(q_unit * d_qu, axis=1)[:, None]), mask=k_mask)
+    inv = tl.load(m_rows)
+    d_rk = _dot(tl.trans(inv), -(Y + _dot(tl.trans(tl.load(m_rows + stride_m)), X, FREE, PREC)), FREE, PREC)
+    rk_scale = bt * ec
+    dA = tl.load(m_rows + 3 * stride_m) - _dot(d_rk, tl.trans(_dot(inv, rk_scale[:, None] * kn, FREE, PREC)),
+                                                FREE, PREC)
+    rk_dot = tl.sum(d_rk * kn, axis=1)
+    d_beta += ec * rk_dot
+    dc += rk_scale * rk_dot
+    d_kn = rk_scale[:, None] * d_rk + _dot(tl.trans(dS), q_unit * scale, FREE, PREC)
+    Z = tl.zeros([64, BK], dtype=tl.float32)
+    d_decay = tl.zeros([BK], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        vc = v0 + tl.arange(0, BV)
+        v_cols = vc[None, :] < V
+        s_mask = (kc[:, None] < K) & v_cols
+        G = tl.load(e_ptr + kc[:, None] * V + vc[None, :], mask=s_mask, other=0.0)
+        S = tl.load(s_ptr + kc[:, None] * V + vc[None, :], mask=s_mask, other=0.0)
+        d_decay += tl.sum(S * G, axis=1)
+        Z += _dot(tl.load(y_rows + vc[None, :], mask=v_cols, other=0.0), tl.trans(G), FREE, PREC)
+    to_end = tl.exp(c_last - c)
+    d_kn += to_end[:, None] * Z
+    z_dot = to_end * tl.sum(Z * kn, axis=1)
+    dc -= z_dot
+    dc += tl.where(steps == 63, tl.sum(z_dot, axis=0) + tl.sum(d_decay, axis=0) * tl.exp(c_last), 0.0)
+
+    # dA = -(dX_v W^T + dX_k U_k^T) below the diagonal, through A = diag(beta) (k k^T * decay).
+    kb = _operand(kn, BOUNDED)
+    KK = tl.dot(kb, tl.trans(kb), input_precision=PREC)
+    dKK = tl.where(r > cc, dA, 0.0) * _decay_on_and_below(c, r, cc)
+    d_beta += tl.sum(dKK * KK, axis=1)
+    dAA = bt[:, None] * dKK * KK
+    dc += tl.sum(dAA, axis=1) - tl.sum(dAA, axis=0)
+    D = bt[:, None] * dKK
+    d_kn += _dot(D, kn, FREE, PREC) + _dot(tl.trans(D), kn, FREE, PREC)
+    tl.store(dk + b * stride_xb + h * stride_xh + rows[:, None] * stride_xt + kc[None, :],
+             r_k[:, None] * (d_kn - kn * tl.sum(kn * d_kn, axis=1)[:, None]), mask=k_mask)
+    # c = cumsum(g): g_j's gradient sums dc over steps j and later.
+    dg_rows = tl.sum(dc, axis=0) - tl.cumsum(dc, axis=0) + dc
+    tl.store(dg + b * stride_zb + h + rows * stride_zt, dg_rows, mask=live)
+    tl.store(dbeta + b * stride_zb + h + rows * stride_zt, d_beta, mask=live)
+
+
+def _launch(writes, terms, dtype):
+    """Blocks, precisions, warps and stages of both kernels (launch.training_scan_launch) for a model of `dtype`
+    (writes' own when None)."""
     K, V = terms.shape[-1] // 3, writes.shape[-1] // 2
-    dtype = str(writes.dtype).removeprefix("torch.")
+    dtype = dtype or str(writes.dtype).removeprefix("torch.")
     scan = training_scan_launch(K, V, dtype, str(terms.dtype).removeprefix("torch."),
-                                writes.shape[0] * writes.shape[1])
+                                writes.shape[0] * writes.shape[1], str(writes.dtype).removeprefix("torch."))
     return dict(K=K, V=V, BK=dot_block(K), FREE=chunk_operands(dtype, K, V)["FREE"], PDL=waits(writes.device),
                 **scan)
 
 
-def chunk_scan(writes, terms, decay, state, launch=None):
-    """reference.chunk_scan's contract at chunks of CHUNK steps (writes and terms contiguous, state float32)."""
+def chunk_scan(writes, terms, decay, state, launch=None, dtype=None):
+    """reference.chunk_scan's contract at chunks of CHUNK steps (writes and terms contiguous, state float32); the
+    products take the operands of a model of `dtype` (launch.chunk_operands; writes' dtype when None)."""
     B, H, N, _ = writes.shape
-    options = _launch(writes, terms)
+    options = _launch(writes, terms, dtype)
     V = options["V"]
     y = torch.empty_like(writes)
     states = torch.empty(B, H, N // CHUNK, *state.shape[2:], dtype=torch.float32, device=state.device)
@@ -98,10 +311,11 @@ def chunk_scan(writes, terms, decay, state, launch=None):
     return y, states, final
 
 
-def chunk_scan_backward(dy, terms, decay, d_final, launch=None):
-    """reference.chunk_scan_backward's contract at chunks of CHUNK steps (dy and terms contiguous)."""
+def chunk_scan_backward(dy, terms, decay, d_final, launch=None, dtype=None):
+    """reference.chunk_scan_backward's contract at chunks of CHUNK steps (dy and terms contiguous; `dtype` as
+    chunk_scan's)."""
     B, H, N, _ = dy.shape
-    options = _launch(dy, terms)
+    options = _launch(dy, terms, dtype)
     d_writes = torch.empty_like(dy)
     d_ends = torch.empty(B, H, N // CHUNK, *d_final.shape[2:], dtype=torch.float32, device=dy.device)
     d_state = torch.empty_like(d_final)
@@ -112,3 +326,56 @@ def chunk_scan_backward(dy, terms, decay, d_final, launch=None):
         decay.stride(0), decay.stride(1), d_writes.stride(0), d_writes.stride(1), d_writes.stride(2),
         d_final.stride(0), d_final.stride(1), d_ends.stride(0), d_ends.stride(1), **options)
     return d_writes, d_ends, d_state
+
+
+def gated_delta_rule_forward(q, k, v, g, beta, initial_state, launch=None):
+    """Training's chunked rule forward (reference.gated_delta_rule_chunked's contract, chunks of CHUNK steps; q, k
+    raw, the state given): prefill's solve kernel, then the scan keeping what the backward needs. Returns (o, final
+    state, w, decay, states, y): w and decay as chunk_terms makes them, states and y as chunk_scan's."""
+    T, V = v.shape[1], v.shape[3]
+    u_v, w, decay = chunk_terms(q, k, v, g, beta, launch)
+    y, states, final = chunk_scan(u_v, w, decay, initial_state.float().contiguous(), launch,
+                                  str(v.dtype).removeprefix("torch."))
+    o = y[:, :, :T, V:].transpose(1, 2).to(v.dtype, memory_format=torch.contiguous_format)
+    return o, final, w, decay, states, y
+
+
+def gated_delta_rule_backward(q, k, v, g, beta, w, decay, states, y, d_o, d_final, launch=None):
+    """The gradients of gated_delta_rule_forward's o and final state (d_o [B,T,Hv,V], d_final [B,Hv,K,V]) with
+    respect to q, k, v, g, beta (in their dtypes) and the initial state (float32): the reverse scan, then
+    chunk_rule_backward_kernel for every chunk at once; q's and k's gradients per value head are summed over each
+    key head's group."""
+    B, T, Hk, K = k.shape
+    Hv, V, N = v.shape[2], v.shape[3], y.shape[2]
+    dy = y.new_zeros(B, Hv, N, 2 * V)
+    dy[:, :, :T, V:] = d_o.transpose(1, 2)
+    dtype = str(v.dtype).removeprefix("torch.")
+    d_writes, d_ends, d_state = chunk_scan_backward(dy, w, decay, d_final.float().contiguous(), launch, dtype)
+    dtypes = [x.dtype for x in (q, k, v, g, beta)]
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    g = g.float()
+    dq = torch.empty(B, T, Hv, K, dtype=torch.float32, device=v.device)
+    dk = torch.empty_like(dq)
+    dv = torch.empty(B, T, Hv, V, dtype=torch.float32, device=v.device)
+    dg = torch.empty(B, T, Hv, dtype=torch.float32, device=v.device)
+    dbeta = torch.empty_like(dg)
+    mats = torch.empty(4, B, Hv, N, CHUNK, dtype=torch.float32, device=v.device)
+    parts = torch.empty(2, B, Hv, N, dtype=torch.float32, device=v.device)
+    wrap = launch or (lambda kernel: kernel)
+    common = dict(GROUP=Hv // Hk, K=K, V=V, BK=dot_block(K), PREC=chunk_solve_precision(dtype),
+                  **chunk_operands(dtype, K, V), PDL=waits(v.device), **rule_backward_launch(K, V, dtype))
+    qk_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
+    gate_strides = (g.stride(0), g.stride(1), beta.stride(0), beta.stride(1))
+    y_strides = (y.stride(0), y.stride(1), y.stride(2))
+    m_strides = (mats.stride(0), mats.stride(1), mats.stride(2), mats.stride(3), parts.stride(0), parts.stride(1),
+                 parts.stride(2))
+    wrap(chunk_values_backward_kernel)[(N // CHUNK, B * Hv)](
+        q, k, v, g, beta, y, d_writes, dv, mats, parts, T, Hv, *qk_strides, v.stride(0), v.stride(1), v.stride(2),
+        *gate_strides, *y_strides, dv.stride(0), dv.stride(1), dv.stride(2), *m_strides, **common)
+    wrap(chunk_keys_backward_kernel)[(N // CHUNK, B * Hv)](
+        q, k, g, beta, y, d_writes, states, d_ends, mats, parts, dq, dk, dg, dbeta, T, Hv, *qk_strides,
+        *gate_strides, *y_strides, states.stride(0), states.stride(1), *m_strides, dq.stride(0), dq.stride(1),
+        dq.stride(2), dg.stride(0), dg.stride(1), **common)
+    if Hv != Hk:
+        dq, dk = (x.view(B, T, Hk, Hv // Hk, K).sum(3) for x in (dq, dk))
+    return (*(d.to(dtype) for d, dtype in zip((dq, dk, dv, dg, dbeta), dtypes)), d_state)
