@@ -335,24 +335,25 @@ def test_training_rule_kernels_forward_and_backward(B, T, Hk, Hv, K, V, dtype):
     assert all(e < 2 * TOL[dtype] for e in errors)
 
 
-@pytest.mark.skipif(not CUDA, reason="the op runs on CUDA only (test_training_rule_kernels_forward_and_backward "
-                    "runs its kernels in the interpreter)")
+@runs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("B,T,Hk,Hv,K,V", [(2, 300, 2, 4, 128, 128), (1, 131, 1, 2, 64, 64)])
+@pytest.mark.parametrize("B,T,Hk,Hv,K,V", shapes([(2, 300, 2, 4, 128, 128), (1, 131, 1, 2, 64, 64)],
+                                                  [(1, 70, 2, 4, 32, 32)]))
 def test_training_rule_op_trains_the_rule(B, T, Hk, Hv, K, V, dtype):
-    """nextdeploy::gated_delta_rule_train with its autograd formula, as GPU training runs it (eagerly and compiled):
-    outputs and every input's gradient against autograd through the float64 recurrence."""
+    """nextdeploy::gated_delta_rule_train with its autograd formula, as GPU training runs it (eagerly, and on CUDA
+    compiled too): outputs and every input's gradient against autograd through the float64 recurrence."""
     from model.kernels import ops
     rounded, exact, weights = rule_inputs(B, T, Hk, Hv, K, V, dtype)
 
     def rule(*tensors):
         return ops.gated_delta_rule_train(*tensors)[:2]
-    on_gpu = [t.cuda() for t in rounded]
-    got = rule_gradients(rule, on_gpu, weights)
+    on_device_ = on_device(*rounded)
+    got = rule_gradients(rule, on_device_, weights)
     want = rule_gradients(ref.gated_delta_rule_recurrent, exact, weights)
     errors = [rel(a.cpu(), b) for a, b in zip(got, want)]
-    compiled = rule_gradients(torch.compile(rule, fullgraph=True, dynamic=False), on_gpu, weights)
-    errors += [rel(a.cpu(), b.cpu()) for a, b in zip(compiled, got)]
+    if CUDA:   # Inductor runs Triton kernels on CUDA only
+        compiled = rule_gradients(torch.compile(rule, fullgraph=True, dynamic=False), on_device_, weights)
+        errors += [rel(a.cpu(), b.cpu()) for a, b in zip(compiled, got)]
     print(f"\ntraining rule op, {dtype} B={B} T={T} K={K} V={V}: o, state, d q, k, v, g, beta, state rel "
           + ", ".join(f"{e:.2e}" for e in errors[:8]) + "; compiled against eager "
           + ", ".join(f"{e:.2e}" for e in errors[8:]))

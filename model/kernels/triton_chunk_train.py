@@ -332,11 +332,12 @@ def gated_delta_rule_forward(q, k, v, g, beta, initial_state, launch=None):
     """Training's chunked rule forward (reference.gated_delta_rule_chunked's contract, chunks of CHUNK steps; q, k
     raw, the state given): prefill's solve kernel, then the scan keeping what the backward needs. Returns (o, final
     state, w, decay, states, y): w and decay as chunk_terms makes them, states and y as chunk_scan's."""
-    T, V = v.shape[1], v.shape[3]
+    B, T, Hv, V = v.shape
     u_v, w, decay = chunk_terms(q, k, v, g, beta, launch)
     y, states, final = chunk_scan(u_v, w, decay, initial_state.float().contiguous(), launch,
                                   str(v.dtype).removeprefix("torch."))
-    o = y[:, :, :T, V:].transpose(1, 2).to(v.dtype, memory_format=torch.contiguous_format)
+    # A copy in any dtype: an op's outputs must not be views of each other.
+    o = torch.empty(B, T, Hv, V, dtype=v.dtype, device=v.device).copy_(y[:, :, :T, V:].transpose(1, 2))
     return o, final, w, decay, states, y
 
 
