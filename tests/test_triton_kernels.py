@@ -316,9 +316,9 @@ TRAIN_RULE_CASES = shapes([(2, 300, 2, 4, 128, 128), (1, 131, 1, 1, 64, 64), (3,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,T,Hk,Hv,K,V", TRAIN_RULE_CASES)
 def test_training_rule_kernels_forward_and_backward(B, T, Hk, Hv, K, V, dtype):
-    """Training's chunked rule (triton_chunk_train: the solve and scan forward, the reverse scan and
-    chunk_rule_backward_kernel backward) against autograd through the float64 recurrence: o, the final state and
-    the gradients of q, k, v, g, beta and the initial state."""
+    """Training's chunked rule (triton_chunk_train: the solve and scan forward; the reverse scan,
+    chunk_values_backward_kernel and chunk_keys_backward_kernel backward) against autograd through the float64
+    recurrence: o, the final state and the gradients of q, k, v, g, beta and the initial state."""
     from model.kernels import triton_chunk_train
     rounded, exact, weights = rule_inputs(B, T, Hk, Hv, K, V, dtype)
     o, final, *saved = triton_chunk_train.gated_delta_rule_forward(*on_device(*rounded))

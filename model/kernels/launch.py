@@ -100,10 +100,11 @@ def training_scan_launch(K: int, V: int, dtype: str, buffer_dtype: str, programs
         launch.update(BV=dot_block(V), num_warps=8, num_stages=1 if writes_dtype == "float32" else 2)
     return launch
 
+
 def rule_backward_launch(K: int, V: int, dtype: str) -> dict:
-    """The training rule's backward kernel (triton_chunk_train.chunk_rule_backward_kernel): value columns per step
-    of its walks (BV), warps and pipeline stages (one for float32 operands, whose two stages ask for more shared
-    memory than an H100 has at K = 128)."""
+    """The training rule's two per-chunk backward kernels (triton_chunk_train.chunk_values_backward_kernel and
+    chunk_keys_backward_kernel): value columns per step of their walks (BV), warps and pipeline stages (one for
+    float32 operands, whose two stages ask for more shared memory than an H100 has at K = 128)."""
     float32 = chunk_operands(dtype, K, V)["FREE"] == "float32"
     return dict(BV=min(dot_block(V), 64), num_warps=8 if K > 64 else 4, num_stages=1 if float32 else 2)
 

@@ -124,6 +124,7 @@ def _rule_backward(ctx, d_o, d_final, *_):
 torch.library.register_autograd(f"{NAMESPACE}::gated_delta_rule_train", _rule_backward,
                                 setup_context=_save_for_rule_backward)
 
+
 @triton_op(f"{NAMESPACE}::causal_conv1d", mutates_args=())
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(x, weight, state):

@@ -57,6 +57,32 @@ def _merge_blocks(inv, A, r, c, SPAN: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def _unit_lower_inverse(A, r, c, PREC: tl.constexpr):
+    """(I + A)^-1 for a strictly lower-triangular 64x64 A (r, c its row and column indices): the inverse over
+    diagonal blocks of 2, then 4, ..., 64 rows (_merge_blocks), two products per level."""
+    inv = tl.where(r == c, 1.0, 0.0) - tl.where(r // 2 == c // 2, A, 0.0)
+    inv = _merge_blocks(inv, A, r, c, 4, PREC)
+    inv = _merge_blocks(inv, A, r, c, 8, PREC)
+    inv = _merge_blocks(inv, A, r, c, 16, PREC)
+    inv = _merge_blocks(inv, A, r, c, 32, PREC)
+    return _merge_blocks(inv, A, r, c, 64, PREC)
+
+
+@triton.jit
+def _chunk_program(T, Hv, K: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
+    """Where a program over (chunk, batch row x value head) works, once the kernels before it have finished (with
+    PDL): its chunk, batch row and value head, the chunk's 64 steps and which of them are before T, the key columns
+    and the mask of live steps' key columns."""
+    chunk = tl.program_id(0)
+    bh = after_predecessors(tl.program_id(1), PDL)
+    steps = tl.arange(0, 64)
+    rows = chunk * 64 + steps
+    live = rows < T
+    kc = tl.arange(0, BK)
+    return chunk, (bh // Hv).to(tl.int64), bh % Hv, steps, rows, live, kc, live[:, None] & (kc[None, :] < K)
+
+
+@triton.jit
 def _operand(x, DTYPE: tl.constexpr):
     """x as a product operand of DTYPE, a name from launch.chunk_operands."""
     if DTYPE == "float16":
@@ -86,16 +112,8 @@ def chunk_solve_kernel(
     exp(c_last) per chunk. The whole chunk as [64, *] blocks: (I + A)^-1 by recursive block inversion over 2, 4,
     ..., 64 rows, then U_v and U_k one product each, then the output's state-independent terms (the top of the
     file)."""
-    chunk = tl.program_id(0)
-    bh = after_predecessors(tl.program_id(1), PDL)
-    b = (bh // Hv).to(tl.int64)
-    h = bh % Hv
-    steps = tl.arange(0, 64)
-    rows = chunk * 64 + steps
-    live = rows < T
-    kc = tl.arange(0, BK)
+    chunk, b, h, steps, rows, live, kc, k_mask = _chunk_program(T, Hv, K, BK, PDL)
     vc = tl.arange(0, BV)
-    k_mask = live[:, None] & (kc[None, :] < K)
     # 1/sqrt(K) as a float32 tensor: a Python float argument reaches Inductor-compiled graphs as a float64 constant.
     scale = tl.rsqrt(tl.full([], K, tl.float32))
     kn = _l2_normalize(tl.load(k + b * stride_kb + (h // GROUP) * stride_kh + rows[:, None] * stride_kt + kc[None, :],
@@ -110,12 +128,7 @@ def chunk_solve_kernel(
     below = tl.exp(tl.where(r > cc, c[:, None] - c[None, :], float("-inf")))
     kb = _operand(kn, BOUNDED)
     A = bt[:, None] * below * tl.dot(kb, tl.trans(kb), input_precision=PREC)
-    inv = tl.where(r == cc, 1.0, 0.0) - tl.where(r // 2 == cc // 2, A, 0.0)
-    inv = _merge_blocks(inv, A, r, cc, 4, PREC)
-    inv = _merge_blocks(inv, A, r, cc, 8, PREC)
-    inv = _merge_blocks(inv, A, r, cc, 16, PREC)
-    inv = _merge_blocks(inv, A, r, cc, 32, PREC)
-    inv = _merge_blocks(inv, A, r, cc, 64, PREC)
+    inv = _unit_lower_inverse(A, r, cc, PREC)
     attn = tl.dot(_operand(qn, BOUNDED), tl.trans(kb), input_precision=PREC)
     attn = attn * tl.exp(tl.where(r >= cc, c[:, None] - c[None, :], float("-inf")))
     inv_b = _operand(inv, BOUNDED)

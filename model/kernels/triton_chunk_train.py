@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .launch import CHUNK, chunk_operands, chunk_solve_precision, dot_block, rule_backward_launch, training_scan_launch
-from .triton_chunk import _merge_blocks, _operand, chunk_scan_kernel, chunk_terms
+from .triton_chunk import _chunk_program, _operand, _unit_lower_inverse, chunk_scan_kernel, chunk_terms
 from .triton_pdl import after_predecessors, waits
 
 
@@ -103,12 +103,12 @@ def _decay_on_and_below(c, r, cc):
 
 
 @triton.jit
-def _chunk_forward_terms(k_rows, q_rows, g, beta, b, h, rows, live, kc, k_mask, stride_gb, stride_gt, stride_bb,
-                         stride_bt, K: tl.constexpr, BOUNDED: tl.constexpr):
-    """What both backward kernels recompute of a chunk: its unit keys and queries (and reciprocal norms), beta,
-    the cumulative log-decay c and the last step's, and k k^T."""
-    kn, r_k = _unit_rows(k_rows, kc, k_mask)
-    q_unit, r_q = _unit_rows(q_rows, kc, k_mask)
+def _chunk_forward_terms(q, k, g, beta, b, h, rows, live, kc, k_mask, stride_qb, stride_qt, stride_qh, stride_kb,
+                         stride_kt, stride_kh, stride_gb, stride_gt, stride_bb, stride_bt, GROUP: tl.constexpr):
+    """What both backward kernels recompute of a chunk (value head h of batch row b, steps `rows`): its unit keys
+    and queries and the reciprocals of their norms, beta, the cumulative log-decay c and its last step's."""
+    kn, r_k = _unit_rows(k + b * stride_kb + (h // GROUP) * stride_kh + rows * stride_kt, kc, k_mask)
+    q_unit, r_q = _unit_rows(q + b * stride_qb + (h // GROUP) * stride_qh + rows * stride_qt, kc, k_mask)
     bt = tl.load(beta + b * stride_bb + h + rows * stride_bt, mask=live, other=0.0).to(tl.float32)
     c = tl.cumsum(tl.load(g + b * stride_gb + h + rows * stride_gt, mask=live, other=0.0).to(tl.float32), axis=0)
     c_last = tl.sum(tl.where(tl.arange(0, 64) == 63, c, 0.0), axis=0)     # padded steps carry no decay
@@ -130,30 +130,16 @@ def chunk_values_backward_kernel(
     dX_v = (I + A)^-T dW (v's gradient beta dX_v), and dX_v's part of dA. Stores v's gradient, and for
     chunk_keys_backward_kernel mats [4, B, Hv, N, 64] = [(I + A)^-1 | P | dP * decay | dA so far] and parts
     [2, B, Hv, N] = [c's gradient so far | beta's so far]. y and d_writes [B, Hv, N, 2V] hold U and [dU | dO]."""
-    chunk = tl.program_id(0)
-    bh = after_predecessors(tl.program_id(1), PDL)
-    b = (bh // Hv).to(tl.int64)
-    h = bh % Hv
-    steps = tl.arange(0, 64)
-    rows = chunk * 64 + steps
-    live = rows < T
-    kc = tl.arange(0, BK)
-    k_mask = live[:, None] & (kc[None, :] < K)
+    chunk, b, h, steps, rows, live, kc, k_mask = _chunk_program(T, Hv, K, BK, PDL)
     scale = tl.rsqrt(tl.full([], K, tl.float32))
     kn, r_k, q_unit, r_q, bt, c, c_last = _chunk_forward_terms(
-        k + b * stride_kb + (h // GROUP) * stride_kh + rows * stride_kt,
-        q + b * stride_qb + (h // GROUP) * stride_qh + rows * stride_qt, g, beta, b, h, rows, live, kc, k_mask,
-        stride_gb, stride_gt, stride_bb, stride_bt, K, BOUNDED)
+        q, k, g, beta, b, h, rows, live, kc, k_mask, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+        stride_gb, stride_gt, stride_bb, stride_bt, GROUP)
     r, cc = steps[:, None], steps[None, :]
     lower = _decay_on_and_below(c, r, cc)
     kb = _operand(kn, BOUNDED)
     A = tl.where(r > cc, bt[:, None] * lower * tl.dot(kb, tl.trans(kb), input_precision=PREC), 0.0)
-    inv = tl.where(r == cc, 1.0, 0.0) - tl.where(r // 2 == cc // 2, A, 0.0)
-    inv = _merge_blocks(inv, A, r, cc, 4, PREC)
-    inv = _merge_blocks(inv, A, r, cc, 8, PREC)
-    inv = _merge_blocks(inv, A, r, cc, 16, PREC)
-    inv = _merge_blocks(inv, A, r, cc, 32, PREC)
-    inv = _merge_blocks(inv, A, r, cc, 64, PREC)
+    inv = _unit_lower_inverse(A, r, cc, PREC)
     P = tl.dot(_operand(q_unit * scale, BOUNDED), tl.trans(kb), input_precision=PREC) * lower
 
     y_rows = y + b * stride_yb + h * stride_yh + rows[:, None] * stride_yt
@@ -203,20 +189,11 @@ def chunk_keys_backward_kernel(
     U G^T that of k exp(c_last - c), <S, G> that of exp(c_last); then dA complete, through A = diag(beta) (k k^T *
     decay). Stores the gradients of q and k per value head (through the l2 norm), of g and of beta. states and
     d_ends [B, Hv, n, K, V] hold S_i and G_i."""
-    chunk = tl.program_id(0)
-    bh = after_predecessors(tl.program_id(1), PDL)
-    b = (bh // Hv).to(tl.int64)
-    h = bh % Hv
-    steps = tl.arange(0, 64)
-    rows = chunk * 64 + steps
-    live = rows < T
-    kc = tl.arange(0, BK)
-    k_mask = live[:, None] & (kc[None, :] < K)
+    chunk, b, h, steps, rows, live, kc, k_mask = _chunk_program(T, Hv, K, BK, PDL)
     scale = tl.rsqrt(tl.full([], K, tl.float32))
     kn, r_k, q_unit, r_q, bt, c, c_last = _chunk_forward_terms(
-        k + b * stride_kb + (h // GROUP) * stride_kh + rows * stride_kt,
-        q + b * stride_qb + (h // GROUP) * stride_qh + rows * stride_qt, g, beta, b, h, rows, live, kc, k_mask,
-        stride_gb, stride_gt, stride_bb, stride_bt, K, BOUNDED)
+        q, k, g, beta, b, h, rows, live, kc, k_mask, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+        stride_gb, stride_gt, stride_bb, stride_bt, GROUP)
     ec = tl.exp(c)
     r, cc = steps[:, None], steps[None, :]
     m_rows = mats + b * stride_mb + h * stride_mh + rows[:, None] * stride_mt + cc
@@ -344,8 +321,8 @@ def gated_delta_rule_forward(q, k, v, g, beta, initial_state, launch=None):
 def gated_delta_rule_backward(q, k, v, g, beta, w, decay, states, y, d_o, d_final, launch=None):
     """The gradients of gated_delta_rule_forward's o and final state (d_o [B,T,Hv,V], d_final [B,Hv,K,V]) with
     respect to q, k, v, g, beta (in their dtypes) and the initial state (float32): the reverse scan, then
-    chunk_rule_backward_kernel for every chunk at once; q's and k's gradients per value head are summed over each
-    key head's group."""
+    chunk_values_backward_kernel and chunk_keys_backward_kernel for every chunk at once; q's and k's gradients per
+    value head are summed over each key head's group."""
     B, T, Hk, K = k.shape
     Hv, V, N = v.shape[2], v.shape[3], y.shape[2]
     dy = y.new_zeros(B, Hv, N, 2 * V)
